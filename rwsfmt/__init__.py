@@ -1,0 +1,45 @@
+"""rwsfmt: Robust Weight Signatures as a file format and a toolkit.
+
+    import rwsfmt
+    sig = rwsfmt.extract(std, robust, init, layers=5, bits=8)
+    rwsfmt.save(sig, "fog.rws"); sig = rwsfmt.load("fog.rws")
+    new_state = rwsfmt.apply(state_dict, [(sig, 0.8)])
+    with rwsfmt.patched(model, [(sig, 0.8)]): ...
+
+Names are imported lazily so that `import rwsfmt` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import IntegrityError, RwsError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Signature": "signature",
+    "SignatureBuilder": "signature",
+    "from_tensors": "signature",
+    "load": "signature",
+    "save": "signature",
+    "QuantConfig": "quant",
+    "verify": "container",
+    "architecture_fingerprint": "fingerprint",
+}
+
+__all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rwsfmt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

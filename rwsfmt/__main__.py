@@ -1,0 +1,5 @@
+"""`python -m rwsfmt` runs the command line."""
+
+from rwsfmt_cli.main import main
+
+main()

@@ -1,0 +1,617 @@
+"""The `.rws` v1 container: byte layout, header validation, reading and writing.
+
+This module knows bytes, JSON and checksums only; it never imports torch or numpy, so
+`inspect` and `verify` stay fast. The layout is specified in `spec/rws-format.md`:
+
+    [preamble: 64 bytes][header: canonical JSON, space-padded][data: zstd/raw blobs]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO
+
+from .atomic import atomic_write
+from .errors import IntegrityError, RwsError
+
+MAGIC = b"\x89RWS\r\n\x1a\n"
+VERSION = (1, 0)
+PREAMBLE = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, flags, header/data length, digest
+PREAMBLE_SIZE = PREAMBLE.size  # 64
+DIGESTED_PREAMBLE = 32  # the header digest covers preamble bytes [0, 32) and the header
+ALIGNMENT = 64  # the data section starts at a multiple of this
+FLAG_TRAILER = 1  # reserved for 1.x: bytes after the data section (e.g. a signature block)
+
+MAX_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 65_536
+MAX_RANK = 8
+MAX_NAME_BYTES = 1_024
+MAX_ELEMENTS = 1 << 48
+MAX_GROUP_SIZE = 1 << 31
+
+KINDS = ("delta", "target")
+CODECS = ("zstd", "raw")
+FILTERS = ("none", "byteplane")
+GRANULARITIES = ("tensor", "channel", "group")
+LINEAR_BITS = (4, 8, 16)
+SOURCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+_UPGRADE = "upgrade rwsfmt (pip install -U rwsfmt) to read it"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry: what it is, how it is quantized and where its bytes live.
+
+    `offset`/`length` locate the stored blob inside the data section; `decoded_length` is
+    the payload size after the codec (scales, zero points, then packed values).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    quant: dict[str, Any]
+    filter: str
+    codec: str
+    offset: int
+    length: int
+    decoded_length: int
+    sha256: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits(self) -> int:
+        return int(self.quant["bits"])
+
+    @property
+    def granularity(self) -> str:
+        """'tensor', 'channel' or 'group' for linear quantization, 'none' for exact floats."""
+        return self.quant.get("granularity", "none")
+
+    @property
+    def n_scales(self) -> int:
+        """Number of (scale, zero point) groups in the payload."""
+        g = self.granularity
+        if g == "tensor":
+            return 1
+        if g == "channel":
+            return self.shape[self.quant["axis"]]
+        if g == "group":
+            return -(-self.numel // self.quant["group_size"])
+        return 0
+
+    @property
+    def affine(self) -> bool:
+        return self.quant["scheme"] == "linear" and not self.quant["symmetric"]
+
+    @property
+    def values_offset(self) -> int:
+        """Byte offset of the packed values inside the decoded payload."""
+        return 4 * self.n_scales * (2 if self.affine else 1)
+
+    def expected_decoded_length(self) -> int:
+        n, bits = self.numel, self.bits
+        values = (n * bits + 7) // 8
+        return self.values_offset + values
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "quant": self.quant,
+            "filter": self.filter,
+            "codec": self.codec,
+            "offset": self.offset,
+            "length": self.length,
+            "decoded_length": self.decoded_length,
+            "sha256": self.sha256,
+        }
+        if self.stats:
+            out["stats"] = self.stats
+        return out
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated header: the tensors plus the file-level metadata."""
+
+    version: tuple[int, int]
+    tensors: list[TensorInfo]
+    label: str
+    fingerprint: dict[str, Any]
+    provenance: dict[str, Any]
+    data_offset: int
+    data_length: int
+    raw: dict[str, Any]
+
+    def info(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical header bytes: sorted keys, no spaces, UTF-8, no NaN/Infinity."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def build_header(
+    meta: dict[str, Any], entries: list[TensorInfo]
+) -> tuple[bytes, bytes, list[TensorInfo]]:
+    """Lay out `entries` contiguously and return (preamble, padded header, placed entries).
+
+    `meta` holds the file-level fields (label, fingerprint, provenance, ...); entries'
+    offsets are recomputed here so blobs follow each other in list order with no gaps.
+    """
+    placed, offset = [], 0
+    for e in entries:
+        placed.append(replace(e, offset=offset))
+        offset += e.length
+    doc = dict(meta)
+    doc["tensors"] = [e.to_json() for e in placed]
+    body = canonical_json(doc)
+    pad = -(PREAMBLE_SIZE + len(body)) % ALIGNMENT
+    header = body + b" " * pad
+    if len(header) > MAX_HEADER_BYTES:
+        raise RwsError(
+            f"header would be {len(header):,} bytes, over the {MAX_HEADER_BYTES:,}-byte limit",
+            fix="store fewer tensors or shorter metadata in one file",
+        )
+    head = PREAMBLE.pack(MAGIC, *VERSION, 0, len(header), offset, b"\0" * 32)
+    digest = hashlib.sha256(head[:DIGESTED_PREAMBLE] + header).digest()
+    return head[:DIGESTED_PREAMBLE] + digest, header, placed
+
+
+def write_file(
+    path: str | os.PathLike,
+    meta: dict[str, Any],
+    entries: list[TensorInfo],
+    stored: Callable[[TensorInfo], bytes | bytearray],
+) -> None:
+    """Write a complete `.rws` file atomically: it appears whole at `path`, or not at all.
+
+    Blobs are fetched one at a time from `stored(entry)`, so they need not all be in memory.
+    """
+    preamble, header, placed = build_header(meta, entries)
+    with atomic_write(path) as f:
+        f.write(preamble)
+        f.write(header)
+        for entry in placed:
+            blob = stored(entry)
+            if len(blob) != entry.length:
+                raise RwsError(f"blob of tensor {entry.name!r} is {len(blob)} bytes, expected {entry.length}")
+            f.write(blob)
+
+
+ZSTD_LEVEL = 3
+
+
+def encode_blob(payload: bytes) -> tuple[str, bytes]:
+    """Compress a payload into one independent zstd frame (content size and checksum on),
+    or keep it raw when compression would not make it smaller. Returns (codec, blob)."""
+    import zstandard
+
+    frame = zstandard.ZstdCompressor(
+        level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
+    ).compress(payload)
+    if len(frame) < len(payload):
+        return "zstd", frame
+    return "raw", bytes(payload)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class RwsReader:
+    """An open `.rws` file: the header is parsed and validated on open, blobs on demand.
+
+    Every blob read is checked against its SHA-256 before it is decoded.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file: BinaryIO = open(self.path, "rb")
+        except FileNotFoundError:
+            raise RwsError("no such file", path=self.path, fix="check the path") from None
+        except IsADirectoryError:
+            raise RwsError("is a folder, not a .rws file", path=self.path) from None
+        except OSError as exc:
+            raise RwsError(f"cannot open: {exc.strerror}", path=self.path) from None
+        try:
+            self.header = read_header(self._file, self.path)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RwsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_stored(self, info: TensorInfo) -> bytearray:
+        """The blob exactly as stored (still compressed), after its checksum is verified."""
+        buf = bytearray(info.length)
+        self._file.seek(self.header.data_offset + info.offset)
+        got = self._file.readinto(buf)
+        if got != info.length:
+            raise IntegrityError(
+                f"tensor {info.name!r} is cut short ({got} of {info.length} bytes)",
+                path=self.path,
+                fix="the file was truncated; copy or download it again",
+            )
+        if hashlib.sha256(buf).hexdigest() != info.sha256:
+            raise IntegrityError(
+                f"checksum mismatch in tensor {info.name!r}: its bytes are damaged",
+                path=self.path,
+                fix="copy or download the file again",
+            )
+        return buf
+
+    def read_payload(self, info: TensorInfo) -> bytearray:
+        """The verified, decompressed payload of one tensor (a fresh, writable buffer)."""
+        return decode_blob(self.read_stored(info), info, self.path)
+
+
+def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
+    """Undo the codec, bounded by the declared decoded length (no decompression bombs)."""
+    if info.codec == "raw":
+        return stored
+    import zstandard
+
+    damaged = f"tensor {info.name!r} does not decode as a zstd frame"
+    try:
+        size = zstandard.frame_content_size(bytes(stored[:18]))
+    except zstandard.ZstdError:
+        raise IntegrityError(damaged, path=path) from None
+    if size != info.decoded_length:
+        raise IntegrityError(
+            f"tensor {info.name!r}: zstd frame declares {size} bytes, header says "
+            f"{info.decoded_length}",
+            path=path,
+        )
+    out = bytearray(info.decoded_length)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
+            got = reader.readinto(out)
+            while got < len(out):
+                n = reader.readinto(memoryview(out)[got:])
+                if not n:
+                    break
+                got += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{damaged} ({exc})", path=path) from None
+    if got != info.decoded_length or extra:
+        raise IntegrityError(f"{damaged} of the declared length", path=path)
+    return out
+
+
+def read_header(f: BinaryIO, path: str) -> Header:
+    """Read and validate the preamble and header of an open file, touching no tensor data."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(PREAMBLE_SIZE)
+    if len(head) < len(MAGIC) or not head.startswith(MAGIC):
+        raise _not_rws(head, path, size)
+    if len(head) < PREAMBLE_SIZE:
+        raise IntegrityError(
+            f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble",
+            path=path,
+            fix="the file was truncated; copy or download it again",
+        )
+    _, major, minor, flags, header_len, data_len, digest = PREAMBLE.unpack(head)
+    if major != VERSION[0]:
+        newer = major > VERSION[0]
+        raise RwsError(
+            f"format version {major}.{minor} is not supported (this rwsfmt reads "
+            f"{VERSION[0]}.x)",
+            path=path,
+            fix=_UPGRADE if newer else "convert it with the rwsfmt release that wrote it",
+        )
+    data_offset = PREAMBLE_SIZE + header_len
+    if header_len > MAX_HEADER_BYTES:
+        raise IntegrityError(
+            f"header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit",
+            path=path,
+        )
+    if data_offset > size:
+        raise IntegrityError(
+            f"header needs {data_offset:,} bytes but the file has {size:,}",
+            path=path,
+            fix="the file was truncated; copy or download it again",
+        )
+    body = f.read(header_len)
+    if hashlib.sha256(head[:DIGESTED_PREAMBLE] + body).digest() != digest:
+        raise IntegrityError(
+            "header checksum mismatch: the preamble or header is damaged",
+            path=path,
+            fix="copy or download the file again",
+        )
+    if flags & ~FLAG_TRAILER:
+        raise RwsError(f"unknown flags 0x{flags:08x} in the preamble", path=path, fix=_UPGRADE)
+    if data_offset % ALIGNMENT:
+        raise IntegrityError(f"data section offset {data_offset} is not 64-byte aligned", path=path)
+    end = data_offset + data_len
+    if end > size or (end < size and not flags & FLAG_TRAILER):
+        raise IntegrityError(
+            f"data section should end at byte {end:,} but the file has {size:,} bytes",
+            path=path,
+            fix="the file was truncated or appended to; copy or download it again",
+        )
+    doc = _parse_json(body, path)
+    tensors = _validate_tensors(doc, data_len, path)
+    return Header(
+        version=(major, minor),
+        tensors=tensors,
+        label=_field(doc, "label", str, path, ""),
+        fingerprint=_field(doc, "fingerprint", dict, path, {}),
+        provenance=_field(doc, "provenance", dict, path, {}),
+        data_offset=data_offset,
+        data_length=data_len,
+        raw=doc,
+    )
+
+
+def _not_rws(head: bytes, path: str, size: int) -> RwsError:
+    if size == 0:
+        return RwsError("file is empty, not a .rws file", path=path)
+    if head.startswith(MAGIC.replace(b"\r\n", b"\n")[:6]) or head[1:4] == b"RWS":
+        return IntegrityError(
+            "the .rws magic is damaged (line endings changed by a text-mode transfer?)",
+            path=path,
+            fix="transfer the file in binary mode",
+        )
+    kind = _sniff(head)
+    return RwsError(
+        f"not a .rws file{kind}",
+        path=path,
+        fix="pass a file written by `rwsfmt extract` or `rwsfmt merge`",
+    )
+
+
+def _sniff(head: bytes) -> str:
+    """A hint of what the file is instead, for a friendlier error."""
+    if head[:4] == b"PK\x03\x04":
+        return " (it looks like a PyTorch checkpoint)"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return " (it looks like a safetensors file)"
+    if head[:1] == b"\x80":
+        return " (it looks like a pickle file)"
+    return ""
+
+
+def _parse_json(body: bytes, path: str) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise ValueError("duplicate key")
+        return out
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        doc = json.loads(
+            body.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
+    if not isinstance(doc, dict):
+        raise IntegrityError("header is not a JSON object", path=path)
+    return doc
+
+
+def _field(doc: dict[str, Any], key: str, typ: type, path: str, default: Any) -> Any:
+    value = doc.get(key, default)
+    if not isinstance(value, typ):
+        raise IntegrityError(f"header field {key!r} must be a {typ.__name__}", path=path)
+    return value
+
+
+def _validate_tensors(doc: dict[str, Any], data_len: int, path: str) -> list[TensorInfo]:
+    entries = doc.get("tensors")
+    if not isinstance(entries, list):
+        raise IntegrityError("header has no 'tensors' list", path=path)
+    if len(entries) > MAX_TENSORS:
+        raise IntegrityError(f"{len(entries):,} tensors exceed the limit of {MAX_TENSORS:,}", path=path)
+    out, names, offset = [], set(), 0
+    for i, e in enumerate(entries):
+        info = _validate_entry(e, i, path)
+        if info.name in names:
+            raise IntegrityError(f"tensor name {info.name!r} appears twice", path=path)
+        names.add(info.name)
+        if info.offset != offset:
+            raise IntegrityError(
+                f"tensor {info.name!r} starts at {info.offset}, expected {offset} "
+                "(blobs must be contiguous, in header order)",
+                path=path,
+            )
+        offset += info.length
+        out.append(info)
+    if offset != data_len:
+        raise IntegrityError(
+            f"tensors cover {offset:,} bytes but the data section has {data_len:,}", path=path
+        )
+    return out
+
+
+def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
+    where = f"tensor #{i}"
+
+    def bad(problem: str) -> IntegrityError:
+        return IntegrityError(f"{where}: {problem}", path=path)
+
+    def need(key: str, typ: type | tuple[type, ...]) -> Any:
+        if key not in e:
+            raise bad(f"missing field {key!r}")
+        value = e[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise bad(f"field {key!r} has the wrong type")
+        return value
+
+    def natural(key: str, limit: int = 1 << 62) -> int:
+        value = need(key, int)
+        if isinstance(value, bool) or not 0 <= value <= limit:
+            raise bad(f"field {key!r} = {value} is out of range")
+        return value
+
+    if not isinstance(e, dict):
+        raise bad("entry is not a JSON object")
+    name = need("name", str)
+    if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise bad(f"name must be 1 to {MAX_NAME_BYTES} bytes")
+    where = f"tensor {name!r}"
+    kind = need("kind", str)
+    if kind not in KINDS:
+        raise bad(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    shape = need("shape", list)
+    if len(shape) > MAX_RANK:
+        raise bad(f"rank {len(shape)} exceeds {MAX_RANK}")
+    numel = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise bad(f"shape {shape} has a dimension that is not a natural number")
+        numel *= d
+        if numel > MAX_ELEMENTS:
+            raise bad(f"shape {shape} has more than {MAX_ELEMENTS:,} elements")
+    dtype = need("dtype", str)
+    if dtype not in SOURCE_DTYPES:
+        raise bad(f"unknown dtype {dtype!r}")
+    quant = _validate_quant(need("quant", dict), shape, bad)
+    filt = need("filter", str)
+    if filt not in FILTERS:
+        raise bad(f"unknown filter {filt!r}; {_UPGRADE}")
+    if filt == "byteplane" and quant["bits"] not in (16, 32):
+        raise bad("the byteplane filter applies to 16- and 32-bit values only")
+    codec = need("codec", str)
+    if codec not in CODECS:
+        raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)}); {_UPGRADE}")
+    sha = need("sha256", str)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise bad("sha256 must be 64 lowercase hex digits")
+    stats = e.get("stats", {})
+    if not isinstance(stats, dict):
+        raise bad("field 'stats' must be an object")
+    info = TensorInfo(
+        name=name,
+        kind=kind,
+        shape=tuple(shape),
+        dtype=dtype,
+        quant=quant,
+        filter=filt,
+        codec=codec,
+        offset=natural("offset"),
+        length=natural("length"),
+        decoded_length=natural("decoded_length"),
+        sha256=sha,
+        stats=stats,
+    )
+    expected = info.expected_decoded_length()
+    if info.decoded_length != expected:
+        raise bad(f"decoded_length {info.decoded_length} should be {expected} for its shape")
+    if codec == "raw" and info.length != info.decoded_length:
+        raise bad("a raw blob's length must equal its decoded_length")
+    return info
+
+
+def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> dict[str, Any]:
+    scheme = q.get("scheme")
+    bits = q.get("bits")
+    if scheme == "float":
+        if bits != 32:
+            raise bad(f"float scheme with {bits} bits is not supported")
+        return q
+    if scheme != "linear":
+        raise bad(f"unknown quantization scheme {scheme!r}; {_UPGRADE}")
+    if bits not in LINEAR_BITS:
+        raise bad(f"linear quantization with {bits!r} bits is not supported")
+    if not isinstance(q.get("symmetric"), bool):
+        raise bad("quant.symmetric must be true or false")
+    gran = q.get("granularity")
+    if gran not in GRANULARITIES:
+        raise bad(f"unknown quantization granularity {gran!r}")
+    if gran == "channel":
+        axis = q.get("axis")
+        if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < len(shape):
+            raise bad(f"quant.axis {axis!r} is not an axis of shape {shape}")
+    if gran == "group":
+        gs = q.get("group_size")
+        if not isinstance(gs, int) or isinstance(gs, bool) or not 1 <= gs <= MAX_GROUP_SIZE:
+            raise bad(f"quant.group_size {gs!r} is out of range")
+    return q
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found in one file: `problems` is empty when every check passed."""
+
+    path: str
+    ok: bool
+    tensors: int = 0
+    bytes_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "version": self.version,
+            "tensors": self.tensors,
+            "bytes_checked": self.bytes_checked,
+            "problems": self.problems,
+        }
+
+
+def verify(path: str | os.PathLike) -> VerifyReport:
+    """Check every byte of a file: preamble, header digest, layout, every blob and frame.
+
+    Input errors that mean "not a .rws file at all" still raise `RwsError`; damage is
+    collected into the report so one bad tensor does not hide another.
+    """
+    path = os.fspath(path)
+    report = VerifyReport(path=path, ok=False)
+    try:
+        reader = RwsReader(path)
+    except IntegrityError as exc:
+        report.problems.append(exc.problem)
+        return report
+    with reader:
+        h = reader.header
+        report.version = f"{h.version[0]}.{h.version[1]}"
+        report.tensors = len(h.tensors)
+        for info in h.tensors:
+            try:
+                reader.read_payload(info)
+                report.bytes_checked += info.length
+            except IntegrityError as exc:
+                report.problems.append(exc.problem)
+    report.ok = not report.problems
+    return report

@@ -1,0 +1,196 @@
+"""Linear quantization of signature tensors, and its exact inverse on any torch device.
+
+A payload is `scales (float32 x G) | zero points (float32 x G, affine only) | values`.
+Values are unsigned `bits`-wide integers `u`; a tensor element is `(u - zp) * scale`,
+with `zp = 2**(bits-1)` implied for symmetric quantization. 16- and 32-bit values may be
+split into byte planes (all low bytes, then the next, ...) so zstd sees similar bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .container import GRANULARITIES, LINEAR_BITS, TensorInfo
+from .errors import RwsError
+
+if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
+    raise ImportError("rwsfmt needs a little-endian machine")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to store tensors: `bits` 4/8/16 (linear) or 32 (exact float32).
+
+    `granularity` is 'channel' (one scale per output channel, axis 0; tensors of rank < 2
+    fall back to one scale), 'tensor' or 'group' (`group_size` consecutive elements).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (*LINEAR_BITS, 32):
+            raise RwsError(f"--bits {self.bits} is not supported", fix="use 4, 8, 16 or 32")
+        if self.granularity not in GRANULARITIES:
+            raise RwsError(
+                f"unknown granularity {self.granularity!r}", fix=f"use one of {GRANULARITIES}"
+            )
+        if self.group_size < 1:
+            raise RwsError(f"group size {self.group_size} must be positive")
+
+    def metadata(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The header's `quant` object for a tensor of this shape."""
+        if self.bits == 32:
+            return {"scheme": "float", "bits": 32}
+        q: dict[str, Any] = {"scheme": "linear", "bits": self.bits, "symmetric": self.symmetric}
+        if self.granularity == "channel" and len(shape) >= 2:
+            q.update(granularity="channel", axis=0)
+        elif self.granularity == "group":
+            q.update(granularity="group", group_size=self.group_size)
+        else:
+            q["granularity"] = "tensor"
+        return q
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bits": self.bits}
+        if self.bits != 32:
+            out.update(symmetric=self.symmetric, granularity=self.granularity)
+            if self.granularity == "group":
+                out["group_size"] = self.group_size
+        return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tensor turned into payload bytes, with the header fields that describe them."""
+
+    quant: dict[str, Any]
+    filter: str
+    payload: bytes
+    rel_error: float  # ||decoded - x|| / ||x||, measured at write time (0 for a zero tensor)
+
+
+def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
+    """Quantize `x` (any float dtype, any device) into a payload per `config`."""
+    x32 = x.detach().to(torch.float32)
+    quant = config.metadata(tuple(x.shape))
+    if quant["scheme"] == "float":
+        payload = _planes(x32.reshape(-1).cpu().view(torch.uint8), 4)
+        return Encoded(quant, "byteplane", payload, 0.0)
+    bits, n = quant["bits"], x32.numel()
+    groups = _as_groups(x32.reshape(-1), quant, x.shape)
+    scale, zp, u = _quantize_groups(groups, bits, quant["symmetric"])
+    decoded = (u.to(torch.float32) - zp[:, None]) * scale[:, None]
+    rel_error = _relative_error(decoded.reshape(-1)[:n], x32.reshape(-1))
+    u_flat = u.reshape(-1)[:n].to(torch.int32).cpu()
+    parts = [scale.cpu().numpy().tobytes()]
+    if not quant["symmetric"]:
+        parts.append(zp.cpu().numpy().tobytes())
+    filt = "none"
+    if bits == 8:
+        parts.append(u_flat.to(torch.uint8).numpy().tobytes())
+    elif bits == 16:
+        low_high = torch.stack([u_flat & 0xFF, u_flat >> 8], dim=1).to(torch.uint8)
+        parts.append(_planes(low_high.reshape(-1), 2))
+        filt = "byteplane"
+    else:  # 4 bits: element 2i in the low nibble, 2i+1 in the high nibble
+        padded = torch.nn.functional.pad(u_flat, (0, n % 2))
+        parts.append(((padded[0::2] | (padded[1::2] << 4)).to(torch.uint8)).numpy().tobytes())
+    return Encoded(quant, filt, b"".join(parts), rel_error)
+
+
+def decode(payload: bytearray, info: TensorInfo, device: torch.device | str | None = None) -> torch.Tensor:
+    """The float32 tensor a payload stands for, dequantized on `device`.
+
+    Only the payload bytes are moved to the device; the arithmetic happens there.
+    """
+    n, q = info.numel, info.quant
+    raw = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    raw = raw.to(device) if device is not None else raw
+    values = raw[info.values_offset :]
+    if q["scheme"] == "float":
+        if info.filter == "byteplane":
+            values = values.view(4, n).t().contiguous().reshape(-1)
+        return values.view(torch.float32).reshape(info.shape)
+    bits, g = q["bits"], info.n_scales
+    scale = raw[: 4 * g].view(torch.float32)
+    if q["symmetric"]:
+        zp = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        zp = raw[4 * g : 8 * g].view(torch.float32)
+    if bits == 8:
+        u = values
+    elif bits == 16:
+        pairs = values.view(2, n).t() if info.filter == "byteplane" else values.view(n, 2)
+        u = pairs[:, 0].to(torch.int32) | (pairs[:, 1].to(torch.int32) << 8)
+    else:
+        u = torch.stack([values & 0x0F, values >> 4], dim=1).reshape(-1)[:n]
+    u = u.to(torch.float32)
+    if q["granularity"] == "group":
+        gs = q["group_size"]
+        u = torch.nn.functional.pad(u, (0, g * gs - n)).view(g, gs)
+        return ((u - zp[:, None]) * scale[:, None]).reshape(-1)[:n].reshape(info.shape)
+    u = u.reshape(info.shape)
+    if q["granularity"] == "channel":
+        view = [1] * len(info.shape)
+        view[q["axis"]] = g
+        scale, zp = scale.view(view), zp.view(view)
+    else:
+        scale, zp = scale[0], zp[0]
+    return (u - zp) * scale
+
+
+def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> torch.Tensor:
+    """View the flat tensor as [groups, members] rows that share one scale."""
+    if quant["granularity"] == "channel":
+        return flat.view(shape[0], math.prod(shape[1:]))
+    if quant["granularity"] == "group":
+        gs = quant["group_size"]
+        g = math.ceil(flat.numel() / gs)
+        return torch.nn.functional.pad(flat, (0, g * gs - flat.numel())).view(g, gs)
+    return flat.view(1, -1)
+
+
+def _quantize_groups(
+    g: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero point, unsigned codes) in float32; zero rows get scale 0."""
+    if g.shape[1] == 0:
+        zeros = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
+        return zeros, zeros + (1 << (bits - 1) if symmetric else 0), g.to(torch.int32)
+    levels = (1 << bits) - 1
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        scale = g.abs().amax(dim=1) / qmax
+        zp = torch.full_like(scale, float(1 << (bits - 1)))
+        lo, hi = zp - qmax, zp + qmax
+    else:
+        low = g.amin(dim=1).clamp(max=0)
+        high = g.amax(dim=1).clamp(min=0)
+        scale = (high - low) / levels
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zp = torch.round(-low / safe).clamp(0, levels)
+        lo, hi = torch.zeros_like(zp), torch.full_like(zp, float(levels))
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u = torch.round(g / safe[:, None]) + zp[:, None]
+    u = torch.maximum(torch.minimum(u, hi[:, None]), lo[:, None])
+    return scale, zp, u.to(torch.int32)
+
+
+def _relative_error(decoded: torch.Tensor, x: torch.Tensor) -> float:
+    norm = torch.linalg.vector_norm(x.to(torch.float64))
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm((decoded - x).to(torch.float64)) / norm)
+
+
+def _planes(byte_view: torch.Tensor, itemsize: int) -> bytes:
+    """Split interleaved little-endian items into `itemsize` byte planes."""
+    return byte_view.view(-1, itemsize).t().contiguous().numpy().tobytes()

@@ -1,0 +1,218 @@
+"""The `Signature` object: a lazy view of a `.rws` file, or one built in memory.
+
+    sig = rwsfmt.load("fog.rws")        # reads and validates the header only
+    sig.names                           # tensor names, in depth order
+    sig.tensor("features.0.weight")     # float32, dequantized on the requested device
+    rwsfmt.save(sig, "copy.rws")        # blobs are copied, not re-encoded
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .container import RwsReader, TensorInfo, decode_blob, encode_blob, write_file
+from .errors import RwsError
+from .fingerprint import architecture_fingerprint
+from .provenance import base_provenance
+from .quant import QuantConfig, decode, encode
+
+_DTYPE_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+class Signature:
+    """A robust weight signature: named `delta`/`target` tensors plus their metadata.
+
+    `delta` entries are added to a model scaled by alpha; `target` entries (normalization
+    statistics) are moved toward by alpha. Tensors decode lazily, one at a time.
+    """
+
+    def __init__(self, meta: dict[str, Any], infos: list[TensorInfo], blobs: Any, path: str | None = None):
+        self._meta = meta
+        self._infos = {i.name: i for i in infos}
+        self._blobs = blobs  # an RwsReader, or a dict name -> stored bytes
+        self.path = path
+
+    # ---- metadata
+    @property
+    def label(self) -> str:
+        return self._meta.get("label", "")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self._meta.get("provenance", {})
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self._meta.get("fingerprint", {})
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """File-level header fields (everything but the tensor list)."""
+        return dict(self._meta)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    @property
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not in signature {self.label!r}") from None
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __repr__(self) -> str:
+        where = f" from {self.path!r}" if self.path else ""
+        return f"<Signature {self.label!r}: {len(self)} tensors{where}>"
+
+    # ---- data
+    def stored(self, name: str) -> bytes | bytearray:
+        """The blob of one tensor exactly as stored (checksum verified when read from a file)."""
+        info = self.info(name)
+        if isinstance(self._blobs, RwsReader):
+            return self._blobs.read_stored(info)
+        return self._blobs[name]
+
+    def payload(self, name: str) -> bytearray:
+        """The decompressed payload of one tensor (scales, zero points, packed values)."""
+        info = self.info(name)
+        stored = self.stored(name)
+        return decode_blob(bytearray(stored) if isinstance(stored, bytes) else stored, info, self.path or "<memory>")
+
+    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """One tensor as float32, dequantized on `device` (CPU by default)."""
+        return decode(self.payload(name), self.info(name), device)
+
+    def close(self) -> None:
+        if isinstance(self._blobs, RwsReader):
+            self._blobs.close()
+
+    def __enter__(self) -> Signature:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SignatureBuilder:
+    """Encodes tensors one at a time (quantize, compress, checksum) into a `Signature`.
+
+    Each tensor is encoded as it is added, so a caller can stream a model through it and
+    hold only compressed bytes.
+    """
+
+    def __init__(self, label: str, quant: QuantConfig | None = None) -> None:
+        self.label = label
+        self.quant = quant or QuantConfig()
+        self._infos: list[TensorInfo] = []
+        self._blobs: dict[str, bytes] = {}
+
+    def add(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        *,
+        kind: str = "delta",
+        dtype: torch.dtype | None = None,
+        stats: Mapping[str, Any] | None = None,
+    ) -> TensorInfo:
+        """Encode one tensor; `dtype` is the source checkpoint's dtype (default: the tensor's)."""
+        if name in self._blobs:
+            raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
+        if not torch.is_floating_point(tensor):
+            raise RwsError(f"tensor {name!r} is not floating point ({tensor.dtype})")
+        if not bool(torch.isfinite(tensor).all()):
+            raise RwsError(
+                f"tensor {name!r} contains NaN or infinite values",
+                fix="check the checkpoints it was computed from",
+            )
+        quant = self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
+        enc = encode(tensor, quant)
+        codec, blob = encode_blob(enc.payload)
+        info = TensorInfo(
+            name=name,
+            kind=kind,
+            shape=tuple(int(d) for d in tensor.shape),
+            dtype=_DTYPE_NAMES.get(dtype or tensor.dtype, "float32"),
+            quant=enc.quant,
+            filter=enc.filter,
+            codec=codec,
+            offset=0,
+            length=len(blob),
+            decoded_length=len(enc.payload),
+            sha256=hashlib.sha256(blob).hexdigest(),
+            stats={**(stats or {}), "quant_rel_error": enc.rel_error},
+        )
+        self._infos.append(info)
+        self._blobs[name] = blob
+        return info
+
+    def build(
+        self,
+        provenance: Mapping[str, Any] | None = None,
+        model_fingerprint: str | None = None,
+    ) -> Signature:
+        """Finish: fingerprints over the tensors added, provenance with quantization settings."""
+        prov = {**base_provenance(), "quantization": self.quant.to_json(), **(provenance or {})}
+        fingerprint = {
+            "signature": architecture_fingerprint((i.name, i.shape) for i in self._infos),
+            "model": model_fingerprint,
+        }
+        meta = {"label": self.label, "fingerprint": fingerprint, "provenance": prov}
+        return Signature(meta, list(self._infos), dict(self._blobs))
+
+
+# Normalization statistics are targets: small 1-D vectors whose exact values matter
+# (running_var near zero), so they are stored as exact float32 whatever the delta setting.
+_TARGET_QUANT = QuantConfig(bits=32)
+
+
+def from_tensors(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor, str]],
+    *,
+    label: str,
+    quant: QuantConfig | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    model_fingerprint: str | None = None,
+) -> Signature:
+    """Build a signature from `{name: delta}` or `(name, tensor, kind)` triples."""
+    builder = SignatureBuilder(label, quant)
+    items = ((n, t, "delta") for n, t in tensors.items()) if isinstance(tensors, Mapping) else tensors
+    for name, tensor, kind in items:
+        builder.add(name, tensor, kind=kind)
+    return builder.build(provenance, model_fingerprint)
+
+
+def save(sig: Signature, path: str | os.PathLike) -> None:
+    """Write `sig` to `path` atomically; blobs are copied as stored, never re-encoded."""
+    write_file(path, sig.meta, sig.infos, lambda info: sig.stored(info.name))
+
+
+def load(path: str | os.PathLike) -> Signature:
+    """Open a `.rws` file lazily: the header is read and validated, tensors decode on demand."""
+    reader = RwsReader(path)
+    h = reader.header
+    meta = {k: v for k, v in h.raw.items() if k != "tensors"}
+    return Signature(meta, h.tensors, reader, path=reader.path)
