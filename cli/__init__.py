@@ -1,0 +1,1 @@
+"""The `rwsfmt` command line (click + rich); all logic lives in the `rwsfmt` library."""

@@ -1,0 +1,50 @@
+"""Entry point: the `rwsfmt` click group and its error handling."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rwsfmt import __version__
+from rwsfmt.errors import RwsError
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class RwsGroup(click.Group):
+    """Turns library errors into a clear message and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RwsError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}")
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@click.group(cls=RwsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rwsfmt")
+def main() -> None:
+    """Robust Weight Signatures: extract, inspect, verify, merge and apply .rws patches."""
+
+
+def _register() -> None:
+    from .inspect import inspect
+    from .verify import verify
+
+    for command in (inspect, verify):
+        main.add_command(command)
+
+
+_register()

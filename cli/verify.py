@@ -1,0 +1,46 @@
+"""`rwsfmt verify`: check every checksum, frame and layout rule of one or more files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from rwsfmt.container import verify as verify_file
+from rwsfmt.errors import RwsError
+
+from .console import console, human_bytes
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def verify(files: tuple[str, ...], as_json: bool) -> None:
+    """Check that every byte of each FILE is intact.
+
+    Exit code 0 when all files pass, 1 when any is damaged, 2 when any is not a .rws
+    file at all (or cannot be read).
+    """
+    results, worst = [], 0
+    for path in files:
+        try:
+            report = verify_file(path).to_json()
+            worst = max(worst, 0 if report["ok"] else 1)
+        except RwsError as exc:
+            report = {"path": path, "ok": False, "problems": [exc.problem], "error": str(exc)}
+            worst = 2
+        results.append(report)
+    if as_json:
+        click.echo(json.dumps({"ok": worst == 0, "files": results}, indent=2, sort_keys=True))
+    else:
+        out = console()
+        for r in results:
+            if r["ok"]:
+                out.print(f"[green]OK[/]    {r['path']}: {r['tensors']} tensors, "
+                          f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}")
+            else:
+                out.print(f"[red]FAIL[/]  {r['path']}")
+                for problem in r["problems"]:
+                    out.print(f"      - {problem}", markup=False)
+    sys.exit(worst)

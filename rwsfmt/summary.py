@@ -1,0 +1,54 @@
+"""A plain-data description of a `.rws` file, for `inspect` (never imports torch)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .container import Header, RwsReader, TensorInfo
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read only the header of `path` and describe the file and each tensor as JSON-ready data."""
+    with RwsReader(path) as reader:
+        h = reader.header
+        size = os.fstat(reader._file.fileno()).st_size
+    return describe_header(h, os.fspath(path), size)
+
+
+def describe_header(h: Header, path: str, file_size: int) -> dict[str, Any]:
+    tensors = [describe_tensor(t) for t in h.tensors]
+    float32 = sum(t["float32_bytes"] for t in tensors)
+    return {
+        "path": path,
+        "format_version": f"{h.version[0]}.{h.version[1]}",
+        "label": h.label,
+        "fingerprint": h.fingerprint,
+        "provenance": h.provenance,
+        "file_bytes": file_size,
+        "float32_bytes": float32,
+        "ratio_to_float32": file_size / float32 if float32 else None,
+        "parameters": sum(t["numel"] for t in tensors),
+        "tensors": tensors,
+    }
+
+
+def describe_tensor(t: TensorInfo) -> dict[str, Any]:
+    q = t.quant
+    return {
+        "name": t.name,
+        "kind": t.kind,
+        "shape": list(t.shape),
+        "dtype": t.dtype,
+        "numel": t.numel,
+        "bits": t.bits,
+        "scheme": q["scheme"],
+        "symmetric": q.get("symmetric"),
+        "granularity": t.granularity,
+        "codec": t.codec,
+        "filter": t.filter,
+        "stored_bytes": t.length,
+        "float32_bytes": 4 * t.numel,
+        "ratio_to_float32": t.length / (4 * t.numel) if t.numel else None,
+        "stats": t.stats,
+    }
