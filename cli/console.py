@@ -23,7 +23,9 @@ def progress(items: Iterable[T], total: int, description: str, quiet: bool) -> I
         return
     from rich.progress import track
 
-    yield from track(items, total=total, description=description, console=console(stderr=True), transient=True)
+    yield from track(
+        items, total=total, description=description, console=console(stderr=True), transient=True
+    )
 
 
 def human_bytes(n: float) -> str:

@@ -40,7 +40,10 @@ def render(info: dict) -> None:
         ("file", info["path"]),
         ("format", f"rws {info['format_version']}"),
         ("label", info["label"] or "-"),
-        ("created", f"{prov.get('created', '-')} by {prov.get('tool', '?')} {prov.get('tool_version', '')}"),
+        (
+            "created",
+            f"{prov.get('created', '-')} by {prov.get('tool', '?')} {prov.get('tool_version', '')}",
+        ),
         ("method", _method(prov)),
         ("quantization", _quant(prov.get("quantization"))),
         ("model fingerprint", short_hash(fp.get("model"))),
@@ -55,7 +58,11 @@ def render(info: dict) -> None:
         if key in prov:
             rows.append((key, str(prov[key])))
     for item in prov.get("inputs", []):
-        rows.append((f"input: {item.get('role')}", f"{item.get('name')} ({human_bytes(item.get('size', 0))}, sha256 {str(item.get('sha256', ''))[:12]}…)"))
+        digest = str(item.get("sha256", ""))[:12]
+        size = human_bytes(item.get("size", 0))
+        rows.append(
+            (f"input: {item.get('role')}", f"{item.get('name')} ({size}, sha256 {digest}…)")
+        )
     for comp in prov.get("components", []):
         rows.append(("component", f"{comp.get('label')} x {comp.get('weight')}"))
     for key, value in sorted(prov.get("meta", {}).items()):
@@ -66,9 +73,16 @@ def render(info: dict) -> None:
 
     table = Table(title=f"{len(info['tensors'])} tensors", title_justify="left")
     for col, justify in [
-        ("name", "left"), ("shape", "left"), ("kind", "left"), ("bits", "right"),
-        ("granularity", "left"), ("stored", "right"), ("vs f32", "right"),
-        ("rel. norm", "right"), ("cos(v_c, v_base)", "right"), ("quant err", "right"),
+        ("name", "left"),
+        ("shape", "left"),
+        ("kind", "left"),
+        ("bits", "right"),
+        ("granularity", "left"),
+        ("stored", "right"),
+        ("vs f32", "right"),
+        ("rel. norm", "right"),
+        ("cos(v_c, v_base)", "right"),
+        ("quant err", "right"),
     ]:
         table.add_column(col, justify=justify, no_wrap=col != "name")
     for t in info["tensors"]:

@@ -37,8 +37,10 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
         out = console()
         for r in results:
             if r["ok"]:
-                out.print(f"[green]OK[/]    {r['path']}: {r['tensors']} tensors, "
-                          f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}")
+                out.print(
+                    f"[green]OK[/]    {r['path']}: {r['tensors']} tensors, "
+                    f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}"
+                )
             else:
                 out.print(f"[red]FAIL[/]  {r['path']}")
                 for problem in r["problems"]:

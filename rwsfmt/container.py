@@ -198,7 +198,9 @@ def write_file(
         for entry in placed:
             blob = stored(entry)
             if len(blob) != entry.length:
-                raise RwsError(f"blob of tensor {entry.name!r} is {len(blob)} bytes, expected {entry.length}")
+                raise RwsError(
+                    f"blob of tensor {entry.name!r} is {len(blob)} bytes, expected {entry.length}"
+                )
             f.write(blob)
 
 
@@ -327,8 +329,7 @@ def read_header(f: BinaryIO, path: str) -> Header:
     if major != VERSION[0]:
         newer = major > VERSION[0]
         raise RwsError(
-            f"format version {major}.{minor} is not supported (this rwsfmt reads "
-            f"{VERSION[0]}.x)",
+            f"format version {major}.{minor} is not supported (this rwsfmt reads {VERSION[0]}.x)",
             path=path,
             fix=_UPGRADE if newer else "convert it with the rwsfmt release that wrote it",
         )
@@ -437,7 +438,9 @@ def _validate_tensors(doc: dict[str, Any], data_len: int, path: str) -> list[Ten
     if not isinstance(entries, list):
         raise IntegrityError("header has no 'tensors' list", path=path)
     if len(entries) > MAX_TENSORS:
-        raise IntegrityError(f"{len(entries):,} tensors exceed the limit of {MAX_TENSORS:,}", path=path)
+        raise IntegrityError(
+            f"{len(entries):,} tensors exceed the limit of {MAX_TENSORS:,}", path=path
+        )
     out, names, offset = [], set(), 0
     for i, e in enumerate(entries):
         info = _validate_entry(e, i, path)

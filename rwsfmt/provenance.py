@@ -60,4 +60,9 @@ def input_record(role: str, path: str | os.PathLike) -> dict[str, Any]:
         digest = h.hexdigest()
     else:
         size, digest = os.path.getsize(path), file_sha256(path)
-    return {"role": role, "name": os.path.basename(os.path.normpath(path)), "size": size, "sha256": digest}
+    return {
+        "role": role,
+        "name": os.path.basename(os.path.normpath(path)),
+        "size": size,
+        "sha256": digest,
+    }

@@ -106,13 +106,19 @@ def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
     return Encoded(quant, filt, b"".join(parts), rel_error)
 
 
-def decode(payload: bytearray, info: TensorInfo, device: torch.device | str | None = None) -> torch.Tensor:
+def decode(
+    payload: bytearray, info: TensorInfo, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The float32 tensor a payload stands for, dequantized on `device`.
 
     Only the payload bytes are moved to the device; the arithmetic happens there.
     """
     n, q = info.numel, info.quant
-    raw = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(payload, dtype=torch.uint8)
+        if len(payload)
+        else torch.empty(0, dtype=torch.uint8)
+    )
     raw = raw.to(device) if device is not None else raw
     values = raw[info.values_offset :]
     if q["scheme"] == "float":

@@ -1,9 +1,9 @@
 """The `Signature` object: a lazy view of a `.rws` file, or one built in memory.
 
-    sig = rwsfmt.load("fog.rws")        # reads and validates the header only
-    sig.names                           # tensor names, in depth order
-    sig.tensor("features.0.weight")     # float32, dequantized on the requested device
-    rwsfmt.save(sig, "copy.rws")        # blobs are copied, not re-encoded
+sig = rwsfmt.load("fog.rws")        # reads and validates the header only
+sig.names                           # tensor names, in depth order
+sig.tensor("features.0.weight")     # float32, dequantized on the requested device
+rwsfmt.save(sig, "copy.rws")        # blobs are copied, not re-encoded
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class Signature:
     statistics) are moved toward by alpha. Tensors decode lazily, one at a time.
     """
 
-    def __init__(self, meta: dict[str, Any], infos: list[TensorInfo], blobs: Any, path: str | None = None):
+    def __init__(
+        self, meta: dict[str, Any], infos: list[TensorInfo], blobs: Any, path: str | None = None
+    ):
         self._meta = meta
         self._infos = {i.name: i for i in infos}
         self._blobs = blobs  # an RwsReader, or a dict name -> stored bytes
@@ -99,7 +101,11 @@ class Signature:
         """The decompressed payload of one tensor (scales, zero points, packed values)."""
         info = self.info(name)
         stored = self.stored(name)
-        return decode_blob(bytearray(stored) if isinstance(stored, bytes) else stored, info, self.path or "<memory>")
+        return decode_blob(
+            bytearray(stored) if isinstance(stored, bytes) else stored,
+            info,
+            self.path or "<memory>",
+        )
 
     def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor as float32, dequantized on `device` (CPU by default)."""
@@ -199,7 +205,9 @@ def from_tensors(
 ) -> Signature:
     """Build a signature from `{name: delta}` or `(name, tensor, kind)` triples."""
     builder = SignatureBuilder(label, quant)
-    items = ((n, t, "delta") for n, t in tensors.items()) if isinstance(tensors, Mapping) else tensors
+    items = (
+        ((n, t, "delta") for n, t in tensors.items()) if isinstance(tensors, Mapping) else tensors
+    )
     for name, tensor, kind in items:
         builder.add(name, tensor, kind=kind)
     return builder.build(provenance, model_fingerprint)
