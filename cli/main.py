@@ -41,9 +41,10 @@ def main() -> None:
 
 def _register() -> None:
     from .inspect import inspect
+    from .merge import merge
     from .verify import verify
 
-    for command in (inspect, verify):
+    for command in (inspect, verify, merge):
         main.add_command(command)
 
 

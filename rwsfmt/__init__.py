@@ -26,6 +26,7 @@ _LAZY = {
     "save": "signature",
     "QuantConfig": "quant",
     "verify": "container",
+    "merge": "merging",
     "architecture_fingerprint": "fingerprint",
 }
 

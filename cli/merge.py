@@ -1,0 +1,61 @@
+"""`rwsfmt merge`: combine signatures into one file (weighted sum or mean)."""
+
+from __future__ import annotations
+
+import click
+
+from .console import console, human_bytes
+from .options import quant_options, quant_config
+
+
+@click.command()
+@click.argument("signatures", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Merged .rws file to write.",
+)
+@click.option("--weights", help="Comma-separated weights, one per signature (default: 1 each).")
+@click.option(
+    "--mean", is_flag=True, help="Rescale the weights to sum to 1 (a mean instead of a sum)."
+)
+@click.option(
+    "--name", "label", help="Label of the merged signature (default: labels joined by '+')."
+)
+@quant_options(default_bits=None)
+def merge(signatures, output, weights, mean, label, bits, granularity, group_size, affine) -> None:
+    """Merge SIGNATURES (two or more .rws files) into OUTPUT.
+
+    Delta tensors are summed with their weights; normalization-statistic targets are
+    averaged and need weights that sum to 1 (use --mean). The result is re-quantized
+    (by default as the first file was) and records its components in its provenance.
+    """
+    import rwsfmt
+    from rwsfmt.errors import RwsError
+
+    if len(signatures) < 2:
+        raise click.UsageError("give at least two signatures to merge")
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise RwsError(
+                f"--weights {weights!r} is not a comma-separated list of numbers"
+            ) from None
+    loaded = [rwsfmt.load(p) for p in signatures]
+    try:
+        quant = quant_config(bits, granularity, group_size, affine) if bits else None
+        merged = rwsfmt.merge(loaded, parsed, mean=mean, quant=quant, label=label)
+        rwsfmt.save(merged, output)
+    finally:
+        for sig in loaded:
+            sig.close()
+    import os
+
+    console().print(
+        f"wrote {output}: {merged.label!r}, {len(merged)} tensors, "
+        f"{human_bytes(os.path.getsize(output))}"
+    )
