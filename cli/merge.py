@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .console import console, human_bytes
-from .options import quant_options, quant_config
+from .options import quant_config, quant_options
 
 
 @click.command()

@@ -57,7 +57,7 @@ def merge(
     models = {s.fingerprint.get("model") for s in signatures}
     provenance: dict[str, Any] = {
         "method": "merge-mean" if mean else "merge-sum",
-        "components": [_component(s, w) for s, w in zip(signatures, weights)],
+        "components": [_component(s, w) for s, w in zip(signatures, weights, strict=True)],
     }
     return builder.build(provenance, model_fingerprint=models.pop() if len(models) == 1 else None)
 
