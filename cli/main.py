@@ -13,7 +13,13 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class RwsGroup(click.Group):
-    """Turns library errors into a clear message and exit code 2, never a traceback."""
+    """Turns library errors into a clear message and exit code 2, never a traceback.
+
+    Commands are listed in workflow order (extract, apply, inspect, ...), not alphabetically.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
 
     def invoke(self, ctx: click.Context):
         try:

@@ -2,4 +2,4 @@
 
 from rwsfmt_cli.main import main
 
-main()
+main(prog_name="rwsfmt")
