@@ -29,6 +29,7 @@ def inspect(file: str, as_json: bool) -> None:
 
 def render(info: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     out = console()
     prov = info["provenance"]
@@ -46,8 +47,8 @@ def render(info: dict) -> None:
         ),
         ("method", _method(prov)),
         ("quantization", _quant(prov.get("quantization"))),
-        ("model fingerprint", short_hash(fp.get("model"))),
-        ("signature fingerprint", short_hash(fp.get("signature"))),
+        ("model fingerprint", short_hash(str(fp.get("model") or ""))),
+        ("signature fingerprint", short_hash(str(fp.get("signature") or ""))),
         (
             "size",
             f"{human_bytes(info['file_bytes'])} for {info['parameters']:,} parameters "
@@ -57,53 +58,86 @@ def render(info: dict) -> None:
     for key in ("corruption", "severity", "dataset"):
         if key in prov:
             rows.append((key, str(prov[key])))
-    for item in prov.get("inputs", []):
+    for item in _dicts(prov.get("inputs")):
         digest = str(item.get("sha256", ""))[:12]
-        size = human_bytes(item.get("size", 0))
+        size = item.get("size")
+        size = human_bytes(size) if isinstance(size, int) else "?"
         rows.append(
             (f"input: {item.get('role')}", f"{item.get('name')} ({size}, sha256 {digest}…)")
         )
-    for comp in prov.get("components", []):
+    for comp in _dicts(prov.get("components")):
         rows.append(("component", f"{comp.get('label')} x {comp.get('weight')}"))
-    for key, value in sorted(prov.get("meta", {}).items()):
+    meta = prov.get("meta")
+    for key, value in sorted(meta.items()) if isinstance(meta, dict) else []:
         rows.append((f"meta: {key}", str(value)))
-    for key, value in rows:
-        summary.add_row(key, value)
+    for key, value in rows:  # Text: names and labels from a file are never rich markup
+        summary.add_row(Text(key), Text(value))
     out.print(summary)
 
-    table = Table(title=f"{len(info['tensors'])} tensors", title_justify="left")
-    for col, justify in [
-        ("name", "left"),
-        ("shape", "left"),
-        ("kind", "left"),
-        ("bits", "right"),
-        ("granularity", "left"),
-        ("stored", "right"),
-        ("vs f32", "right"),
-        ("rel. norm", "right"),
-        ("cos(v_c, v_base)", "right"),
-        ("quant err", "right"),
-    ]:
-        table.add_column(col, justify=justify, no_wrap=col != "name")
-    for t in info["tensors"]:
-        s = t["stats"]
-        table.add_row(
-            t["name"],
-            "x".join(map(str, t["shape"])) or "scalar",
-            t["kind"],
-            str(t["bits"]),
-            t["granularity"],
-            human_bytes(t["stored_bytes"]),
-            f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
-            _num(s.get("rel_norm")),
-            _num(s.get("cos_base")),
-            _num(s.get("quant_rel_error")),
-        )
+    tensors = info["tensors"]
+    stats = [(key, title) for key, title in _STATS if any(key in t["stats"] for t in tensors)]
+    table = _tensor_table(f"{len(tensors)} tensors", tensors, stats)
+    wide = out.options.update_width(1 << 16)
+    if stats and table.__rich_measure__(out, wide).maximum > out.width:  # statistics apart
+        out.print(_tensor_table(f"{len(tensors)} tensors", tensors, []))
+        table = _tensor_table("statistics", tensors, stats, layout=False)
     out.print(table)
 
 
+_STATS = [("rel_norm", "rel. norm"), ("cos_base", "cos(v_c,v_base)"), ("quant_rel_error", "q. err")]
+
+
+def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]], layout=True):
+    """One row per tensor: the name always shows in full (folded), other columns stay short."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    longest = max((len(t["name"]) for t in tensors), default=4)
+    table.add_column("name", overflow="fold", min_width=min(longest, 24))
+    columns = [("shape", "left"), ("kind", "left"), ("quant", "left"), ("stored", "right")]
+    columns += [("x f32", "right")]
+    columns = columns if layout else []
+    columns += [(title, "right") for _, title in stats]
+    for col, justify in columns:
+        table.add_column(col, justify=justify, no_wrap=True)
+    for t in tensors:
+        row = [t["name"]]
+        if layout:
+            row += [
+                "x".join(map(str, t["shape"])) or "scalar",
+                t["kind"],
+                _bits(t),
+                human_bytes(t["stored_bytes"]),
+                f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
+            ]
+        row += [_num(t["stats"].get(key)) for key, _ in stats]
+        table.add_row(*map(Text, row))
+    return table
+
+
+def _bits(t: dict) -> str:
+    """Storage in a few characters: `f32`, `8 ch0`, `16 t`, `4a g128` (a = affine)."""
+    if t["scheme"] == "float":
+        return f"f{t['bits']}"
+    kind = "" if t["symmetric"] else "a"
+    gran = {"tensor": "t", "channel": "ch", "group": "g"}.get(t["granularity"], "?")
+    if t["granularity"] == "channel":
+        gran += str(t.get("axis", ""))
+    elif t["granularity"] == "group":
+        gran += str(t.get("group_size", ""))
+    return f"{t['bits']}{kind} {gran}"
+
+
+def _dicts(value: object) -> list[dict]:
+    """The objects of a provenance list, skipping anything else a newer writer put there."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 def _num(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value:.3g}" if number else "-"
 
 
 def _method(prov: dict) -> str:

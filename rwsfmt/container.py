@@ -34,6 +34,7 @@ MAX_RANK = 8
 MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
 MAX_GROUP_SIZE = 1 << 31
+MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
@@ -77,7 +78,9 @@ class TensorInfo:
     @property
     def granularity(self) -> str:
         """'tensor', 'channel' or 'group' for linear quantization, 'none' for exact floats."""
-        return self.quant.get("granularity", "none")
+        if self.quant["scheme"] != "linear":
+            return "none"
+        return self.quant["granularity"]
 
     @property
     def n_scales(self) -> int:
@@ -279,21 +282,61 @@ class RwsReader:
 
 
 def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
-    """Undo the codec, bounded by the declared decoded length (no decompression bombs)."""
-    if info.codec == "raw":
-        return stored
+    """Undo the codec, bounded by the declared decoded length (no decompression bombs),
+    and check the payload's numbers (see `check_payload`)."""
+    payload = stored if info.codec == "raw" else _unzstd(stored, info, path)
+    check_payload(payload, info, path)
+    return payload
+
+
+def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
+    """Refuse payloads whose numbers no writer produces: scales that are negative (sign bit
+    set) or not finite, zero points or exact float32 values that are not finite."""
+    import numpy as np
+
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    if info.quant["scheme"] == "float":
+        n = info.numel
+        values = raw[info.values_offset :]
+        planes = values.reshape(4, n) if info.filter == "byteplane" else values.reshape(n, 4).T
+        if _any_nonfinite(planes[2], planes[3]):
+            raise IntegrityError(f"tensor {info.name!r} holds NaN or infinite values", path=path)
+        return
+    g = info.n_scales
+    scales = raw[: 4 * g].reshape(g, 4).T
+    if (scales[3] >= 0x80).any() or _any_nonfinite(scales[2], scales[3]):
+        raise IntegrityError(f"tensor {info.name!r} has a negative or non-finite scale", path=path)
+    if info.affine:
+        zps = raw[4 * g : 8 * g].reshape(g, 4).T
+        if _any_nonfinite(zps[2], zps[3]):
+            raise IntegrityError(f"tensor {info.name!r} has a non-finite zero point", path=path)
+
+
+def _any_nonfinite(byte2: Any, byte3: Any) -> bool:
+    """Whether any little-endian float32, given its bytes 2 and 3, has an all-ones exponent."""
+    return bool((((byte3 & 0x7F) == 0x7F) & (byte2 >= 0x80)).any())
+
+
+def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
+    """Decompress a blob that must be exactly one zstd frame declaring its content size
+    (equal to `decoded_length`) and a content checksum, with no dictionary."""
     import zstandard
 
-    damaged = f"tensor {info.name!r} does not decode as a zstd frame"
+    damaged = f"tensor {info.name!r} does not decode as one zstd frame"
     try:
-        size = zstandard.frame_content_size(bytes(stored[:18]))
+        params = zstandard.get_frame_parameters(bytes(stored[:18]))
+        frame_length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
     except zstandard.ZstdError:
         raise IntegrityError(damaged, path=path) from None
-    if size != info.decoded_length:
+    if params.content_size != info.decoded_length:
         raise IntegrityError(
-            f"tensor {info.name!r}: zstd frame declares {size} bytes, header says "
-            f"{info.decoded_length}",
+            f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
+            f"says {info.decoded_length}",
             path=path,
+        )
+    if not params.has_checksum or params.dict_id or frame_length != len(stored):
+        raise IntegrityError(
+            f"{damaged} with a checksum, no dictionary and nothing after it", path=path
         )
     out = bytearray(info.decoded_length)
     try:
@@ -312,6 +355,25 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     return out
 
 
+def _zstd_frame_length(blob: bytearray, pos: int) -> int:
+    """Bytes taken by the zstd frame at the start of `blob`: header, blocks, 4-byte checksum.
+
+    Walks the 3-byte block headers (RFC 8878 section 3.1.1.2) without decompressing.
+    """
+    import zstandard
+
+    while True:
+        if pos + 3 > len(blob):
+            raise zstandard.ZstdError("frame is cut short")
+        block = int.from_bytes(blob[pos : pos + 3], "little")
+        kind, size = (block >> 1) & 3, block >> 3
+        if kind == 3:
+            raise zstandard.ZstdError("reserved block type")
+        pos += 3 + (1 if kind == 1 else size)
+        if block & 1:
+            return pos + 4
+
+
 def read_header(f: BinaryIO, path: str) -> Header:
     """Read and validate the preamble and header of an open file, touching no tensor data."""
     size = os.fstat(f.fileno()).st_size
@@ -326,27 +388,33 @@ def read_header(f: BinaryIO, path: str) -> Header:
             fix="the file was truncated; copy or download it again",
         )
     _, major, minor, flags, header_len, data_len, digest = PREAMBLE.unpack(head)
+    data_offset = PREAMBLE_SIZE + header_len
+    body = f.read(header_len) if header_len <= min(MAX_HEADER_BYTES, size) else None
     if major != VERSION[0]:
+        if body is not None and _digest(head, body, major=VERSION[0]) == digest:
+            raise IntegrityError(
+                f"the version field is damaged (reads {major}.{minor} in a {VERSION[0]}.x file)",
+                path=path,
+                fix="copy or download the file again",
+            )
         newer = major > VERSION[0]
         raise RwsError(
             f"format version {major}.{minor} is not supported (this rwsfmt reads {VERSION[0]}.x)",
             path=path,
             fix=_UPGRADE if newer else "convert it with the rwsfmt release that wrote it",
         )
-    data_offset = PREAMBLE_SIZE + header_len
     if header_len > MAX_HEADER_BYTES:
         raise IntegrityError(
             f"header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit",
             path=path,
         )
-    if data_offset > size:
+    if body is None or data_offset > size:
         raise IntegrityError(
             f"header needs {data_offset:,} bytes but the file has {size:,}",
             path=path,
             fix="the file was truncated; copy or download it again",
         )
-    body = f.read(header_len)
-    if hashlib.sha256(head[:DIGESTED_PREAMBLE] + body).digest() != digest:
+    if _digest(head, body) != digest:
         raise IntegrityError(
             "header checksum mismatch: the preamble or header is damaged",
             path=path,
@@ -377,10 +445,27 @@ def read_header(f: BinaryIO, path: str) -> Header:
     )
 
 
+def _digest(head: bytes, body: bytes, major: int | None = None) -> bytes:
+    """SHA-256 over preamble[0:32] + header; `major` substitutes the version field."""
+    digested = head[:DIGESTED_PREAMBLE]
+    if major is not None:
+        digested = digested[:8] + struct.pack("<H", major) + digested[10:]
+    return hashlib.sha256(digested + body).digest()
+
+
 def _not_rws(head: bytes, path: str, size: int) -> RwsError:
     if size == 0:
         return RwsError("file is empty, not a .rws file", path=path)
-    if head.startswith(MAGIC.replace(b"\r\n", b"\n")[:6]) or head[1:4] == b"RWS":
+    if len(head) < len(MAGIC) and MAGIC.startswith(head):
+        return IntegrityError(
+            f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble",
+            path=path,
+            fix="the file was truncated; copy or download it again",
+        )
+    near = (
+        len(head) >= len(MAGIC) and sum(a != b for a, b in zip(head[:8], MAGIC, strict=True)) <= 2
+    )
+    if near or head.startswith(MAGIC.replace(b"\r\n", b"\n")[:6]) or head[1:4] == b"RWS":
         return IntegrityError(
             "the .rws magic is damaged (line endings changed by a text-mode transfer?)",
             path=path,
@@ -423,6 +508,12 @@ def _parse_json(body: bytes, path: str) -> dict[str, Any]:
         raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
     if not isinstance(doc, dict):
         raise IntegrityError("header is not a JSON object", path=path)
+    try:  # lone surrogates (\ud800) and overflowing numbers (1e999) parse but cannot be written
+        canonical_json(doc)
+    except (UnicodeEncodeError, ValueError, RecursionError) as exc:
+        raise IntegrityError(
+            f"header holds a value JSON cannot represent ({exc})", path=path
+        ) from None
     return doc
 
 
@@ -494,12 +585,12 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
     shape = need("shape", list)
     if len(shape) > MAX_RANK:
         raise bad(f"rank {len(shape)} exceeds {MAX_RANK}")
-    numel = 1
+    extent = 1  # product of the dimensions, counting 0 as 1, so [0, 2**60] is refused too
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0:
             raise bad(f"shape {shape} has a dimension that is not a natural number")
-        numel *= d
-        if numel > MAX_ELEMENTS:
+        extent *= max(d, 1)
+        if extent > MAX_ELEMENTS:
             raise bad(f"shape {shape} has more than {MAX_ELEMENTS:,} elements")
     dtype = need("dtype", str)
     if dtype not in SOURCE_DTYPES:
@@ -538,12 +629,19 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         raise bad(f"decoded_length {info.decoded_length} should be {expected} for its shape")
     if codec == "raw" and info.length != info.decoded_length:
         raise bad("a raw blob's length must equal its decoded_length")
+    if codec == "zstd" and info.decoded_length > MAX_ZSTD_RATIO * info.length:
+        raise bad(
+            f"decoded_length {info.decoded_length:,} is more than a {info.length:,}-byte "
+            "zstd frame can hold"
+        )
     return info
 
 
 def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> dict[str, Any]:
     scheme = q.get("scheme")
     bits = q.get("bits")
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise bad(f"quant.bits {bits!r} is not an integer")
     if scheme == "float":
         if bits != 32:
             raise bad(f"float scheme with {bits} bits is not supported")

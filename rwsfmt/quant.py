@@ -140,9 +140,7 @@ def decode(
         u = torch.stack([values & 0x0F, values >> 4], dim=1).reshape(-1)[:n]
     u = u.to(torch.float32)
     if q["granularity"] == "group":
-        gs = q["group_size"]
-        u = torch.nn.functional.pad(u, (0, g * gs - n)).view(g, gs)
-        return ((u - zp[:, None]) * scale[:, None]).reshape(-1)[:n].reshape(info.shape)
+        return _dequantize_groups(u, scale, zp, q["group_size"]).reshape(info.shape)
     u = u.reshape(info.shape)
     if q["granularity"] == "channel":
         view = [1] * len(info.shape)
@@ -150,7 +148,21 @@ def decode(
         scale, zp = scale.view(view), zp.view(view)
     else:
         scale, zp = scale[0], zp[0]
-    return (u - zp) * scale
+    return u.sub_(zp).mul_(scale)
+
+
+def _dequantize_groups(
+    u: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """`(u - zp) * scale` per run of `group_size` elements; the last run may be short."""
+    n = u.numel()
+    full = n // group_size
+    head = u[: full * group_size].view(full, group_size)
+    head.sub_(zp[:full, None]).mul_(scale[:full, None])
+    tail = u[full * group_size :]
+    if tail.numel():
+        tail.sub_(zp[full]).mul_(scale[full])
+    return u
 
 
 def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> torch.Tensor:
@@ -158,9 +170,11 @@ def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> 
     if quant["granularity"] == "channel":
         return flat.view(shape[0], math.prod(shape[1:]))
     if quant["granularity"] == "group":
-        gs = quant["group_size"]
-        g = math.ceil(flat.numel() / gs)
-        return torch.nn.functional.pad(flat, (0, g * gs - flat.numel())).view(g, gs)
+        n, gs = flat.numel(), quant["group_size"]
+        g = math.ceil(n / gs)
+        if g == 1:  # no padding up to a group size much larger than the tensor
+            return flat.view(1, -1)
+        return torch.nn.functional.pad(flat, (0, g * gs - n)).view(g, gs)
     return flat.view(1, -1)
 
 

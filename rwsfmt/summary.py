@@ -45,6 +45,8 @@ def describe_tensor(t: TensorInfo) -> dict[str, Any]:
         "scheme": q["scheme"],
         "symmetric": q.get("symmetric"),
         "granularity": t.granularity,
+        "axis": q.get("axis") if t.granularity == "channel" else None,
+        "group_size": q.get("group_size") if t.granularity == "group" else None,
         "codec": t.codec,
         "filter": t.filter,
         "stored_bytes": t.length,

@@ -1,0 +1,77 @@
+"""Shared fixtures and helpers: small real `.rws` files, a header rewriter for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "spec"
+VECTORS = SPEC / "vectors"
+
+os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
+
+settings.register_profile(
+    "rwsfmt",
+    max_examples=60,
+    deadline=2000,  # milliseconds per example: a reader that hangs fails the test
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("rwsfmt")
+
+
+def small_tensors(seed: int = 0) -> dict:
+    """A conv weight, a bias, a linear weight with an all-zero row: about 1.5 KB at 8 bits."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.randn(6, 20, generator=g)
+    linear[2] = 0
+    return {
+        "features.0.weight": 0.05 * torch.randn(8, 3, 3, 3, generator=g),
+        "features.0.bias": 0.01 * torch.randn(8, generator=g),
+        "fc.weight": linear,
+    }
+
+
+def write_small(path: Path, **quant) -> Path:
+    """Save `small_tensors()` (plus a BatchNorm target) to `path` with the given QuantConfig."""
+    import torch
+
+    import rwsfmt
+    from rwsfmt.signature import SignatureBuilder
+
+    builder = SignatureBuilder("fog", rwsfmt.QuantConfig(**quant))
+    for name, t in small_tensors().items():
+        builder.add(name, t)
+    builder.add("bn.running_var", torch.linspace(0.5, 1.5, 8), kind="target")
+    rwsfmt.save(builder.build(provenance={"method": "project", "layers": 1}), path)
+    return path
+
+
+@pytest.fixture
+def small_rws(tmp_path: Path) -> Path:
+    return write_small(tmp_path / "small.rws")
+
+
+def split(data: bytes) -> tuple[dict, bytes, dict]:
+    """(preamble fields, header JSON object, data section) of a well-formed file's bytes."""
+    major, minor, flags, header_len, data_len = struct.unpack_from("<HHIQQ", data, 8)
+    fields = dict(major=major, minor=minor, flags=flags)
+    doc = json.loads(data[64 : 64 + header_len])
+    return fields, doc, data[64 + header_len : 64 + header_len + data_len]
+
+
+def assemble(doc: dict, data: bytes, major: int = 1, minor: int = 0, flags: int = 0) -> bytes:
+    """A file with a valid digest around any header object: padding and lengths recomputed,
+    so that the reader's validation, not its checksum, decides."""
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header = body + b" " * (-(64 + len(body)) % 64)
+    head = b"\x89RWS\r\n\x1a\n" + struct.pack("<HHIQQ", major, minor, flags, len(header), len(data))
+    return head + hashlib.sha256(head + header).digest() + header + data

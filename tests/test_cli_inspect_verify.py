@@ -1,0 +1,138 @@
+"""`rwsfmt inspect` and `rwsfmt verify` as a user runs them: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import VECTORS, assemble, split
+
+import rwsfmt
+
+
+def run(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "rwsfmt", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_inspect_table_in_an_80_column_pipe():
+    result = run("inspect", str(VECTORS / "mixed.rws"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    text = result.stdout
+    for expected in ["rws 1.0", "fog", "project, layers 2", "8-bit linear, symmetric"]:
+        assert expected in text
+    for name in ["conv1.weight", "bn1.running_mean", "fc.bias", "empty"]:
+        assert any(line.split() and line.split()[0] == name for line in lines), name
+    assert "target" in text and "f32" in text and "0.125" in text  # kind, quant, rel_norm
+
+
+def test_inspect_folds_long_names_instead_of_hiding_them(tmp_path):
+    import torch
+
+    name = "model.encoder.layer.0.attention.self.query.weight"
+    sig = rwsfmt.from_tensors({name: torch.randn(384, 384)}, label="long")
+    rwsfmt.save(sig, tmp_path / "long.rws")
+    result = run("inspect", str(tmp_path / "long.rws"))
+    assert result.returncode == 0
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
+    assert name[:24] in result.stdout and name[-12:] in result.stdout  # folded, all there
+
+
+def test_inspect_json_has_the_contract_fields():
+    result = run("inspect", "--json", str(VECTORS / "mixed.rws"))
+    assert result.returncode == 0
+    info = json.loads(result.stdout)
+    assert info["format_version"] == "1.0"
+    assert info["fingerprint"]["signature"].startswith("sha256:")
+    assert info["provenance"]["method"] == "project"
+    first = info["tensors"][0]
+    assert (first["name"], first["shape"], first["bits"]) == ("conv1.weight", [4, 2, 3, 3], 8)
+    assert {t["name"]: t["kind"] for t in info["tensors"]}["bn1.running_var"] == "target"
+
+
+def test_verify_exit_codes_and_json(tmp_path):
+    good = VECTORS / "sym8_channel.rws"
+    assert run("verify", str(good)).returncode == 0
+    damaged = tmp_path / "damaged.rws"
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0x10
+    damaged.write_bytes(data)
+    result = run("verify", str(good), str(damaged))
+    assert result.returncode == 1
+    assert "OK" in result.stdout and "FAIL" in result.stdout and "checksum" in result.stdout
+    report = json.loads(run("verify", "--json", str(good), str(damaged)).stdout)
+    assert report["ok"] is False
+    assert [f["ok"] for f in report["files"]] == [True, False]
+    assert report["files"][1]["problems"]
+    not_rws = tmp_path / "notes.txt"
+    not_rws.write_text("hello")
+    result = run("verify", str(damaged), str(not_rws))
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_bad_input_names_the_file_without_a_traceback(tmp_path, command):
+    for content in [None, b"", b"PK\x03\x04 a zip", b"\x89RWS\r\n\x1a\n" + bytes(20)]:
+        path = tmp_path / "input.rws"
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(content)
+        result = run(command, str(path))
+        assert result.returncode in (1, 2)
+        output = result.stdout + result.stderr
+        assert str(path) in output
+        assert "Traceback" not in output
+
+
+def test_newer_major_version_asks_to_upgrade(tmp_path):
+    path = tmp_path / "future.rws"
+    path.write_bytes(assemble({"tensors": []}, b"", major=2))
+    result = run("inspect", str(path))
+    assert result.returncode == 2
+    assert "format version 2.0 is not supported" in result.stderr and "upgrade" in result.stderr
+
+
+def test_inspect_works_on_a_file_with_damaged_data(tmp_path):
+    path = tmp_path / "damaged.rws"
+    data = bytearray((VECTORS / "mixed.rws").read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(data)
+    assert run("inspect", str(path)).returncode == 0
+    assert json.loads(run("inspect", "--json", str(path)).stdout)["label"] == "fog"
+    assert run("verify", str(path)).returncode == 1
+
+
+def test_inspect_survives_odd_provenance_and_markup_in_names(tmp_path):
+    fields, doc, data = split((VECTORS / "sym8_channel.rws").read_bytes())
+    doc["provenance"].update(inputs="not a list", components=[1, {"label": "[/]"}], meta=[1])
+    doc["label"] = "[bold red]x[/]"
+    doc["tensors"][0]["name"] = "[/]weird"
+    path = tmp_path / "odd.rws"
+    path.write_bytes(assemble(doc, data, **fields))
+    result = run("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "[/]weird" in result.stdout and "[bold red]x[/]" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_inspect_and_verify_do_not_import_torch(command):
+    code = (
+        "import sys\n"
+        "from rwsfmt_cli.main import main\n"
+        "try:\n"
+        f"    main([{command!r}, {str(VECTORS / 'mixed.rws')!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -1,0 +1,112 @@
+"""The frozen golden files in spec/vectors: a v1.0 file must stay readable, to the same bits,
+forever. These tests read the committed files; they never regenerate them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import reference_reader
+from conftest import SPEC, VECTORS
+
+import rwsfmt
+
+NAMES = ["sym8_channel", "sym16_byteplane", "float32_exact", "affine4_group", "mixed"]
+
+
+def _expected(name: str) -> dict:
+    return json.loads((VECTORS / f"{name}.expected.json").read_text(encoding="utf-8"))
+
+
+def _bits(values: list[float]) -> np.ndarray:
+    """The float32 bit patterns of the exact values written in an expected.json file."""
+    return np.array(values, dtype=np.float64).astype(np.float32).view(np.uint32)
+
+
+def test_golden_files_are_unchanged():
+    lines = (VECTORS / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+    listed = {}
+    for line in lines:
+        digest, name = line.split()
+        listed[name] = digest
+        assert hashlib.sha256((VECTORS / name).read_bytes()).hexdigest() == digest, name
+    assert {f"{n}.rws" for n in NAMES} | {f"{n}.expected.json" for n in NAMES} == set(listed)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rwsfmt_decodes_golden_values_bit_exactly(name):
+    expected = _expected(name)
+    with rwsfmt.load(VECTORS / f"{name}.rws") as sig:
+        assert set(sig.names) == set(expected)
+        for tensor, want in expected.items():
+            got = sig.tensor(tensor)
+            assert list(got.shape) == want["shape"]
+            assert np.array_equal(got.numpy().reshape(-1).view(np.uint32), _bits(want["values"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_reader_decodes_golden_values_bit_exactly(name):
+    expected = _expected(name)
+    _, tensors = reference_reader.read(str(VECTORS / f"{name}.rws"))
+    assert set(tensors) == set(expected)
+    for tensor, want in expected.items():
+        assert list(tensors[tensor].shape) == want["shape"]
+        assert np.array_equal(tensors[tensor].reshape(-1).view(np.uint32), _bits(want["values"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_headers_match_the_schema_and_verify(name):
+    schema = json.loads((SPEC / "header.schema.json").read_text(encoding="utf-8"))
+    header, _ = reference_reader.read(str(VECTORS / f"{name}.rws"))
+    jsonschema.Draft202012Validator(schema).validate(header)
+    report = rwsfmt.verify(VECTORS / f"{name}.rws")
+    assert report.ok and report.version == "1.0" and not report.problems
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resaving_a_golden_file_gives_the_same_bytes(tmp_path, name):
+    """Blobs are copied, the header is canonical: load + save is the identity."""
+    source = VECTORS / f"{name}.rws"
+    with rwsfmt.load(source) as sig:
+        rwsfmt.save(sig, tmp_path / "copy.rws")
+    assert (tmp_path / "copy.rws").read_bytes() == source.read_bytes()
+
+
+def test_golden_files_cover_the_format():
+    seen = set()
+    for name in NAMES:
+        header, _ = reference_reader.read(str(VECTORS / f"{name}.rws"))
+        for e in header["tensors"]:
+            q = e["quant"]
+            seen.add(("bits", q["bits"]))
+            seen.update({("kind", e["kind"]), ("codec", e["codec"]), ("filter", e["filter"])})
+            seen.add(("granularity", q.get("granularity", "none")))
+            seen.add(("symmetric", q.get("symmetric", True)))
+            seen.add(("dtype", e["dtype"]))
+    for item in [("bits", 4), ("bits", 8), ("bits", 16), ("bits", 32), ("kind", "target")]:
+        assert item in seen
+    for item in [("codec", "zstd"), ("codec", "raw"), ("filter", "byteplane")]:
+        assert item in seen
+    for item in [("granularity", "group"), ("granularity", "channel"), ("symmetric", False)]:
+        assert item in seen
+    assert ("dtype", "float16") in seen and ("dtype", "bfloat16") in seen
+
+
+def test_golden_mixed_file_metadata():
+    with rwsfmt.load(VECTORS / "mixed.rws") as sig:
+        assert sig.label == "fog"
+        assert sig.info("bn1.running_var").kind == "target"
+        assert sig.provenance["created"] == "2023-11-14T22:13:20Z"
+        assert sig.provenance["corruption"] == "fog" and sig.provenance["severity"] == 5
+        assert [i["role"] for i in sig.provenance["inputs"]] == ["std", "robust", "init"]
+        shapes = [(i.name, i.shape) for i in sig.infos]
+        assert sig.fingerprint["signature"] == rwsfmt.architecture_fingerprint(shapes)
+
+
+def test_fingerprint_example_from_the_spec():
+    fp = rwsfmt.architecture_fingerprint([("b", [2]), ("a", [3, 4])])
+    assert fp == "sha256:" + hashlib.sha256(b'[["a",[3,4]],["b",[2]]]').hexdigest()
+    assert fp in (SPEC / "rws-format.md").read_text(encoding="utf-8")
