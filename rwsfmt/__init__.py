@@ -27,6 +27,11 @@ _LAZY = {
     "QuantConfig": "quant",
     "verify": "container",
     "architecture_fingerprint": "fingerprint",
+    "apply": "patching",
+    "apply_checkpoint": "patching",
+    "patch": "patching",
+    "patched": "patching",
+    "PatchHandle": "patching",
 }
 
 __all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]
