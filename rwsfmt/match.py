@@ -23,10 +23,8 @@ MapLike = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[str] | None
 
 
 def normalize_name(name: str) -> str:
-    """`name` without the `module.` prefixes that DataParallel/DDP wrappers add."""
-    while name.startswith(WRAPPER_PREFIX):
-        name = name[len(WRAPPER_PREFIX) :]
-    return name
+    """`name` without the `module.` prefix that DataParallel/DDP wrappers add."""
+    return name.removeprefix(WRAPPER_PREFIX)
 
 
 def parse_map(spec: MapLike) -> list[tuple[str, str]]:
@@ -78,18 +76,12 @@ class Match:
 
 
 def model_index(keys: Iterable[str]) -> dict[str, str]:
-    """Normalized name -> original key; two keys that normalize alike are an error."""
-    index: dict[str, str] = {}
-    for key in keys:
-        name = normalize_name(key)
-        if name in index:
-            raise RwsError(
-                f"the model has both {index[name]!r} and {key!r}, which are the same tensor "
-                "name once the 'module.' prefix is stripped",
-                fix="load the model's state dict without its wrapper",
-            )
-        index[name] = key
-    return index
+    """Normalized name -> original key: `module.` is dropped when every key carries it
+    (a DataParallel/DDP wrapper), as checkpoints are read."""
+    keys = list(keys)
+    wrapped = bool(keys) and all(k.startswith(WRAPPER_PREFIX) for k in keys)
+    cut = len(WRAPPER_PREFIX) if wrapped else 0
+    return {key[cut:]: key for key in keys}
 
 
 def match(

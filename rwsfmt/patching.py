@@ -50,13 +50,17 @@ def compose(base: torch.Tensor, contributions: Iterable[Contribution]) -> torch.
         return base
     work = torch.promote_types(base.dtype, torch.float32)
     start = base.detach().to(work)
-    out = start.clone() if base.dtype == work else start
+    out = start
     for c in active:
         values = c.values.to(device=base.device, dtype=work)
-        if c.kind == "delta":
-            out.add_(values, alpha=c.alpha)
-        else:
-            out.add_(values - start, alpha=c.alpha)
+        if c.kind == "target":
+            values = values - start
+        # the first step allocates the result, later ones accumulate into it
+        out = (
+            torch.add(out, values, alpha=c.alpha)
+            if out is start
+            else out.add_(values, alpha=c.alpha)
+        )
     return out.to(base.dtype)
 
 
