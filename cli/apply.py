@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .console import console, progress
+from .console import progress
 
 OPTION_GROUPS = {
     "Patching": ["alphas", "maps", "strict"],
@@ -105,7 +105,8 @@ def apply(
         output = model
     elif output is None and not dry_run:
         raise click.UsageError("missing -o OUT (or --in-place, or --dry-run)")
-    pairs = list(zip(signatures, alphas * len(signatures) if len(alphas) == 1 else alphas))
+    per_sig = alphas * len(signatures) if len(alphas) == 1 else alphas
+    pairs = list(zip(signatures, per_sig, strict=True))
 
     def bar(items, total, description):
         return progress(items, total, description, quiet)
@@ -129,13 +130,11 @@ def apply(
 
 
 def _print_summary(report, pairs) -> None:
-    out = console()
     used = ", ".join(f"{os.path.basename(path)} x {alpha:g}" for path, alpha in pairs)
     verb = "patched" if report.written else "would patch"
-    out.print(
+    click.echo(
         f"{verb} {len(report.changes)} of {report.tensors_in_model} tensors in "
-        f"{report.model} ({report.format}) with {used}",
-        markup=False,
+        f"{report.model} ({report.format}) with {used}"
     )
     for m in report.matches:
         note = {
@@ -143,34 +142,20 @@ def _print_summary(report, pairs) -> None:
             "different": "only the signature's tensors match (another architecture or head)",
             "unknown": "the signature records no source architecture to compare",
         }[m.architecture]
-        out.print(f"  {os.path.basename(m.source)}: {note}", markup=False)
+        click.echo(f"  {os.path.basename(m.source)}: {note}")
     if report.written:
-        out.print(f"wrote {report.output}", markup=False)
+        click.echo(f"wrote {report.output}")
     else:
-        out.print("dry run: nothing written", markup=False)
+        click.echo("dry run: nothing written")
 
 
 def _print_changes(report) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{len(report.changes)} tensors would change", title_justify="left")
-    for col, justify in [
-        ("name", "left"),
-        ("shape", "left"),
-        ("dtype", "left"),
-        ("signatures", "left"),
-        ("|change|", "right"),
-        ("|change| / |tensor|", "right"),
-    ]:
-        table.add_column(col, justify=justify, no_wrap=col != "name")
+    """One plain line per tensor (pipe-friendly): shape, dtype, norms of the change, name."""
+    click.echo(f"{'shape':>16}  {'dtype':<9} {'|change|':>10} {'relative':>9}  name (signatures)")
     for c in report.changes:
+        shape = "x".join(map(str, c.shape)) or "scalar"
         rel = "-" if c.relative_change is None else f"{c.relative_change:.3g}"
-        table.add_row(
-            c.name,
-            "x".join(map(str, c.shape)) or "scalar",
-            c.dtype,
-            ", ".join(c.signatures),
-            f"{c.change_norm:.4g}",
-            rel,
+        click.echo(
+            f"{shape:>16}  {c.dtype:<9} {c.change_norm:>10.4g} {rel:>9}  "
+            f"{c.name} ({', '.join(c.signatures)})"
         )
-    console().print(table)

@@ -39,28 +39,30 @@ class Contribution(NamedTuple):
     values: torch.Tensor
 
 
-def compose(base: torch.Tensor, contributions: Iterable[Contribution]) -> torch.Tensor:
+def compose(
+    base: torch.Tensor, contributions: Iterable[Contribution], *, reuse_base: bool = False
+) -> torch.Tensor:
     """`base` patched by `contributions` in order, in float32 (or float64), cast once.
 
     Contributions with alpha 0 are skipped, and with none left `base` itself is returned,
-    so alpha 0 gives the input back bit for bit.
+    so alpha 0 gives the input back bit for bit. `reuse_base` lets a float32/float64 `base`
+    that the caller owns be overwritten with the result (one large allocation less).
     """
     active = [c for c in contributions if c.alpha != 0]
     if not active:
         return base
     work = torch.promote_types(base.dtype, torch.float32)
     start = base.detach().to(work)
-    out = start
+    in_place = reuse_base and start.data_ptr() == base.data_ptr()
+    out = start if in_place and all(c.kind == "delta" for c in active) else None
     for c in active:
         values = c.values.to(device=base.device, dtype=work)
         if c.kind == "target":
             values = values - start
-        # the first step allocates the result, later ones accumulate into it
-        out = (
-            torch.add(out, values, alpha=c.alpha)
-            if out is start
-            else out.add_(values, alpha=c.alpha)
-        )
+        if out is None:
+            out = torch.add(start, values, alpha=c.alpha)
+        else:
+            out.add_(values, alpha=c.alpha)
     return out.to(base.dtype)
 
 
@@ -379,7 +381,8 @@ def apply_checkpoint(
         for name, sig_items in items:
             base = ckpt.tensor(name)
             on_dev = base.to(dev)
-            new = compose(on_dev, _contributions(sig_items, dev))
+            # the tensor read from the file is ours, unless dry-run still needs it
+            new = compose(on_dev, _contributions(sig_items, dev), reuse_base=not dry_run)
             change = TensorChange(
                 name,
                 tuple(base.shape),

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from rwsfmt_cli.main import main
 from safetensors.torch import load_file, save_file
 from test_patch import assert_bit_equal, make_net, make_sig
 
 import rwsfmt
-from rwsfmt_cli.main import main
 
 PATCHED = [
     "features.0.weight",
@@ -72,9 +72,17 @@ def test_safetensors_output_patches_only_the_signature_tensors(files):
 def test_two_signatures_with_one_alpha_each_compose(files):
     tmp, sd = files
     code, out = run(
-        "apply", tmp / "std.safetensors", tmp / "fog.rws", tmp / "snow.rws",
-        "--alpha", 0.6, "--alpha", 0.3, "-o", tmp / "o.safetensors",
-    )  # fmt: skip
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        tmp / "snow.rws",
+        "--alpha",
+        0.6,
+        "--alpha",
+        0.3,
+        "-o",
+        tmp / "o.safetensors",
+    )
     assert code == 0, out
     fog, snow = rwsfmt.load(tmp / "fog.rws"), rwsfmt.load(tmp / "snow.rws")
     assert_bit_equal(load_file(tmp / "o.safetensors"), rwsfmt.apply(sd, [(fog, 0.6), (snow, 0.3)]))
@@ -95,9 +103,19 @@ def test_two_signatures_with_one_alpha_each_compose(files):
 def test_alpha_count_must_match(files):
     tmp, _ = files
     code, out = run(
-        "apply", tmp / "std.safetensors", tmp / "fog.rws", tmp / "snow.rws",
-        "-a", 0.1, "-a", 0.2, "-a", 0.3, "-o", tmp / "o.safetensors",
-    )  # fmt: skip
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        tmp / "snow.rws",
+        "-a",
+        0.1,
+        "-a",
+        0.2,
+        "-a",
+        0.3,
+        "-o",
+        tmp / "o.safetensors",
+    )
     assert code == 2 and "3 --alpha values for 2 signatures" in out
     assert not (tmp / "o.safetensors").exists()
 
@@ -162,10 +180,11 @@ def test_sharded_safetensors_folder(tmp_path):
     sd = model.state_dict()
     folder = tmp_path / "std"
     folder.mkdir()
+    first = {k: v for k, v in sd.items() if k.startswith("features.0")}
     shards = {
-        "model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if k.startswith("features.0")},
-        "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if not k.startswith("features.0")},
-    }  # fmt: skip
+        "model-00001-of-00002.safetensors": first,
+        "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if k not in first},
+    }
     weight_map = {}
     for shard, tensors in shards.items():
         save_file(tensors, folder / shard)
@@ -180,8 +199,10 @@ def test_sharded_safetensors_folder(tmp_path):
     assert sorted(os.listdir(out_dir)) == sorted(os.listdir(folder))
     for name in ("model-00001-of-00002.safetensors", "config.json", "model.safetensors.index.json"):
         assert (out_dir / name).read_bytes() == (folder / name).read_bytes(), name
-    merged = {**load_file(out_dir / "model-00001-of-00002.safetensors"),
-              **load_file(out_dir / "model-00002-of-00002.safetensors")}  # fmt: skip
+    merged = {
+        **load_file(out_dir / "model-00001-of-00002.safetensors"),
+        **load_file(out_dir / "model-00002-of-00002.safetensors"),
+    }
     assert_bit_equal(merged, rwsfmt.apply(sd, [(sig, 0.5)]))
 
 
@@ -256,7 +277,15 @@ def test_mismatch_exits_2_lists_names_and_writes_nothing(tmp_path):
 def test_another_head_is_a_note_and_strict_refuses(tmp_path):
     rwsfmt.save(make_sig(make_net(), 1), tmp_path / "fog.rws")
     save_file(make_net(seed=5, classes=3).state_dict(), tmp_path / "three.safetensors")
-    args = ["apply", tmp_path / "three.safetensors", tmp_path / "fog.rws", "-a", 0.8, "-o", tmp_path / "o.safetensors"]  # fmt: skip
+    args = [
+        "apply",
+        tmp_path / "three.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        0.8,
+        "-o",
+        tmp_path / "o.safetensors",
+    ]
     code, out = run(*args, "--strict")
     assert code == 2 and "different architecture" in out
     assert not (tmp_path / "o.safetensors").exists()
@@ -269,7 +298,15 @@ def test_map_renames_signature_prefixes(tmp_path):
     rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
     renamed = {k.replace("features.", "backbone."): v for k, v in model.state_dict().items()}
     save_file(renamed, tmp_path / "r.safetensors")
-    args = ["apply", tmp_path / "r.safetensors", tmp_path / "fog.rws", "-a", 0.8, "-o", tmp_path / "o.safetensors"]  # fmt: skip
+    args = [
+        "apply",
+        tmp_path / "r.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        0.8,
+        "-o",
+        tmp_path / "o.safetensors",
+    ]
     code, out = run(*args)
     assert code == 2 and "features.0.weight is missing" in out
     code, out = run(*args, "--map", "features.=backbone.", "--strict")
@@ -314,10 +351,22 @@ def test_device_cuda_without_cuda_is_a_clear_error(files):
 def test_quiet_prints_nothing_and_module_entry_point_works(files):
     tmp, sd = files
     proc = subprocess.run(
-        [sys.executable, "-m", "rwsfmt", "apply", tmp / "std.safetensors", tmp / "fog.rws",
-         "-a", "0.8", "-o", tmp / "o.safetensors", "--quiet"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "rwsfmt",
+            "apply",
+            tmp / "std.safetensors",
+            tmp / "fog.rws",
+            "-a",
+            "0.8",
+            "-o",
+            tmp / "o.safetensors",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     assert_bit_equal(
