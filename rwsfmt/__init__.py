@@ -27,6 +27,9 @@ _LAZY = {
     "QuantConfig": "quant",
     "verify": "container",
     "architecture_fingerprint": "fingerprint",
+    "extract": "extract",
+    "Checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint",
 }
 
 __all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]
