@@ -40,10 +40,11 @@ def main() -> None:
 
 
 def _register() -> None:
+    from .extract import extract
     from .inspect import inspect
     from .verify import verify
 
-    for command in (inspect, verify):
+    for command in (extract, inspect, verify):
         main.add_command(command)
 
 
