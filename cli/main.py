@@ -41,10 +41,11 @@ def main() -> None:
 
 def _register() -> None:
     from .apply import apply
+    from .extract import extract
     from .inspect import inspect
     from .verify import verify
 
-    for command in (apply, inspect, verify):
+    for command in (apply, extract, inspect, verify):
         main.add_command(command)
 
 

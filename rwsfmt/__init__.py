@@ -32,6 +32,9 @@ _LAZY = {
     "patch": "patching",
     "patched": "patching",
     "PatchHandle": "patching",
+    "extract": "extract",
+    "Checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint",
 }
 
 __all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]

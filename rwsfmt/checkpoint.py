@@ -73,6 +73,7 @@ class Checkpoint:
     names: list[str]
     depth_order: str  # "checkpoint" or "natural-sort"
     sharded: bool = False
+    owns_tensors: bool = False  # tensor() returns fresh memory that callers may modify
 
     def __init__(self, path: str, format: str, depth_order: str, names: list[str]) -> None:
         self.path, self.format, self.depth_order, self.names = path, format, depth_order, names
@@ -295,6 +296,8 @@ class _SafetensorsCheckpoint(Checkpoint):
     """A safetensors file: the header is parsed and validated on opening; tensors are read
     into fresh memory one at a time (not memory-mapped, so resident memory stays small)."""
 
+    owns_tensors = True
+
     def __init__(self, path: str) -> None:
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
@@ -468,6 +471,7 @@ class _ShardedCheckpoint(Checkpoint):
                     raise RwsError(f"tensor {name!r} is in two shards", path=path)
                 self._where[name] = shard
                 ordered.append(name)
+        self.owns_tensors = all(c.owns_tensors for c in self._shards.values())
         fmt = "safetensors" if index == SAFETENSORS_INDEX else "pytorch"
         depth = "natural-sort" if fmt == "safetensors" else "checkpoint"
         names = natural_sorted(ordered) if fmt == "safetensors" else ordered
