@@ -34,8 +34,13 @@ ALPHAS = (0.4, 0.8, 1.2)
 
 def rwsfmt_cli(*args: str) -> str:
     """Run `python -m rwsfmt ARGS` as a user would; fail loudly with its message."""
+    env = {**os.environ, "COLUMNS": "150"}  # tables as wide as a terminal's, not 80
     proc = subprocess.run(
-        [sys.executable, "-m", "rwsfmt", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "rwsfmt", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise SystemExit(f"rwsfmt {' '.join(args)} failed:\n{proc.stderr}")
@@ -86,7 +91,8 @@ def main() -> None:
     for c in args.corruptions:
         rwsfmt_cli(
             "extract", path("std.pt"), path(f"{c}.pt"), path("init.pt"),
-            "-o", path(f"{c}.rws"), "--name", c, "--meta", f"corruption={c}",
+            "-o", path(f"{c}.rws"), "--name", c, "--corruption", c,
+            "--severity", str(args.severity), "--dataset", "digits-32",
         )  # fmt: skip
     first = args.corruptions[0]
     print(f"\n$ rwsfmt inspect {path(first + '.rws')}")
