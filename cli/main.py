@@ -46,11 +46,13 @@ def main() -> None:
 
 
 def _register() -> None:
+    from .apply import apply
+    from .extract import extract
     from .inspect import inspect
     from .merge import merge
     from .verify import verify
 
-    for command in (inspect, verify, merge):
+    for command in (extract, apply, inspect, verify, merge):
         main.add_command(command)
 
 

@@ -28,6 +28,14 @@ _LAZY = {
     "verify": "container",
     "merge": "merging",
     "architecture_fingerprint": "fingerprint",
+    "apply": "patching",
+    "apply_checkpoint": "patching",
+    "patch": "patching",
+    "patched": "patching",
+    "PatchHandle": "patching",
+    "extract": "extract",
+    "Checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint",
 }
 
 __all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]

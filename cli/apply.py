@@ -1,0 +1,161 @@
+"""`rwsfmt apply`: patch a checkpoint file with one or more signatures."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .console import progress
+
+OPTION_GROUPS = {
+    "Patching": ["alphas", "maps", "strict"],
+    "Output": ["output", "in_place", "dry_run"],
+    "Running": ["device", "trust_pickle", "quiet"],
+}
+
+
+class GroupedCommand(click.Command):
+    """A command whose --help lists options under headings (`OPTION_GROUPS` order)."""
+
+    def __init__(self, *args, groups: dict[str, list[str]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        options = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
+        records = {p.name: p.get_help_record(ctx) for p in options}
+        sections = [(t, [records.pop(n) for n in names]) for t, names in self.groups.items()]
+        sections.append(("Other", [r for r in records.values() if r]))
+        for title, rows in sections:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+@click.command(cls=GroupedCommand, groups=OPTION_GROUPS)
+@click.argument("model", type=click.Path())
+@click.argument(
+    "signatures", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="SIG.rws..."
+)
+@click.option(
+    "--alpha",
+    "-a",
+    "alphas",
+    type=float,
+    multiple=True,
+    required=True,
+    help="Strength: one for all signatures, or one per signature in order.",
+)
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    metavar="OLD=NEW",
+    help="Rename signature tensors starting with OLD to start with NEW (repeatable).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Also require the whole architecture (not only the signature's tensors) to match.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(), help="Where to write the patched model (same format)."
+)
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL itself (atomically).")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda or cuda:N."
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def apply(
+    model: str,
+    signatures: tuple[str, ...],
+    alphas: tuple[float, ...],
+    maps: tuple[str, ...],
+    strict: bool,
+    output: str | None,
+    in_place: bool,
+    dry_run: bool,
+    device: str,
+    trust_pickle: bool,
+    quiet: bool,
+) -> None:
+    """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
+
+    MODEL is a PyTorch (.pt/.pth/.bin) or safetensors file, or a sharded folder; the
+    output has the same format, with every unpatched tensor kept byte for byte. Several
+    signatures compose: their scaled deltas are summed in float32 and cast once.
+    """
+    from rwsfmt.patching import apply_checkpoint
+
+    if len(alphas) not in (1, len(signatures)):
+        raise click.UsageError(
+            f"{len(alphas)} --alpha values for {len(signatures)} signatures: "
+            "give one for all, or one per signature"
+        )
+    if in_place:
+        if output is not None and os.path.abspath(output) != os.path.abspath(model):
+            raise click.UsageError("--in-place writes over MODEL; drop -o or drop --in-place")
+        output = model
+    elif output is None and not dry_run:
+        raise click.UsageError("missing -o OUT (or --in-place, or --dry-run)")
+    per_sig = alphas * len(signatures) if len(alphas) == 1 else alphas
+    pairs = list(zip(signatures, per_sig, strict=True))
+
+    def bar(items, total, description):
+        return progress(items, total, description, quiet)
+
+    report = apply_checkpoint(
+        model,
+        pairs,
+        output,
+        map=maps,
+        strict=strict,
+        device=device,
+        in_place=in_place,
+        dry_run=dry_run,
+        trust_pickle=trust_pickle,
+        progress=bar,
+    )
+    if dry_run:
+        _print_changes(report)
+    if not quiet:
+        _print_summary(report, pairs)
+
+
+def _print_summary(report, pairs) -> None:
+    used = ", ".join(f"{os.path.basename(path)} x {alpha:g}" for path, alpha in pairs)
+    verb = "patched" if report.written else "would patch"
+    click.echo(
+        f"{verb} {len(report.changes)} of {report.tensors_in_model} tensors in "
+        f"{report.model} ({report.format}) with {used}"
+    )
+    for m in report.matches:
+        note = {
+            "same": "same architecture as the signature's source model",
+            "different": "only the signature's tensors match (another architecture or head)",
+            "unknown": "the signature records no source architecture to compare",
+        }[m.architecture]
+        click.echo(f"  {os.path.basename(m.source)}: {note}")
+    if report.written:
+        click.echo(f"wrote {report.output}")
+    else:
+        click.echo("dry run: nothing written")
+
+
+def _print_changes(report) -> None:
+    """One plain line per tensor (pipe-friendly): shape, dtype, norms of the change, name."""
+    click.echo(f"{'shape':>16}  {'dtype':<9} {'|change|':>10} {'relative':>9}  name (signatures)")
+    for c in report.changes:
+        shape = "x".join(map(str, c.shape)) or "scalar"
+        rel = "-" if c.relative_change is None else f"{c.relative_change:.3g}"
+        click.echo(
+            f"{shape:>16}  {c.dtype:<9} {c.change_norm:>10.4g} {rel:>9}  "
+            f"{c.name} ({', '.join(c.signatures)})"
+        )

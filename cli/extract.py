@@ -1,0 +1,195 @@
+"""`rwsfmt extract`: compute a signature from std, robust and init checkpoints into a .rws file."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from rwsfmt.errors import RwsError
+
+from .console import console, human_bytes, progress
+
+# Options grouped by purpose in --help (click lists options flat otherwise).
+_GROUPS = {
+    "Output": ["output", "bits", "quiet"],
+    "Tensor selection": ["layers", "include", "exclude", "energy"],
+    "Method": ["method", "device", "trust_pickle"],
+    "Description": ["name", "meta", "corruption", "severity", "dataset"],
+}
+
+
+class _GroupedCommand(click.Command):
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        by_name = {p.name: p for p in self.get_params(ctx)}
+        shown: set[str] = set()
+        for title, names in _GROUPS.items():
+            rows = [by_name[n].get_help_record(ctx) for n in names if n in by_name]
+            shown.update(names)
+            with formatter.section(title):
+                formatter.write_dl([r for r in rows if r])
+        rest = [
+            p.get_help_record(ctx)
+            for p in self.get_params(ctx)
+            if isinstance(p, click.Option) and p.name not in shown
+        ]
+        rest = [r for r in rest if r]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+
+
+@click.command(cls=_GroupedCommand)
+@click.argument("std", type=click.Path())
+@click.argument("robust", type=click.Path())
+@click.argument("init", type=click.Path(), required=False)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="OUT.rws",
+    help="The signature file to write (atomically).",
+)
+@click.option(
+    "--bits",
+    type=click.Choice(["4", "8", "16", "32"]),
+    default="8",
+    show_default=True,
+    help="Quantization of delta tensors; 32 stores exact float32.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
+@click.option(
+    "--layers",
+    metavar="N|all",
+    help="The N shallowest layers (default 5, the paper's rule; all with "
+    "--include or --energy), or all.",
+)
+@click.option("--include", metavar="RE", help="Keep only tensors whose name matches RE.")
+@click.option("--exclude", metavar="RE", help="Drop tensors whose name matches RE.")
+@click.option(
+    "--energy",
+    type=float,
+    metavar="F",
+    help="Keep the shallowest layers holding share F of the signature's squared norm.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["project", "subtract"]),
+    default="project",
+    show_default=True,
+    help="project: Eq. 1, needs INIT. subtract: robust - std (no INIT needed).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    metavar="cpu|cuda",
+    help="Where the arithmetic runs.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow PyTorch files that need full unpickling. This runs code stored in the "
+    "file: only for files from a source you trust.",
+)
+@click.option(
+    "--name", metavar="LABEL", help="The signature's label (default: ROBUST's file stem)."
+)
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free metadata; repeatable.")
+@click.option("--corruption", help="The corruption the robust model was trained on, e.g. fog.")
+@click.option("--severity", type=int, help="The corruption's severity, e.g. 5.")
+@click.option("--dataset", help="The training data set, e.g. cifar10.")
+def extract(
+    std: str,
+    robust: str,
+    init: str | None,
+    output: str,
+    bits: str,
+    quiet: bool,
+    layers: str | None,
+    include: str | None,
+    exclude: str | None,
+    energy: float | None,
+    method: str,
+    device: str,
+    trust_pickle: bool,
+    name: str | None,
+    meta: tuple[str, ...],
+    corruption: str | None,
+    severity: int | None,
+    dataset: str | None,
+) -> None:
+    """Extract the robust weight signature of ROBUST relative to STD into OUT.rws.
+
+    STD and ROBUST were both trained from INIT (needed by the default projection method).
+    Each may be a PyTorch file (.pt/.pth/.bin), a .safetensors file or a sharded Hugging
+    Face folder.
+    """
+    import rwsfmt
+
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise RwsError("the output folder does not exist", path=folder, fix="create it first")
+    sig = rwsfmt.extract(
+        std,
+        robust,
+        init,
+        layers=layers,
+        include=include,
+        exclude=exclude,
+        energy=energy,
+        method=method,
+        bits=int(bits),
+        label=name,
+        meta=_parse_meta(meta),
+        corruption=corruption,
+        severity=severity,
+        dataset=dataset,
+        device=device,
+        trust_pickle=trust_pickle,
+        progress=lambda items, total, what: progress(items, total, what, quiet),
+    )
+    rwsfmt.save(sig, output)
+    if not quiet:
+        _summary(sig, output)
+
+
+def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RwsError(f"--meta {pair!r} is not KEY=VALUE", fix="e.g. --meta run=42")
+        out[key] = value
+    return out
+
+
+def _summary(sig, output: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{sig.label}: {len(sig)} tensors", title_justify="left")
+    for col in ("name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"):
+        table.add_column(col, justify="left" if col in ("name", "shape", "kind") else "right")
+    float32 = 0
+    for info in sig.infos:
+        s = info.stats
+        float32 += 4 * info.numel
+        table.add_row(
+            info.name,
+            "x".join(map(str, info.shape)) or "scalar",
+            info.kind,
+            *(_num(s.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
+        )
+    out = console()
+    out.print(table)
+    size = os.path.getsize(output)
+    ratio = f" ({size / float32:.3f}x)" if float32 else ""
+    out.print(
+        f"wrote {output}: {human_bytes(size)}{ratio} against {human_bytes(float32)} "
+        "for the same tensors in float32"
+    )
+
+
+def _num(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"

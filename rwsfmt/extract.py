@@ -1,0 +1,246 @@
+"""Extract a robust weight signature from std, robust and init checkpoints (Eq. 1 of the paper).
+
+For every selected floating tensor k, flattened to a vector:
+
+    v_base = std[k] - init[k];  v_c = robust[k] - init[k]
+    RWS[k] = v_c - (<v_c, v_base> / <v_base, v_base>) * v_base       (RWS[k] = v_c if v_base = 0)
+
+Tensors stream through one at a time: peak memory is a small multiple of the largest tensor
+plus the compressed signature, never three models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import RwsError
+from .fingerprint import architecture_fingerprint
+from .provenance import input_record
+from .quant import QuantConfig
+from .select import Rule, energy_cut, entry_kind, select
+from .signature import Signature, SignatureBuilder
+
+METHODS = ("project", "subtract")
+_DOT_CHUNK = 1 << 20  # elements converted to float64 at a time for dot products
+
+Source = str | os.PathLike | Mapping[str, Any] | torch.nn.Module
+Progress = Callable[[Iterable[str], int, str], Iterable[str]]
+
+
+def extract(
+    std: Source,
+    robust: Source,
+    init: Source | None = None,
+    *,
+    layers: int | str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    energy: float | None = None,
+    method: str = "project",
+    bits: int = 8,
+    quant: QuantConfig | None = None,
+    label: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    corruption: str | None = None,
+    severity: int | None = None,
+    dataset: str | None = None,
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Signature:
+    """Compute the signature of `robust` relative to `std` (paths, state dicts or modules).
+
+    `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`),
+    `include`/`exclude` (regexes on tensor names) and `energy` (keep the shallowest layers
+    holding that share of the signature's squared norm) choose the tensors. `method` is
+    'project' (Eq. 1, needs `init`) or 'subtract' (robust - std). Returns an in-memory
+    signature; `rwsfmt.save` writes it.
+    """
+    if method not in METHODS:
+        raise RwsError(f"unknown method {method!r}", fix="use --method project or subtract")
+    if method == "project" and init is None:
+        raise RwsError(
+            "the projection (Eq. 1) needs INIT, the checkpoint std and robust were trained from",
+            fix="pass INIT as the third checkpoint, or use --method subtract (robust - std), "
+            "the only method possible without INIT",
+        )
+    rule = Rule.make(layers, include, exclude, energy)
+    quant = quant or QuantConfig(bits=bits)
+    device = _device(device)
+    track = progress or (lambda items, total, description: items)
+    sources = {"std": std, "robust": robust, **({"init": init} if init is not None else {})}
+
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as hasher:
+        ckpts: dict[str, Checkpoint] = {}
+        for role, source in sources.items():
+            ckpts[role] = stack.enter_context(open_checkpoint(source, trust_pickle=trust_pickle))
+        _check_agreement(ckpts)
+        ref = ckpts["std"]
+        segments = select(ref, rule)
+        # Hash the input files while the tensors are processed (hashlib releases the GIL).
+        records = {role: hasher.submit(_input_record, role, s) for role, s in sources.items()}
+        compute = _Compute(ckpts, method, device)
+        if rule.energy is not None:
+            deltas = [n for seg in segments for n in seg if entry_kind(n) == "delta"]
+            norms = {
+                n: compute.delta(n)[1]["norm"] ** 2
+                for n in track(deltas, len(deltas), "measuring norms")
+            }
+            segments = energy_cut(segments, rule.energy, norms)
+        names = [n for seg in segments for n in seg]
+
+        builder = SignatureBuilder(label or _default_label(robust), quant)
+        for name in track(names, len(names), "extracting"):
+            kind = entry_kind(name)
+            value, stats = compute.target(name) if kind == "target" else compute.delta(name)
+            stats.pop("norm", None)
+            builder.add(name, value, kind=kind, dtype=ref.dtype(name), stats=stats)
+            del value
+
+        provenance: dict[str, Any] = {
+            "method": method,
+            "layers": rule.layers if rule.energy is None else len(segments),
+            "selection": {
+                **rule.to_json(),
+                "depth_order": ref.depth_order,
+                "layer_count": len(segments),
+            },
+            "tensors": names,
+            "inputs": [records[role].result() for role in sources],
+        }
+        for key, value in (
+            ("corruption", corruption),
+            ("severity", severity),
+            ("dataset", dataset),
+        ):
+            if value is not None:
+                provenance[key] = value
+        if meta:
+            provenance["meta"] = dict(meta)
+        model_fp = architecture_fingerprint(
+            (n, ref.shape(n)) for n in ref.names if ref.dtype(n).is_floating_point
+        )
+        return builder.build(provenance=provenance, model_fingerprint=model_fp)
+
+
+class _Compute:
+    """Per-tensor arithmetic: float32 elementwise (float64 for float64 checkpoints) on
+    `device`, dot products accumulated in float64."""
+
+    def __init__(self, ckpts: Mapping[str, Checkpoint], method: str, device: torch.device):
+        self.ckpts, self.method, self.device = ckpts, method, device
+
+    def _load(self, role: str, name: str) -> torch.Tensor:
+        """A tensor this code may modify in place (never the checkpoint's own memory)."""
+        ckpt = self.ckpts[role]
+        t = ckpt.tensor(name)
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        out = t.to(device=self.device, dtype=dtype)
+        return out.clone() if out is t and not ckpt.owns_tensors else out
+
+    def delta(self, name: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The signature tensor of `name` and its stats (`rel_norm`, `cos_base`, `norm`)."""
+        std = self._load("std", name)
+        ss = _dot64(std, std)
+        if self.method == "subtract":
+            rws = self._load("robust", name).sub_(std)
+            del std
+            rr = _dot64(rws, rws)
+            return rws, {"rel_norm": _ratio(rr, ss), "norm": rr**0.5}
+        init = self._load("init", name)
+        v_base = std.sub_(init)  # reuses std's memory
+        v_c = self._load("robust", name).sub_(init)
+        del init
+        bb, cb, cc = _dot64(v_base, v_base), _dot64(v_c, v_base), _dot64(v_c, v_c)
+        coef = cb / bb if bb > 0 else 0.0
+        rws = v_c.sub_(v_base, alpha=coef) if coef else v_c  # Eq. 1, in place
+        rr = max(cc - coef * cb, 0.0)  # ||v_c - coef v_base||^2, exact in real arithmetic
+        stats = {"rel_norm": _ratio(rr, ss), "norm": rr**0.5}
+        if bb > 0 and cc > 0:
+            stats["cos_base"] = cb / (bb * cc) ** 0.5
+        return rws, stats
+
+    def target(self, name: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The robust model's normalization statistic; `rel_norm` is ||robust - std|| / ||std||."""
+        std = self._load("std", name)
+        robust = self._load("robust", name)
+        diff = robust - std
+        return robust, {"rel_norm": _ratio(_dot64(diff, diff), _dot64(std, std))}
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> accumulated in float64, converting at most `_DOT_CHUNK` elements at a time."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for k in range(0, a.numel(), _DOT_CHUNK):
+        total += torch.dot(a[k : k + _DOT_CHUNK].double(), b[k : k + _DOT_CHUNK].double())
+    return float(total)
+
+
+def _ratio(squared: float, squared_ref: float) -> float:
+    return (squared / squared_ref) ** 0.5 if squared_ref > 0 else 0.0
+
+
+def _check_agreement(ckpts: Mapping[str, Checkpoint]) -> None:
+    """std, robust and init must hold the same tensor names, shapes and dtypes."""
+    ref = ckpts["std"]
+    for role, other in ckpts.items():
+        if other is ref:
+            continue
+        missing = [n for n in ref.names if n not in other]
+        extra = [n for n in other.names if n not in ref]
+        if missing or extra:
+            name, where, lacks = (missing[0], "std", role) if missing else (extra[0], role, "std")
+            raise RwsError(
+                f"tensor {name!r} is in {where} ({ckpts[where].path}) but not in {lacks} "
+                f"({ckpts[lacks].path}); {len(missing) + len(extra)} name(s) differ",
+                fix="std, robust and init must be checkpoints of one architecture",
+            )
+        for name in ref.names:
+            for what in ("shape", "dtype"):
+                a, b = getattr(ref, what)(name), getattr(other, what)(name)
+                if a != b:
+                    raise RwsError(
+                        f"tensor {name!r} has {what} {_show(a)} in std ({ref.path}) but "
+                        f"{_show(b)} in {role} ({other.path})",
+                        fix="std, robust and init must be checkpoints of one architecture "
+                        "saved in the same dtype",
+                    )
+
+
+def _show(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, tuple) else str(value).replace("torch.", "")
+
+
+def _input_record(role: str, source: Source) -> dict[str, Any]:
+    if isinstance(source, (str, os.PathLike)):
+        return input_record(role, source)
+    return {"role": role, "name": f"<{type(source).__name__}>"}
+
+
+def _default_label(robust: Source) -> str:
+    """The robust checkpoint's file stem (`fog.pt` -> `fog`), or folder name."""
+    if isinstance(robust, (str, os.PathLike)):
+        path = pathlib.Path(os.path.normpath(os.fspath(robust)))
+        return path.name if path.is_dir() else path.stem
+    return "signature"
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RwsError(f"unknown device {device!r}", fix="use --device cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RwsError("no CUDA device is available for --device cuda", fix="use --device cpu")
+    return dev

@@ -1,0 +1,418 @@
+"""Applying signatures: to state dicts (pure), to live modules (reversibly) and to files.
+
+    patched[k] = std[k] + sum_i alpha_i * RWS_i[k]              (delta entries)
+    patched[k] = std[k] + sum_i alpha_i * (target_i[k] - std[k])  (target entries)
+
+Every composition runs in float32 (float64 for float64 models) and is cast once to the
+model's dtype; alpha multiplies once. Signatures are dequantized on the device of the
+tensor they patch, so only their quantized bytes cross to a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import RwsError
+from .match import MapLike, Match, match, model_index, parse_map, require
+from .signature import Signature, load
+
+DEFAULT_ALPHA = 0.8
+
+SignatureLike = Signature | str | os.PathLike
+Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
+
+
+class Contribution(NamedTuple):
+    """One signature's entry for one tensor: `kind` 'delta' or 'target', float32 values."""
+
+    kind: str
+    alpha: float
+    values: torch.Tensor
+
+
+def compose(
+    base: torch.Tensor, contributions: Iterable[Contribution], *, reuse_base: bool = False
+) -> torch.Tensor:
+    """`base` patched by `contributions` in order, in float32 (or float64), cast once.
+
+    Contributions with alpha 0 are skipped, and with none left `base` itself is returned,
+    so alpha 0 gives the input back bit for bit. `reuse_base` lets a float32/float64 `base`
+    that the caller owns be overwritten with the result (one large allocation less).
+    """
+    active = [c for c in contributions if c.alpha != 0]
+    if not active:
+        return base
+    work = torch.promote_types(base.dtype, torch.float32)
+    start = base.detach().to(work)
+    in_place = reuse_base and start.data_ptr() == base.data_ptr()
+    out = start if in_place and all(c.kind == "delta" for c in active) else None
+    for c in active:
+        values = c.values.to(device=base.device, dtype=work)
+        if c.kind == "target":
+            values = values - start
+        if out is None:
+            out = torch.add(start, values, alpha=c.alpha)
+        else:
+            out.add_(values, alpha=c.alpha)
+    return out.to(base.dtype)
+
+
+def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signature, float]]:
+    """Normalize `sig`, `path` or `[(sig or path, alpha), ...]` into `(Signature, alpha)` pairs.
+
+    A single signature takes `alpha` (default 0.8); a list carries its own alphas.
+    """
+    if isinstance(sigs, (Signature, str, os.PathLike)):
+        pairs = [(sigs, DEFAULT_ALPHA if alpha is None else alpha)]
+    else:
+        if alpha is not None:
+            raise RwsError(
+                "alpha= was given together with a list of (signature, alpha) pairs",
+                fix="put each alpha in its pair: [(sig, 0.8), ...]",
+            )
+        pairs = list(sigs)
+        if not pairs:
+            raise RwsError("no signatures to apply", fix="pass at least one (signature, alpha)")
+    out = []
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise RwsError(f"expected (signature, alpha) pairs, got {item!r}")
+        sig, a = item
+        sig = sig if isinstance(sig, Signature) else load(sig)
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise RwsError(
+                f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}"
+            )
+        out.append((sig, float(a)))
+    return out
+
+
+def _plan(
+    entries: Sequence[tuple[Signature, float]],
+    shapes: Mapping[str, tuple[int, ...] | None],
+    prefix_map: Sequence[tuple[str, str]],
+    strict: bool,
+    model: str,
+) -> tuple[dict[str, list[tuple[Signature, str, float]]], list[Match]]:
+    """Match every signature; return model name -> [(sig, sig name, alpha)] in model order."""
+    matches = [match(sig, shapes, prefix_map) for sig, _ in entries]
+    require(matches, strict=strict, model=model)
+    per_name: dict[str, list[tuple[Signature, str, float]]] = {}
+    for (sig, alpha), m in zip(entries, matches, strict=True):
+        for sig_name, target in m.targets.items():
+            per_name.setdefault(target, []).append((sig, sig_name, alpha))
+    ordered = {name: per_name[name] for name in shapes if name in per_name}
+    return ordered, matches
+
+
+def _contributions(
+    items: Sequence[tuple[Signature, str, float]], device: torch.device
+) -> list[Contribution]:
+    return [
+        Contribution(sig.info(name).kind, alpha, sig.tensor(name, device=device))
+        for sig, name, alpha in items
+        if alpha != 0
+    ]
+
+
+def _shapes(tensors: Mapping[str, Any], index: Mapping[str, str]) -> dict[str, Any]:
+    """Normalized name -> shape for floating tensors, None for everything else."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for name, key in index.items():
+        t = tensors[key]
+        floating = isinstance(t, torch.Tensor) and torch.is_floating_point(t)
+        out[name] = tuple(t.shape) if floating else None
+    return out
+
+
+def apply(
+    state_dict: Mapping[str, torch.Tensor],
+    sigs: Entries,
+    alpha: float | None = None,
+    *,
+    map: MapLike = None,
+    strict: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A new state dict with the signatures applied; `state_dict` is not modified.
+
+    Patched tensors are new (on the device and in the dtype of the originals); all
+    others are the input's tensor objects. Raises `RwsError` when a signature tensor is
+    missing or has another shape (`strict`: also when the whole architecture differs).
+    """
+    entries = as_entries(sigs, alpha)
+    index = model_index(state_dict)
+    shapes = _shapes(state_dict, index)
+    plan, _ = _plan(entries, shapes, parse_map(map), strict, "state dict")
+    out = dict(state_dict)
+    for name, items in plan.items():
+        base = state_dict[index[name]]
+        out[index[name]] = compose(base, _contributions(items, base.device))
+    return out
+
+
+# ---------------------------------------------------------------- live modules
+
+
+@dataclass
+class _Slot:
+    """One patched parameter or buffer: its pre-patch values and the active patches."""
+
+    tensor: torch.Tensor
+    original: torch.Tensor
+    active: dict[int, list[Contribution]] = field(default_factory=dict)
+
+    def refresh(self) -> None:
+        """Recompute from the original plus the active patches, in the order applied."""
+        with torch.no_grad():
+            if self.active:
+                value = compose(self.original, itertools.chain(*self.active.values()))
+            else:
+                value = self.original
+            self.tensor.copy_(value)
+
+
+# owning module -> attribute name -> slot; weak, so a discarded model takes its slots along
+_SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Slot]] = weakref.WeakKeyDictionary()
+_HANDLE_IDS = itertools.count()
+
+
+class PatchHandle:
+    """The patches that one `patch()` call put on a module; `remove()` takes them off.
+
+    Handles stack and can be removed in any order: each tensor is recomputed from its
+    original values plus the patches still active, so removing all restores it bit for bit.
+    """
+
+    def __init__(self, names: list[str], slots: list[tuple[torch.nn.Module, str]]) -> None:
+        self.id = next(_HANDLE_IDS)
+        self.names = names  # the module's state-dict keys this handle patched
+        self._slots = slots
+        self.matches: list[Match] = []
+        self.active = True
+
+    def remove(self) -> None:
+        """Undo this handle's patches; removing twice is a no-op."""
+        if not self.active:
+            return
+        for owner, attr in self._slots:
+            table = _SLOTS.get(owner, {})
+            slot = table.get(attr)
+            if slot is None or self.id not in slot.active:
+                continue
+            del slot.active[self.id]
+            slot.refresh()
+            if not slot.active:
+                del table[attr]
+        self.active = False
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"<PatchHandle: {len(self.names)} tensors, {state}>"
+
+
+def patch(
+    model: torch.nn.Module,
+    sigs: Entries,
+    alpha: float | None = None,
+    *,
+    map: MapLike = None,
+    strict: bool = False,
+) -> PatchHandle:
+    """Patch `model` in place, on whatever device its tensors live; returns the handle.
+
+    Parameters keep their identity (values are copied into them under no_grad), so
+    optimizers and hooks keep working. `handle.remove()` restores the model bit for bit.
+    A single signature takes `alpha` (default 0.8); or pass `[(sig, alpha), ...]`.
+    """
+    entries = as_entries(sigs, alpha)
+    live = model.state_dict(keep_vars=True)
+    index = model_index(live)
+    shapes = _shapes(live, index)
+    plan, matches = _plan(entries, shapes, parse_map(map), strict, type(model).__name__)
+    targets = [(name, *_owner(model, index[name], live[index[name]])) for name in plan]
+    handle = PatchHandle([index[name] for name in plan], [(o, a) for _, o, a in targets])
+    handle.matches = matches
+    for name, owner, attr in targets:
+        tensor = live[index[name]]
+        table = _SLOTS.setdefault(owner, {})
+        slot = table.get(attr)
+        if slot is None or slot.tensor is not tensor:
+            slot = table[attr] = _Slot(tensor, tensor.detach().clone())
+        slot.active[handle.id] = _contributions(plan[name], tensor.device)
+        slot.refresh()
+    return handle
+
+
+@contextlib.contextmanager
+def patched(
+    model: torch.nn.Module,
+    sigs: Entries,
+    alpha: float | None = None,
+    *,
+    map: MapLike = None,
+    strict: bool = False,
+) -> Iterator[PatchHandle]:
+    """`with rwsfmt.patched(model, [(fog, 0.8), (snow, 0.3)]):` patch, then restore."""
+    handle = patch(model, sigs, alpha, map=map, strict=strict)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _owner(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> tuple[torch.nn.Module, str]:
+    """The submodule and attribute name that hold the state-dict entry `key`."""
+    prefix, _, attr = key.rpartition(".")
+    try:
+        owner = model.get_submodule(prefix)
+    except AttributeError:
+        owner = None
+    if owner is None or getattr(owner, attr, None) is not tensor:
+        raise RwsError(
+            f"{key!r} is not a parameter or buffer of {type(model).__name__}, so it cannot be "
+            "patched in place",
+            fix="patch its state dict with rwsfmt.apply() and load that instead",
+        )
+    return owner, attr
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+@dataclass
+class TensorChange:
+    """What applying did to one tensor; norms (float64, of the change) only when measured."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    signatures: list[str]
+    change_norm: float | None = None
+    relative_change: float | None = None
+
+
+@dataclass
+class ApplyReport:
+    """The outcome of `apply_checkpoint`: per-tensor changes and how each signature matched."""
+
+    model: str
+    output: str | None
+    format: str
+    changes: list[TensorChange]
+    matches: list[Match]
+    tensors_in_model: int
+    written: bool
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device, with a clear error when CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as exc:
+        raise RwsError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RwsError(
+            f"--device {device} was asked for, but CUDA is not available on this machine",
+            fix="use --device cpu (the default)",
+        )
+    return dev
+
+
+def apply_checkpoint(
+    model_path: str | os.PathLike,
+    sigs: Entries,
+    output: str | os.PathLike | None,
+    alpha: float | None = None,
+    *,
+    map: MapLike = None,
+    strict: bool = False,
+    device: str | torch.device | None = None,
+    in_place: bool = False,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None,
+) -> ApplyReport:
+    """Patch the checkpoint at `model_path` into `output`, in the format it was read.
+
+    Unpatched tensors are kept byte for byte and the file is written atomically. Writing
+    over `model_path` needs `in_place=True`; `dry_run` measures the changes and writes nothing.
+    """
+    from .checkpoint import open_checkpoint
+
+    model_path = os.fspath(model_path)
+    if not dry_run:
+        if output is None:
+            raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
+        output = os.fspath(output)
+        if _same_path(model_path, output) and not in_place:
+            raise RwsError(
+                "the output would overwrite the input model",
+                path=output,
+                fix="pass --in-place to overwrite it, or choose another -o path",
+            )
+    dev = resolve_device(device)
+    entries = as_entries(sigs, alpha)
+    ckpt = open_checkpoint(model_path, trust_pickle=trust_pickle)
+    try:
+        shapes = {
+            name: ckpt.shape(name) if ckpt.dtype(name).is_floating_point else None
+            for name in ckpt.names
+        }
+        plan, matches = _plan(entries, shapes, parse_map(map), strict, model_path)
+        changes, replacements = [], {}
+        items = plan.items()
+        if progress is not None:
+            items = progress(items, len(plan), "patching")
+        for name, sig_items in items:
+            base = ckpt.tensor(name)
+            on_dev = base.to(dev)
+            # the tensor read from the file is ours, unless dry-run still needs it
+            new = compose(on_dev, _contributions(sig_items, dev), reuse_base=not dry_run)
+            change = TensorChange(
+                name,
+                tuple(base.shape),
+                str(base.dtype).removeprefix("torch."),
+                [sig.label or os.path.basename(sig.path or "") for sig, _, _ in sig_items],
+            )
+            if dry_run:
+                diff = new.to(torch.float64) - on_dev.to(torch.float64)
+                change.change_norm = float(torch.linalg.vector_norm(diff))
+                ref = float(torch.linalg.vector_norm(on_dev.to(torch.float64)))
+                change.relative_change = change.change_norm / ref if ref else None
+            else:
+                replacements[name] = new.cpu()
+            changes.append(change)
+        if not dry_run:
+            ckpt.write(output, replacements)
+        return ApplyReport(
+            model=model_path,
+            output=None if dry_run else output,
+            format=ckpt.format,
+            changes=changes,
+            matches=matches,
+            tensors_in_model=len(ckpt.names),
+            written=not dry_run,
+        )
+    finally:
+        ckpt.close()
+
+
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)

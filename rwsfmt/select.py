@@ -1,0 +1,141 @@
+"""Which tensors a signature covers: layers in depth order, regular expressions, norm energy.
+
+A *layer* is a module owning a >=2-D floating weight (conv, linear, embedding). The
+shallowest N layers are every floating tensor from the start of the depth order up to, not
+including, the first tensor of the (N+1)-th layer. Normalization statistics
+(`running_mean`, `running_var`) are `target` entries; integer buffers are never selected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint
+from .errors import RwsError
+
+NORM_STATS = ("running_mean", "running_var")
+DEFAULT_LAYERS = 5
+
+
+def entry_kind(name: str) -> str:
+    """'target' for normalization statistics, 'delta' for everything else."""
+    return "target" if name.rsplit(".", 1)[-1] in NORM_STATS else "delta"
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def layer_segments(ckpt: Checkpoint) -> list[list[str]]:
+    """The checkpoint's floating tensors in depth order, cut into layers.
+
+    Segment k starts at the first tensor of the k-th layer module; tensors before the first
+    layer belong to the first segment.
+    """
+    names = [n for n in ckpt.names if ckpt.dtype(n).is_floating_point]
+    first_of_module: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first_of_module.setdefault(_module(name), i)
+    starts = sorted(
+        {
+            first_of_module[_module(n)]
+            for n in names
+            if n.rsplit(".", 1)[-1].endswith("weight") and len(ckpt.shape(n)) >= 2
+        }
+    )
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    bounds = [*starts, len(names)]
+    return [names[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection rule: `layers` (N or 'all'), `include`/`exclude` regexes, `energy` share."""
+
+    layers: int | str = DEFAULT_LAYERS
+    include: str | None = None
+    exclude: str | None = None
+    energy: float | None = None
+
+    @classmethod
+    def make(
+        cls,
+        layers: int | str | None = None,
+        include: str | None = None,
+        exclude: str | None = None,
+        energy: float | None = None,
+    ) -> Rule:
+        """Validate options. `layers=None` means the paper's 5 shallowest layers, or all layers
+        when `include` or `energy` already narrow the selection."""
+        if layers is None:
+            layers = "all" if include is not None or energy is not None else DEFAULT_LAYERS
+        if isinstance(layers, str) and layers != "all":
+            if not layers.isdigit():
+                raise RwsError(f"--layers {layers!r} is not a number", fix="use --layers N or all")
+            layers = int(layers)
+        if isinstance(layers, int) and layers < 1:
+            raise RwsError(f"--layers {layers} must be at least 1", fix="use --layers N or all")
+        if energy is not None:
+            if not 0 < energy <= 1:
+                raise RwsError(f"--energy {energy} must be in (0, 1]", fix="e.g. --energy 0.65")
+            if layers != "all":
+                raise RwsError(
+                    "--energy chooses the number of layers itself",
+                    fix="use --energy without --layers",
+                )
+        for flag, pattern in (("--include", include), ("--exclude", exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise RwsError(
+                        f"{flag} {pattern!r} is not a regular expression: {exc}"
+                    ) from None
+        return cls(layers, include, exclude, energy)
+
+    def to_json(self) -> dict:
+        out: dict = {"layers": self.layers}
+        for key in ("include", "exclude", "energy"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def select(ckpt: Checkpoint, rule: Rule) -> list[list[str]]:
+    """The layers (lists of tensor names, depth order) the rule keeps before any energy cut."""
+    segments = layer_segments(ckpt)
+    if rule.layers != "all":
+        segments = segments[: int(rule.layers)]
+    inc = re.compile(rule.include) if rule.include is not None else None
+    exc = re.compile(rule.exclude) if rule.exclude is not None else None
+    kept = []
+    for seg in segments:
+        names = [
+            n for n in seg if (inc is None or inc.search(n)) and (exc is None or not exc.search(n))
+        ]
+        if names:
+            kept.append(names)
+    if not kept:
+        raise RwsError(
+            f"the selection {rule.to_json()} matches no floating-point tensor",
+            path=ckpt.path,
+            fix="check --include/--exclude against the tensor names, or use --layers all",
+        )
+    return kept
+
+
+def energy_cut(
+    segments: Sequence[Sequence[str]], energy: float, squared_norms: Mapping[str, float]
+) -> list[list[str]]:
+    """The shallowest segments whose delta tensors hold `energy` of the total squared norm
+    (`squared_norms`: name -> squared norm of its signature tensor)."""
+    per_layer = [sum(squared_norms.get(n, 0.0) for n in seg) for seg in segments]
+    total, running = sum(per_layer), 0.0
+    for k, value in enumerate(per_layer):
+        running += value
+        if running >= energy * total:
+            return [list(s) for s in segments[: k + 1]]
+    return [list(s) for s in segments]

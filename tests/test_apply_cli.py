@@ -1,0 +1,374 @@
+"""`rwsfmt apply` on real checkpoint files: formats, byte-identity, safety rails, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rwsfmt_cli.main import main
+from safetensors.torch import load_file, save_file
+from test_patch import assert_bit_equal, make_net, make_sig
+
+import rwsfmt
+
+PATCHED = [
+    "features.0.weight",
+    "features.0.bias",
+    "features.1.running_mean",
+    "features.1.running_var",
+    "features.3.weight",
+]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def safetensors_spans(path) -> tuple[bytes, dict[str, bytes]]:
+    """(the header bytes, tensor name -> its raw data bytes) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+        data = f.read()
+    entries = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+    return header, {k: data[slice(*e["data_offsets"])] for k, e in entries.items()}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A float32 model as safetensors, two signatures (fog from this model) on disk."""
+    model = make_net()
+    sd = model.state_dict()
+    save_file(sd, tmp_path / "std.safetensors", metadata={"format": "pt"})
+    rwsfmt.save(make_sig(model, 1, label="fog"), tmp_path / "fog.rws")
+    rwsfmt.save(make_sig(model, 2, label="snow"), tmp_path / "snow.rws")
+    return tmp_path, sd
+
+
+def test_safetensors_output_patches_only_the_signature_tensors(files):
+    tmp, sd = files
+    code, out = run(
+        "apply", tmp / "std.safetensors", tmp / "fog.rws", "-a", 0.8, "-o", tmp / "o.safetensors"
+    )
+    assert code == 0, out
+    assert "patched 5 of" in out and "same architecture" in out and "o.safetensors" in out
+    expected = rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)])
+    assert_bit_equal(load_file(tmp / "o.safetensors"), expected)
+    head_in, spans_in = safetensors_spans(tmp / "std.safetensors")
+    head_out, spans_out = safetensors_spans(tmp / "o.safetensors")
+    assert head_in == head_out  # names, dtypes, offsets and metadata kept
+    for name in spans_in:
+        assert (spans_in[name] == spans_out[name]) == (name not in PATCHED), name
+
+
+def test_two_signatures_with_one_alpha_each_compose(files):
+    tmp, sd = files
+    code, out = run(
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        tmp / "snow.rws",
+        "--alpha",
+        0.6,
+        "--alpha",
+        0.3,
+        "-o",
+        tmp / "o.safetensors",
+    )
+    assert code == 0, out
+    fog, snow = rwsfmt.load(tmp / "fog.rws"), rwsfmt.load(tmp / "snow.rws")
+    assert_bit_equal(load_file(tmp / "o.safetensors"), rwsfmt.apply(sd, [(fog, 0.6), (snow, 0.3)]))
+    code, out = run(
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        tmp / "snow.rws",
+        "-a",
+        0.5,
+        "-o",
+        tmp / "p.safetensors",
+    )
+    assert code == 0, out
+    assert_bit_equal(load_file(tmp / "p.safetensors"), rwsfmt.apply(sd, [(fog, 0.5), (snow, 0.5)]))
+
+
+def test_alpha_count_must_match(files):
+    tmp, _ = files
+    code, out = run(
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        tmp / "snow.rws",
+        "-a",
+        0.1,
+        "-a",
+        0.2,
+        "-a",
+        0.3,
+        "-o",
+        tmp / "o.safetensors",
+    )
+    assert code == 2 and "3 --alpha values for 2 signatures" in out
+    assert not (tmp / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(tmp_path, dtype):
+    model = make_net(dtype=dtype)
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    code, out = run(
+        "apply",
+        tmp_path / "m.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        1,
+        "-o",
+        tmp_path / "o.safetensors",
+    )
+    assert code == 0, out
+    got = load_file(tmp_path / "o.safetensors")
+    assert got["features.0.weight"].dtype == dtype
+    assert_bit_equal(
+        got, rwsfmt.apply(model.state_dict(), [(rwsfmt.load(tmp_path / "fog.rws"), 1.0)])
+    )
+
+
+def test_pytorch_file_with_wrapper_and_module_prefix(tmp_path):
+    model = make_net()
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 7}, tmp_path / "std.pt")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    code, out = run(
+        "apply", tmp_path / "std.pt", tmp_path / "fog.rws", "-a", 0.8, "-o", tmp_path / "o.pt"
+    )
+    assert code == 0, out
+    assert "same architecture" in out
+    got = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert got["epoch"] == 7 and list(got["state_dict"]) == list(sd)
+    assert_bit_equal(
+        got["state_dict"], rwsfmt.apply(sd, [(rwsfmt.load(tmp_path / "fog.rws"), 0.8)])
+    )
+    for key in sd:
+        same = torch.equal(got["state_dict"][key], sd[key])
+        assert same == (key.removeprefix("module.") not in PATCHED), key
+
+
+def test_pickled_objects_need_trust_pickle(tmp_path):
+    model = make_net()
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "m.pt")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    args = ["apply", tmp_path / "m.pt", tmp_path / "fog.rws", "-a", 0.8, "-o", tmp_path / "o.pt"]
+    code, out = run(*args)
+    assert code == 2 and "--trust-pickle" in out
+    assert not (tmp_path / "o.pt").exists()
+    code, out = run(*args, "--trust-pickle")
+    assert code == 0, out
+    assert torch.load(tmp_path / "o.pt", weights_only=False)["args"].lr == 0.1
+
+
+def test_sharded_safetensors_folder(tmp_path):
+    model = make_net()
+    sd = model.state_dict()
+    folder = tmp_path / "std"
+    folder.mkdir()
+    first = {k: v for k, v in sd.items() if k.startswith("features.0")}
+    shards = {
+        "model-00001-of-00002.safetensors": first,
+        "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if k not in first},
+    }
+    weight_map = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, folder / shard)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text('{"arch": "net"}')
+    sig = make_sig(model, 1, names=("features.3.weight",), targets=())
+    rwsfmt.save(sig, tmp_path / "deep.rws")
+    code, out = run("apply", folder, tmp_path / "deep.rws", "-a", 0.5, "-o", tmp_path / "out")
+    assert code == 0, out
+    out_dir = tmp_path / "out"
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(folder))
+    for name in ("model-00001-of-00002.safetensors", "config.json", "model.safetensors.index.json"):
+        assert (out_dir / name).read_bytes() == (folder / name).read_bytes(), name
+    merged = {
+        **load_file(out_dir / "model-00001-of-00002.safetensors"),
+        **load_file(out_dir / "model-00002-of-00002.safetensors"),
+    }
+    assert_bit_equal(merged, rwsfmt.apply(sd, [(sig, 0.5)]))
+
+
+def test_overwriting_the_input_needs_in_place(files):
+    tmp, sd = files
+    model = tmp / "std.safetensors"
+    before = model.read_bytes()
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "-o", model)
+    assert code == 2 and "--in-place" in out
+    assert model.read_bytes() == before
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "--in-place", "-o", tmp / "other")
+    assert code == 2 and model.read_bytes() == before
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8)
+    assert code == 2 and "missing -o" in out
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "--in-place")
+    assert code == 0, out
+    assert_bit_equal(load_file(model), rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)]))
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_dry_run_reports_and_writes_nothing(files):
+    tmp, sd = files
+    before = sorted(os.listdir(tmp))
+    code, out = run(
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        "-a",
+        0.8,
+        "--dry-run",
+        "-o",
+        tmp / "o.safetensors",
+    )
+    assert code == 0, out
+    assert sorted(os.listdir(tmp)) == before
+    assert "would patch 5 of" in out and "nothing written" in out
+    for name in PATCHED:
+        assert name in out
+    report = rwsfmt.apply_checkpoint(
+        tmp / "std.safetensors", [(tmp / "fog.rws", 0.8)], None, dry_run=True
+    )
+    change = {c.name: c for c in report.changes}["features.0.weight"]
+    delta = rwsfmt.load(tmp / "fog.rws").tensor("features.0.weight")
+    assert change.change_norm == pytest.approx(0.8 * float(delta.norm()), rel=1e-5)
+    assert change.relative_change == pytest.approx(
+        change.change_norm / float(sd["features.0.weight"].norm())
+    )
+
+
+def test_mismatch_exits_2_lists_names_and_writes_nothing(tmp_path):
+    model = make_net()
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    other = make_net()
+    other.features[3] = torch.nn.Conv2d(8, 16, 5)
+    sd = {k: v for k, v in other.state_dict().items() if k != "features.0.bias"}
+    save_file(sd, tmp_path / "other.safetensors")
+    code, out = run(
+        "apply",
+        tmp_path / "other.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        0.8,
+        "-o",
+        tmp_path / "o.safetensors",
+    )
+    assert code == 2
+    assert "features.0.bias is missing" in out
+    assert "features.3.weight: signature 16x8x3x3, model 16x8x5x5" in out
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_another_head_is_a_note_and_strict_refuses(tmp_path):
+    rwsfmt.save(make_sig(make_net(), 1), tmp_path / "fog.rws")
+    save_file(make_net(seed=5, classes=3).state_dict(), tmp_path / "three.safetensors")
+    args = [
+        "apply",
+        tmp_path / "three.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        0.8,
+        "-o",
+        tmp_path / "o.safetensors",
+    ]
+    code, out = run(*args, "--strict")
+    assert code == 2 and "different architecture" in out
+    assert not (tmp_path / "o.safetensors").exists()
+    code, out = run(*args)
+    assert code == 0 and "only the signature's tensors match" in out
+
+
+def test_map_renames_signature_prefixes(tmp_path):
+    model = make_net()
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    renamed = {k.replace("features.", "backbone."): v for k, v in model.state_dict().items()}
+    save_file(renamed, tmp_path / "r.safetensors")
+    args = [
+        "apply",
+        tmp_path / "r.safetensors",
+        tmp_path / "fog.rws",
+        "-a",
+        0.8,
+        "-o",
+        tmp_path / "o.safetensors",
+    ]
+    code, out = run(*args)
+    assert code == 2 and "features.0.weight is missing" in out
+    code, out = run(*args, "--map", "features.=backbone.", "--strict")
+    assert code == 0, out
+    got = load_file(tmp_path / "o.safetensors")
+    expected = rwsfmt.apply(model.state_dict(), [(rwsfmt.load(tmp_path / "fog.rws"), 0.8)])
+    assert torch.equal(got["backbone.3.weight"], expected["features.3.weight"])
+    code, out = run(*args, "--map", "features")
+    assert code == 2 and "OLD_PREFIX=NEW_PREFIX" in out
+
+
+def test_damaged_signature_is_an_error_and_nothing_is_written(files):
+    tmp, _ = files
+    data = bytearray((tmp / "fog.rws").read_bytes())
+    data[-3] ^= 0x10  # a bit in the last tensor's blob
+    (tmp / "bad.rws").write_bytes(bytes(data))
+    code, out = run(
+        "apply", tmp / "std.safetensors", tmp / "bad.rws", "-a", 0.8, "-o", tmp / "o.safetensors"
+    )
+    assert code == 2 and "bad.rws" in out
+    assert not (tmp / "o.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_device_cuda_without_cuda_is_a_clear_error(files):
+    tmp, _ = files
+    code, out = run(
+        "apply",
+        tmp / "std.safetensors",
+        tmp / "fog.rws",
+        "-a",
+        0.8,
+        "--device",
+        "cuda",
+        "-o",
+        tmp / "o.safetensors",
+    )
+    assert code == 2 and "CUDA is not available" in out
+    assert not (tmp / "o.safetensors").exists()
+
+
+def test_quiet_prints_nothing_and_module_entry_point_works(files):
+    tmp, sd = files
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwsfmt",
+            "apply",
+            tmp / "std.safetensors",
+            tmp / "fog.rws",
+            "-a",
+            "0.8",
+            "-o",
+            tmp / "o.safetensors",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    assert_bit_equal(
+        load_file(tmp / "o.safetensors"), rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)])
+    )
