@@ -19,6 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a saved file follows the umask
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -36,6 +37,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a binary file that appears at `path` only once the block succeeds."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         yield f
+
+
+def _default_mode() -> int:
+    """The mode `open()` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_folder(folder: str) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
@@ -234,6 +235,7 @@ class RwsReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
+        self._lock = threading.Lock()
         try:
             self._file: BinaryIO = open(self.path, "rb")
         except FileNotFoundError:
@@ -260,8 +262,9 @@ class RwsReader:
     def read_stored(self, info: TensorInfo) -> bytearray:
         """The blob exactly as stored (still compressed), after its checksum is verified."""
         buf = bytearray(info.length)
-        self._file.seek(self.header.data_offset + info.offset)
-        got = self._file.readinto(buf)
+        with self._lock:  # seek + read must not interleave between threads
+            self._file.seek(self.header.data_offset + info.offset)
+            got = self._file.readinto(buf)
         if got != info.length:
             raise IntegrityError(
                 f"tensor {info.name!r} is cut short ({got} of {info.length} bytes)",
