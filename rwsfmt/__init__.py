@@ -27,7 +27,7 @@ _LAZY = {
     "QuantConfig": "quant",
     "verify": "container",
     "architecture_fingerprint": "fingerprint",
-    "extract": "extract",
+    "extract": "extraction",
     "Checkpoint": "checkpoint",
     "open_checkpoint": "checkpoint",
 }
