@@ -33,7 +33,7 @@ _LAZY = {
     "patch": "patching",
     "patched": "patching",
     "PatchHandle": "patching",
-    "extract": "extract",
+    "extract": "extraction",
     "Checkpoint": "checkpoint",
     "open_checkpoint": "checkpoint",
 }

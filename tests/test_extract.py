@@ -297,3 +297,10 @@ def test_cuda_without_a_device_is_a_clear_error():
     init, std, robust = trio(conv_bn_net(3))
     with pytest.raises(RwsError, match="--device cpu"):
         rwsfmt.extract(std, robust, init, device="cuda")
+
+
+def test_the_package_attribute_is_the_function_even_after_importing_the_module():
+    import importlib
+
+    importlib.import_module("rwsfmt.extraction")
+    assert callable(rwsfmt.extract)

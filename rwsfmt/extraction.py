@@ -29,7 +29,7 @@ from .select import Rule, energy_cut, entry_kind, select
 from .signature import Signature, SignatureBuilder
 
 METHODS = ("project", "subtract")
-_DOT_CHUNK = 1 << 20  # elements converted to float64 at a time for dot products
+_DOT_BLOCK = 1 << 16  # elements summed in the checkpoint dtype; blocks in float64
 
 Source = str | os.PathLike | Mapping[str, Any] | torch.nn.Module
 Progress = Callable[[Iterable[str], int, str], Iterable[str]]
@@ -132,8 +132,8 @@ def extract(
 
 
 class _Compute:
-    """Per-tensor arithmetic: float32 elementwise (float64 for float64 checkpoints) on
-    `device`, dot products accumulated in float64."""
+    """Per-tensor arithmetic on `device`: float32 elementwise (float64 for float64
+    checkpoints), dot products summed in float64 across blocks."""
 
     def __init__(self, ckpts: Mapping[str, Checkpoint], method: str, device: torch.device):
         self.ckpts, self.method, self.device = ckpts, method, device
@@ -149,17 +149,17 @@ class _Compute:
     def delta(self, name: str) -> tuple[torch.Tensor, dict[str, float]]:
         """The signature tensor of `name` and its stats (`rel_norm`, `cos_base`, `norm`)."""
         std = self._load("std", name)
-        ss = _dot64(std, std)
+        (ss,) = _dots((std, std))
         if self.method == "subtract":
             rws = self._load("robust", name).sub_(std)
             del std
-            rr = _dot64(rws, rws)
+            (rr,) = _dots((rws, rws))
             return rws, {"rel_norm": _ratio(rr, ss), "norm": rr**0.5}
         init = self._load("init", name)
         v_base = std.sub_(init)  # reuses std's memory
         v_c = self._load("robust", name).sub_(init)
         del init
-        bb, cb, cc = _dot64(v_base, v_base), _dot64(v_c, v_base), _dot64(v_c, v_c)
+        bb, cb, cc = _dots((v_base, v_base), (v_c, v_base), (v_c, v_c))
         coef = cb / bb if bb > 0 else 0.0
         rws = v_c.sub_(v_base, alpha=coef) if coef else v_c  # Eq. 1, in place
         rr = max(cc - coef * cb, 0.0)  # ||v_c - coef v_base||^2, exact in real arithmetic
@@ -173,18 +173,23 @@ class _Compute:
         std = self._load("std", name)
         robust = self._load("robust", name)
         diff = robust - std
-        return robust, {"rel_norm": _ratio(_dot64(diff, diff), _dot64(std, std))}
+        dd, ss = _dots((diff, diff), (std, std))
+        return robust, {"rel_norm": _ratio(dd, ss)}
 
 
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> accumulated in float64, converting at most `_DOT_CHUNK` elements at a time."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype == torch.float64:
-        return float(torch.dot(a, b))
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for k in range(0, a.numel(), _DOT_CHUNK):
-        total += torch.dot(a[k : k + _DOT_CHUNK].double(), b[k : k + _DOT_CHUNK].double())
-    return float(total)
+def _dots(*pairs: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+    """Dot products <a, b> of same-size tensors: within blocks of `_DOT_BLOCK` elements in the
+    tensors' dtype, across blocks in float64."""
+    out = []
+    for a, b in pairs:
+        a, b = a.reshape(-1), b.reshape(-1)
+        rows = a.numel() // _DOT_BLOCK
+        body = rows * _DOT_BLOCK
+        blocks = torch.linalg.vecdot(
+            a[:body].view(rows, _DOT_BLOCK), b[:body].view(rows, _DOT_BLOCK)
+        )
+        out.append(float(blocks.double().sum() + torch.dot(a[body:], b[body:]).double()))
+    return out
 
 
 def _ratio(squared: float, squared_ref: float) -> float:
