@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from rwsfmt_cli.main import main
 from safetensors.torch import load_file, save_file
 from test_patch import assert_bit_equal, make_net, make_sig
 
 import rwsfmt
+from rwsfmt_cli.main import main
 
 PATCHED = [
     "features.0.weight",

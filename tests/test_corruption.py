@@ -11,11 +11,11 @@ import reference_reader
 from conftest import assemble, split, write_small
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rwsfmt_cli.inspect import render
 
 import rwsfmt
 from rwsfmt.errors import IntegrityError, RwsError
 from rwsfmt.summary import describe
+from rwsfmt_cli.inspect import render
 
 
 def _read_everything(path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from rwsfmt_cli.main import main
 from safetensors.torch import load_file, save_file
 from test_patch import assert_bit_equal, make_net, make_sig, snapshot
 
 import rwsfmt
 import rwsfmt.signature
+from rwsfmt_cli.main import main
 
 pytestmark = [
     pytest.mark.cuda,

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from rwsfmt_cli.main import main
 
 import rwsfmt
+from rwsfmt_cli.main import main
 
 pytest.importorskip("sklearn")
 pytest.importorskip("imagecorruptions")

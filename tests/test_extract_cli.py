@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from rwsfmt_cli.main import main
 from safetensors.torch import save_file
 
 import rwsfmt
+from rwsfmt_cli.main import main
 
 
 @pytest.fixture
