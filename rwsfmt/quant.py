@@ -87,21 +87,23 @@ def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
     bits, n = quant["bits"], x32.numel()
     groups = _as_groups(x32.reshape(-1), quant, x.shape)
     scale, zp, u = _quantize_groups(groups, bits, quant["symmetric"])
-    decoded = (u.to(torch.float32) - zp[:, None]) * scale[:, None]
-    rel_error = _relative_error(decoded.reshape(-1)[:n], x32.reshape(-1))
-    u_flat = u.reshape(-1)[:n].to(torch.int32).cpu()
+    codes = u.reshape(-1)[:n].to(torch.uint8 if bits == 8 else torch.int32).cpu()
+    # reuse u for the error: decoded - x = (u - zp) * scale - x, one pass, no new tensor
+    error = u.sub_(zp[:, None]).mul_(scale[:, None]).sub_(groups)
+    norm = float(torch.linalg.vector_norm(x32))
+    rel_error = float(torch.linalg.vector_norm(error)) / norm if norm else 0.0
     parts = [scale.cpu().numpy().tobytes()]
     if not quant["symmetric"]:
         parts.append(zp.cpu().numpy().tobytes())
     filt = "none"
     if bits == 8:
-        parts.append(u_flat.to(torch.uint8).numpy().tobytes())
+        parts.append(codes.numpy().tobytes())
     elif bits == 16:
-        low_high = torch.stack([u_flat & 0xFF, u_flat >> 8], dim=1).to(torch.uint8)
+        low_high = torch.stack([codes & 0xFF, codes >> 8], dim=1).to(torch.uint8)
         parts.append(_planes(low_high.reshape(-1), 2))
         filt = "byteplane"
     else:  # 4 bits: element 2i in the low nibble, 2i+1 in the high nibble
-        padded = torch.nn.functional.pad(u_flat, (0, n % 2))
+        padded = torch.nn.functional.pad(codes, (0, n % 2))
         parts.append(((padded[0::2] | (padded[1::2] << 4)).to(torch.uint8)).numpy().tobytes())
     return Encoded(quant, filt, b"".join(parts), rel_error)
 
@@ -181,34 +183,29 @@ def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> 
 def _quantize_groups(
     g: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero point, unsigned codes) in float32; zero rows get scale 0."""
+    """Per-row (scale, zero point, codes) in float32; zero rows get scale 0.
+
+    The codes are whole numbers held in a new float32 tensor the caller may reuse.
+    """
     if g.shape[1] == 0:
         zeros = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
-        return zeros, zeros + (1 << (bits - 1) if symmetric else 0), g.to(torch.int32)
+        return zeros, zeros + (1 << (bits - 1) if symmetric else 0), g.clone()
     levels = (1 << bits) - 1
+    high, low = g.amax(dim=1), g.amin(dim=1)
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
-        scale = g.abs().amax(dim=1) / qmax
+        scale = torch.maximum(high, -low) / qmax  # max |x| without a full-size abs() copy
         zp = torch.full_like(scale, float(1 << (bits - 1)))
         lo, hi = zp - qmax, zp + qmax
     else:
-        low = g.amin(dim=1).clamp(max=0)
-        high = g.amax(dim=1).clamp(min=0)
+        low, high = low.clamp(max=0), high.clamp(min=0)
         scale = (high - low) / levels
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.round(-low / safe).clamp(0, levels)
         lo, hi = torch.zeros_like(zp), torch.full_like(zp, float(levels))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = torch.round(g / safe[:, None]) + zp[:, None]
-    u = torch.maximum(torch.minimum(u, hi[:, None]), lo[:, None])
-    return scale, zp, u.to(torch.int32)
-
-
-def _relative_error(decoded: torch.Tensor, x: torch.Tensor) -> float:
-    norm = torch.linalg.vector_norm(x.to(torch.float64))
-    if norm == 0:
-        return 0.0
-    return float(torch.linalg.vector_norm((decoded - x).to(torch.float64)) / norm)
+    u = torch.div(g, safe[:, None]).round_().add_(zp[:, None])
+    return scale, zp, u.clamp_(min=lo[:, None], max=hi[:, None])
 
 
 def _planes(byte_view: torch.Tensor, itemsize: int) -> bytes:
