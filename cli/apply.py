@@ -7,30 +7,13 @@ import os
 import click
 
 from .console import progress
+from .options import GroupedCommand
 
 OPTION_GROUPS = {
     "Patching": ["alphas", "maps", "strict"],
     "Output": ["output", "in_place", "dry_run"],
     "Running": ["device", "trust_pickle", "quiet"],
 }
-
-
-class GroupedCommand(click.Command):
-    """A command whose --help lists options under headings (`OPTION_GROUPS` order)."""
-
-    def __init__(self, *args, groups: dict[str, list[str]], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.groups = groups
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        options = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
-        records = {p.name: p.get_help_record(ctx) for p in options}
-        sections = [(t, [records.pop(n) for n in names]) for t, names in self.groups.items()]
-        sections.append(("Other", [r for r in records.values() if r]))
-        for title, rows in sections:
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
 
 
 @click.command(cls=GroupedCommand, groups=OPTION_GROUPS)

@@ -9,37 +9,18 @@ import click
 from rwsfmt.errors import RwsError
 
 from .console import console, human_bytes, progress
+from .options import GroupedCommand, quant_config, quant_options
 
-# Options grouped by purpose in --help (click lists options flat otherwise).
 _GROUPS = {
-    "Output": ["output", "bits", "quiet"],
+    "Output": ["output", "quiet"],
+    "Storage": ["bits", "granularity", "group_size", "affine"],
     "Tensor selection": ["layers", "include", "exclude", "energy"],
     "Method": ["method", "device", "trust_pickle"],
     "Description": ["name", "meta", "corruption", "severity", "dataset"],
 }
 
 
-class _GroupedCommand(click.Command):
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        by_name = {p.name: p for p in self.get_params(ctx)}
-        shown: set[str] = set()
-        for title, names in _GROUPS.items():
-            rows = [by_name[n].get_help_record(ctx) for n in names if n in by_name]
-            shown.update(names)
-            with formatter.section(title):
-                formatter.write_dl([r for r in rows if r])
-        rest = [
-            p.get_help_record(ctx)
-            for p in self.get_params(ctx)
-            if isinstance(p, click.Option) and p.name not in shown
-        ]
-        rest = [r for r in rest if r]
-        if rest:
-            with formatter.section("Other"):
-                formatter.write_dl(rest)
-
-
-@click.command(cls=_GroupedCommand)
+@click.command(cls=GroupedCommand, groups=_GROUPS)
 @click.argument("std", type=click.Path())
 @click.argument("robust", type=click.Path())
 @click.argument("init", type=click.Path(), required=False)
@@ -51,13 +32,7 @@ class _GroupedCommand(click.Command):
     metavar="OUT.rws",
     help="The signature file to write (atomically).",
 )
-@click.option(
-    "--bits",
-    type=click.Choice(["4", "8", "16", "32"]),
-    default="8",
-    show_default=True,
-    help="Quantization of delta tensors; 32 stores exact float32.",
-)
+@quant_options()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option(
     "--layers",
@@ -105,7 +80,10 @@ def extract(
     robust: str,
     init: str | None,
     output: str,
-    bits: str,
+    bits: int,
+    granularity: str,
+    group_size: int,
+    affine: bool,
     quiet: bool,
     layers: str | None,
     include: str | None,
@@ -140,7 +118,7 @@ def extract(
         exclude=exclude,
         energy=energy,
         method=method,
-        bits=int(bits),
+        quant=quant_config(bits, granularity, group_size, affine),
         label=name,
         meta=_parse_meta(meta),
         corruption=corruption,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .console import console, human_bytes
-from .options import quant_config, quant_options
+from .options import GroupedCommand, quant_config, quant_options
 
 
-@click.command()
+@click.command(
+    cls=GroupedCommand,
+    groups={
+        "Combining": ["weights", "mean", "label"],
+        "Output": ["output"],
+        "Storage": ["bits", "granularity", "group_size", "affine"],
+    },
+)
 @click.argument("signatures", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
     "-o",
@@ -53,8 +62,6 @@ def merge(signatures, output, weights, mean, label, bits, granularity, group_siz
     finally:
         for sig in loaded:
             sig.close()
-    import os
-
     console().print(
         f"wrote {output}: {merged.label!r}, {len(merged)} tensors, "
         f"{human_bytes(os.path.getsize(output))}"

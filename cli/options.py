@@ -7,6 +7,25 @@ from collections.abc import Callable
 import click
 
 
+class GroupedCommand(click.Command):
+    """A command whose --help lists options under headings: `groups` maps a heading to
+    option names, in order; options not named there are listed under "Other"."""
+
+    def __init__(self, *args, groups: dict[str, list[str]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        options = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
+        records = {p.name: p.get_help_record(ctx) for p in options}
+        sections = [(t, [records.pop(n) for n in names]) for t, names in self.groups.items()]
+        sections.append(("Other", [r for r in records.values() if r]))
+        for title, rows in sections:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 def quant_options(default_bits: int | None = 8) -> Callable:
     """Add --bits, --granularity, --group-size and --affine (how tensors are stored)."""
     bits_help = "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32)."
