@@ -375,14 +375,14 @@ def apply_checkpoint(
         }
         plan, matches = _plan(entries, shapes, parse_map(map), strict, model_path)
         changes, replacements = [], {}
-        items = plan.items()
+        items = _prefetched(plan, dev)
         if progress is not None:
             items = progress(items, len(plan), "patching")
-        for name, sig_items in items:
+        for name, sig_items, contributions in items:
             base = ckpt.tensor(name)
             on_dev = base.to(dev)
             # the tensor read from the file is ours, unless dry-run still needs it
-            new = compose(on_dev, _contributions(sig_items, dev), reuse_base=not dry_run)
+            new = compose(on_dev, contributions, reuse_base=not dry_run)
             change = TensorChange(
                 name,
                 tuple(base.shape),
@@ -410,6 +410,29 @@ def apply_checkpoint(
         )
     finally:
         ckpt.close()
+
+
+def _prefetched(
+    plan: Mapping[str, list[tuple[Signature, str, float]]], device: torch.device, ahead: int = 2
+) -> Iterator[tuple[str, list[tuple[Signature, str, float]], list[Contribution]]]:
+    """`(name, items, contributions)` in plan order, decoding up to `ahead` tensors early.
+
+    Decoding (SHA-256, zstd, dequantization) releases the GIL, so one helper thread
+    overlaps it with reading and composing the model's tensors on the caller's thread.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = iter(plan)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for name in itertools.islice(names, ahead):
+            pending.append((name, pool.submit(_contributions, plan[name], device)))
+        while pending:
+            name, future = pending.popleft()
+            for nxt in itertools.islice(names, 1):
+                pending.append((nxt, pool.submit(_contributions, plan[nxt], device)))
+            yield name, plan[name], future.result()
 
 
 def _same_path(a: str, b: str) -> bool:
