@@ -9,7 +9,7 @@ import click
 from rwsfmt.errors import RwsError
 
 from .console import console, human_bytes, progress
-from .options import GroupedCommand, quant_config, quant_options
+from .options import GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
     "Output": ["output", "quiet"],
@@ -24,14 +24,7 @@ _GROUPS = {
 @click.argument("std", type=click.Path())
 @click.argument("robust", type=click.Path())
 @click.argument("init", type=click.Path(), required=False)
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    metavar="OUT.rws",
-    help="The signature file to write (atomically).",
-)
+@rws_output_option("The signature file to write (atomically).")
 @quant_options()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option(

@@ -7,7 +7,7 @@ import os
 import click
 
 from .console import console, human_bytes
-from .options import GroupedCommand, quant_config, quant_options
+from .options import GroupedCommand, quant_config, quant_options, rws_output_option
 
 
 @click.command(
@@ -19,13 +19,7 @@ from .options import GroupedCommand, quant_config, quant_options
     },
 )
 @click.argument("signatures", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Merged .rws file to write.",
-)
+@rws_output_option("Merged .rws file to write.")
 @click.option("--weights", help="Comma-separated weights, one per signature (default: 1 each).")
 @click.option(
     "--mean", is_flag=True, help="Rescale the weights to sum to 1 (a mean instead of a sum)."

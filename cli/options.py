@@ -26,6 +26,18 @@ class GroupedCommand(click.Command):
                     formatter.write_dl(rows)
 
 
+def rws_output_option(help: str) -> Callable:
+    """The required `-o/--output OUT.rws` of commands that write a signature file."""
+    return click.option(
+        "-o",
+        "--output",
+        required=True,
+        type=click.Path(dir_okay=False),
+        metavar="OUT.rws",
+        help=help,
+    )
+
+
 def quant_options(default_bits: int | None = 8) -> Callable:
     """Add --bits, --granularity, --group-size and --affine (how tensors are stored)."""
     bits_help = "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32)."
