@@ -74,6 +74,9 @@ class Checkpoint:
     depth_order: str  # "checkpoint" or "natural-sort"
     sharded: bool = False
     owns_tensors: bool = False  # tensor() returns fresh memory that callers may modify
+    # write() fetches replacement values one at a time, in `write_order`, and is done with
+    # each before fetching the next: a lazy Mapping may compute them on demand and reuse memory
+    streams_writes: bool = False
 
     def __init__(self, path: str, format: str, depth_order: str, names: list[str]) -> None:
         self.path, self.format, self.depth_order, self.names = path, format, depth_order, names
@@ -90,6 +93,11 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor on the CPU (read from disk now for safetensors, memory-mapped for .pt)."""
         raise NotImplementedError
+
+    @property
+    def write_order(self) -> list[str]:
+        """Names in the order `write()` stores them (and fetches their replacements)."""
+        return self.names
 
     def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
         """Write this checkpoint in its own format with the named tensors replaced.
@@ -128,18 +136,19 @@ class Checkpoint:
         self, replacements: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Replacements on the CPU, contiguous, after checking names, shapes and dtypes."""
-        out = {}
-        for name, value in replacements.items():
-            self._check(name)
-            if tuple(value.shape) != self.shape(name) or value.dtype != self.dtype(name):
-                raise RwsError(
-                    f"replacement for {name!r} is {value.dtype} {tuple(value.shape)}, but the "
-                    f"checkpoint holds {self.dtype(name)} {self.shape(name)}",
-                    path=self.path,
-                    fix="cast and reshape the new tensor to the original dtype and shape",
-                )
-            out[name] = value.detach().to("cpu").contiguous()
-        return out
+        return {name: self._checked(name, value) for name, value in replacements.items()}
+
+    def _checked(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """One replacement on the CPU, contiguous, after checking its name, shape and dtype."""
+        self._check(name)
+        if tuple(value.shape) != self.shape(name) or value.dtype != self.dtype(name):
+            raise RwsError(
+                f"replacement for {name!r} is {value.dtype} {tuple(value.shape)}, but the "
+                f"checkpoint holds {self.dtype(name)} {self.shape(name)}",
+                path=self.path,
+                fix="cast and reshape the new tensor to the original dtype and shape",
+            )
+        return value.detach().to("cpu").contiguous()
 
 
 def open_checkpoint(
@@ -297,6 +306,7 @@ class _SafetensorsCheckpoint(Checkpoint):
     into fresh memory one at a time (not memory-mapped, so resident memory stays small)."""
 
     owns_tensors = True
+    streams_writes = True
 
     def __init__(self, path: str) -> None:
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
@@ -309,6 +319,7 @@ class _SafetensorsCheckpoint(Checkpoint):
             raise
         cut = len(_ddp_prefix(list(self._entries)))
         self._raw = {k[cut:]: k for k in self._entries}
+        self._normal = {k: n for n, k in self._raw.items()}
         super().__init__(path, "safetensors", "natural-sort", natural_sorted(self._raw))
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -319,28 +330,43 @@ class _SafetensorsCheckpoint(Checkpoint):
         self._check(name)
         return self._entries[self._raw[name]][0]
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor read into fresh memory, or into `buffer` (a uint8 CPU tensor of at
+        least its byte size, reused across calls to spare the allocation; the result
+        aliases it)."""
         self._check(name)
         dtype, shape, (begin, end) = self._entries[self._raw[name]]
-        out = torch.empty(shape, dtype=dtype)
+        if buffer is not None and buffer.numel() >= end - begin:
+            out = buffer[: end - begin].view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if end > begin else b""
         self._file.seek(8 + self._header_len + begin)
         if end > begin and self._file.readinto(buf) != end - begin:
             raise RwsError(f"tensor {name!r} is truncated", path=self.path, fix=_REDOWNLOAD)
         return out
 
+    @property
+    def write_order(self) -> list[str]:
+        return [self._normal[raw] for raw, _ in self._by_offset()]
+
     def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
-        new = {self._raw[n]: t for n, t in self._checked_replacements(replacements).items()}
-        by_offset = sorted(self._entries.items(), key=lambda kv: kv[1][2][0])
+        for name in replacements:  # names only: values are fetched as they are written
+            self._check(name)
         with atomic_write(out_path) as out:
             self._file.seek(0)
             _copy(self._file, out, 8 + self._header_len)  # the header, verbatim
-            for raw, (_, _, (begin, end)) in by_offset:
+            for raw, (_, _, (begin, end)) in self._by_offset():
                 self._file.seek(8 + self._header_len + begin)
-                if raw in new:
-                    out.write(new[raw].view(-1).view(torch.uint8).numpy().data)
+                name = self._normal[raw]
+                if name in replacements:
+                    value = self._checked(name, replacements[name])
+                    out.write(value.view(-1).view(torch.uint8).numpy().data)
                 else:
                     _copy(self._file, out, end - begin)
+
+    def _by_offset(self) -> list[tuple[str, Any]]:
+        return sorted(self._entries.items(), key=lambda kv: kv[1][2][0])
 
     def close(self) -> None:
         self._file.close()
@@ -392,7 +418,20 @@ def _read_safetensors_header(
 
 
 def _copy(src: Any, dst: Any, n: int) -> None:
-    """Copy `n` bytes from the current position of `src` to `dst` in bounded chunks."""
+    """Copy `n` bytes from the current position of `src` to `dst`: inside the kernel where
+    the platform allows it (`os.copy_file_range`), else in bounded chunks."""
+    pos = src.tell()
+    if hasattr(os, "copy_file_range"):
+        dst.flush()  # the kernel appends at the descriptor's offset
+        try:
+            while n > 0:
+                got = os.copy_file_range(src.fileno(), dst.fileno(), n, pos)
+                if not got:
+                    break
+                pos, n = pos + got, n - got
+        except OSError:  # e.g. not supported between these file systems: copy the rest below
+            pass
+        src.seek(pos)
     while n > 0:
         chunk = src.read(min(n, _COPY_CHUNK))
         if not chunk:

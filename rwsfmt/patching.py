@@ -374,31 +374,13 @@ def apply_checkpoint(
             for name in ckpt.names
         }
         plan, matches = _plan(entries, shapes, parse_map(map), strict, model_path)
-        changes, replacements = [], {}
-        items = _prefetched(plan, dev)
-        if progress is not None:
-            items = progress(items, len(plan), "patching")
-        for name, sig_items, contributions in items:
-            base = ckpt.tensor(name)
-            on_dev = base.to(dev)
-            # the tensor read from the file is ours, unless dry-run still needs it
-            new = compose(on_dev, contributions, reuse_base=not dry_run)
-            change = TensorChange(
-                name,
-                tuple(base.shape),
-                str(base.dtype).removeprefix("torch."),
-                [sig.label or os.path.basename(sig.path or "") for sig, _, _ in sig_items],
-            )
+        with _PatchedTensors(ckpt, plan, dev, measure=dry_run, progress=progress) as patched:
             if dry_run:
-                diff = new.to(torch.float64) - on_dev.to(torch.float64)
-                change.change_norm = float(torch.linalg.vector_norm(diff))
-                ref = float(torch.linalg.vector_norm(on_dev.to(torch.float64)))
-                change.relative_change = change.change_norm / ref if ref else None
+                for name in patched:
+                    patched[name]  # computes and measures the change, writes nothing
             else:
-                replacements[name] = new.cpu()
-            changes.append(change)
-        if not dry_run:
-            ckpt.write(output, replacements)
+                ckpt.write(output, patched)
+        changes = [patched.changes[name] for name in plan]
         return ApplyReport(
             model=model_path,
             output=None if dry_run else output,
@@ -412,27 +394,104 @@ def apply_checkpoint(
         ckpt.close()
 
 
-def _prefetched(
-    plan: Mapping[str, list[tuple[Signature, str, float]]], device: torch.device, ahead: int = 2
-) -> Iterator[tuple[str, list[tuple[Signature, str, float]], list[Contribution]]]:
-    """`(name, items, contributions)` in plan order, decoding up to `ahead` tensors early.
+class _PatchedTensors(Mapping[str, torch.Tensor]):
+    """The patched tensors of a checkpoint, each computed when a writer asks for it.
 
-    Decoding (SHA-256, zstd, dequantization) releases the GIL, so one helper thread
-    overlaps it with reading and composing the model's tensors on the caller's thread.
+    Signature tensors are decoded ahead, in the writer's order, on a helper thread (SHA-256,
+    zstd and dequantization release the GIL). When the checkpoint streams its writes, every
+    base tensor is read into one reused buffer: memory stays at a few tensors, and no fresh
+    pages are faulted in for each one. `measure` keeps the base to report change norms.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
-    names = iter(plan)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque = deque()
-        for name in itertools.islice(names, ahead):
-            pending.append((name, pool.submit(_contributions, plan[name], device)))
-        while pending:
-            name, future = pending.popleft()
-            for nxt in itertools.islice(names, 1):
-                pending.append((nxt, pool.submit(_contributions, plan[nxt], device)))
-            yield name, plan[name], future.result()
+    def __init__(
+        self,
+        ckpt: Any,
+        plan: Mapping[str, list[tuple[Signature, str, float]]],
+        device: torch.device,
+        *,
+        measure: bool,
+        progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None,
+        ahead: int = 2,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._ckpt, self._plan, self._device, self._measure = ckpt, plan, device, measure
+        self._order = [n for n in ckpt.write_order if n in plan]
+        self._position = {n: i for i, n in enumerate(self._order)}
+        self._ahead = ahead
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures: dict[str, Any] = {}
+        self._submitted = 0
+        self._buffer = None
+        if ckpt.streams_writes and not measure:
+            largest = max((_nbytes(ckpt, n) for n in plan), default=0)
+            self._buffer = torch.empty(largest, dtype=torch.uint8)
+        self._ticks = iter(progress(range(len(plan)), len(plan), "patching")) if progress else None
+        self.changes: dict[str, TensorChange] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._plan:
+            raise KeyError(name)
+        contributions = self._decoded(name)
+        if self._buffer is not None:
+            base = self._ckpt.tensor(name, buffer=self._buffer)
+        else:
+            base = self._ckpt.tensor(name)
+        on_dev = base.to(self._device)
+        owned = self._ckpt.owns_tensors and not self._measure
+        new = compose(on_dev, contributions, reuse_base=owned)
+        items = self._plan[name]
+        change = TensorChange(
+            name,
+            tuple(base.shape),
+            str(base.dtype).removeprefix("torch."),
+            [sig.label or os.path.basename(sig.path or "") for sig, _, _ in items],
+        )
+        if self._measure:
+            diff = new.to(torch.float64) - on_dev.to(torch.float64)
+            change.change_norm = float(torch.linalg.vector_norm(diff))
+            ref = float(torch.linalg.vector_norm(on_dev.to(torch.float64)))
+            change.relative_change = change.change_norm / ref if ref else None
+        self.changes[name] = change
+        if self._ticks is not None:
+            next(self._ticks, None)
+        return new.cpu()
+
+    def _decoded(self, name: str) -> list[Contribution]:
+        """This tensor's contributions, after queueing the next `ahead` in write order."""
+        stop = min(len(self._order), self._position[name] + self._ahead + 1)
+        while self._submitted < stop:
+            nxt = self._order[self._submitted]
+            self._futures[nxt] = self._pool.submit(_contributions, self._plan[nxt], self._device)
+            self._submitted += 1
+        future = self._futures.pop(name, None)
+        if future is None:  # asked out of order: decode it here
+            return _contributions(self._plan[name], self._device)
+        return future.result()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._plan  # Mapping's default would compute the tensor to find out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __enter__(self) -> _PatchedTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if self._ticks is not None:
+            for _ in self._ticks:  # finish the progress bar
+                pass
+
+
+def _nbytes(ckpt: Any, name: str) -> int:
+    return math.prod(ckpt.shape(name)) * ckpt.dtype(name).itemsize
 
 
 def _same_path(a: str, b: str) -> bool:
