@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -26,6 +27,10 @@ class RwsGroup(click.Group):
             return super().invoke(ctx)
         except RwsError as exc:
             _fail(str(exc))
+        except BrokenPipeError:  # e.g. `rwsfmt inspect f.rws | head`: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
