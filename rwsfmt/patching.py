@@ -40,30 +40,43 @@ class Contribution(NamedTuple):
 
 
 def compose(
-    base: torch.Tensor, contributions: Iterable[Contribution], *, reuse_base: bool = False
+    base: torch.Tensor,
+    contributions: Iterable[Contribution],
+    *,
+    reuse_base: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`base` patched by `contributions` in order, in float32 (or float64), cast once.
 
     Contributions with alpha 0 are skipped, and with none left `base` itself is returned,
     so alpha 0 gives the input back bit for bit. `reuse_base` lets a float32/float64 `base`
-    that the caller owns be overwritten with the result (one large allocation less).
+    that the caller owns be overwritten with the result (one large allocation less); `out`
+    (a tensor of base's shape and dtype, not base) receives the result instead.
     """
     active = [c for c in contributions if c.alpha != 0]
-    if not active:
-        return base
     work = torch.promote_types(base.dtype, torch.float32)
     start = base.detach().to(work)
-    in_place = reuse_base and start.data_ptr() == base.data_ptr()
-    out = start if in_place and all(c.kind == "delta" for c in active) else None
+    only_deltas = all(c.kind == "delta" for c in active)  # targets read `start` throughout
+    if out is not None and out.dtype == work:
+        target = out  # the first add writes straight into it
+    elif reuse_base and only_deltas and start.data_ptr() == base.data_ptr():
+        target = start
+    else:
+        target = None
+    result = start if not active else None
     for c in active:
         values = c.values.to(device=base.device, dtype=work)
         if c.kind == "target":
             values = values - start
-        if out is None:
-            out = torch.add(start, values, alpha=c.alpha)
+        if result is None:
+            result = torch.add(start, values, alpha=c.alpha, out=target)
         else:
-            out.add_(values, alpha=c.alpha)
-    return out.to(base.dtype)
+            result.add_(values, alpha=c.alpha)
+    if out is None:
+        return base if not active else result.to(base.dtype)
+    if result is not out:
+        out.copy_(result)
+    return out
 
 
 def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signature, float]]:
@@ -174,10 +187,9 @@ class _Slot:
         """Recompute from the original plus the active patches, in the order applied."""
         with torch.no_grad():
             if self.active:
-                value = compose(self.original, itertools.chain(*self.active.values()))
+                compose(self.original, itertools.chain(*self.active.values()), out=self.tensor)
             else:
-                value = self.original
-            self.tensor.copy_(value)
+                self.tensor.copy_(self.original)
 
 
 # owning module -> attribute name -> slot; weak, so a discarded model takes its slots along
