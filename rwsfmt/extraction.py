@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
 from .provenance import input_record
@@ -74,7 +75,7 @@ def extract(
         )
     rule = Rule.make(layers, include, exclude, energy)
     quant = quant or QuantConfig(bits=bits)
-    device = _device(device)
+    device = resolve_device(device)
     track = progress or (lambda items, total, description: items)
     sources = {"std": std, "robust": robust, **({"init": init} if init is not None else {})}
 
@@ -239,13 +240,3 @@ def _default_label(robust: Source) -> str:
         path = pathlib.Path(os.path.normpath(os.fspath(robust)))
         return path.name if path.is_dir() else path.stem
     return "signature"
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RwsError(f"unknown device {device!r}", fix="use --device cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RwsError("no CUDA device is available for --device cuda", fix="use --device cpu")
-    return dev

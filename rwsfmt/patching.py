@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .device import resolve_device
 from .errors import RwsError
 from .match import MapLike, Match, match, model_index, parse_map, require
 from .signature import Signature, load
@@ -329,20 +330,6 @@ class ApplyReport:
     matches: list[Match]
     tensors_in_model: int
     written: bool
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A torch device, with a clear error when CUDA is asked for and absent."""
-    try:
-        dev = torch.device(device or "cpu")
-    except RuntimeError as exc:
-        raise RwsError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RwsError(
-            f"--device {device} was asked for, but CUDA is not available on this machine",
-            fix="use --device cpu (the default)",
-        )
-    return dev
 
 
 def apply_checkpoint(

@@ -1,0 +1,21 @@
+"""Choosing the torch device that arithmetic runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import RwsError
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device (CPU by default), with a clear error when CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise RwsError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RwsError(
+            f"--device {device} was asked for, but CUDA is not available on this machine",
+            fix="use --device cpu (the default)",
+        )
+    return dev
