@@ -8,6 +8,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# exit codes of every command
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+
 
 def console(stderr: bool = False):
     """A rich console (imported lazily: rich costs time at start-up)."""

@@ -10,7 +10,7 @@ import click
 from rwsfmt import __version__
 from rwsfmt.errors import RwsError
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+from .console import EXIT_USAGE
 
 
 class RwsGroup(click.Group):

@@ -10,7 +10,7 @@ import click
 from rwsfmt.container import verify as verify_file
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes
+from .console import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, console, human_bytes
 
 
 @click.command()
@@ -22,17 +22,17 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
     Exit code 0 when all files pass, 1 when any is damaged, 2 when any is not a .rws
     file at all (or cannot be read).
     """
-    results, worst = [], 0
+    results, worst = [], EXIT_OK
     for path in files:
         try:
             report = verify_file(path).to_json()
-            worst = max(worst, 0 if report["ok"] else 1)
+            worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
         except RwsError as exc:
             report = {"path": path, "ok": False, "problems": [exc.problem], "error": str(exc)}
-            worst = 2
+            worst = EXIT_USAGE
         results.append(report)
     if as_json:
-        click.echo(json.dumps({"ok": worst == 0, "files": results}, indent=2, sort_keys=True))
+        click.echo(json.dumps({"ok": worst == EXIT_OK, "files": results}, indent=2, sort_keys=True))
     else:
         out = console()
         for r in results:

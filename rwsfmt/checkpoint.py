@@ -472,7 +472,6 @@ class _ShardedCheckpoint(Checkpoint):
     sharded = True
 
     def __init__(self, path: str, index: str, trust_pickle: bool) -> None:
-        self._index_name = index
         index_path = os.path.join(path, index)
         try:
             with open(index_path, encoding="utf-8") as f:
