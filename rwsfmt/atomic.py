@@ -19,7 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a saved file follows the umask
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask instead
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -39,11 +39,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         yield f
 
 
-def _default_mode() -> int:
-    """The mode `open()` would give a new file: 0666 less the process umask."""
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def _fsync_folder(folder: str) -> None:

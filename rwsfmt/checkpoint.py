@@ -19,12 +19,12 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_path, atomic_write, current_umask
 from .errors import RwsError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -243,8 +243,9 @@ def _unwrap(obj: Any, path: str) -> tuple[list[str], Mapping[str, Any]]:
     raise RwsError(f"holds no state dict (found {type(obj).__name__}{where})", path=path, fix=fix)
 
 
-def _ddp_prefix(keys: list[str]) -> str:
+def ddp_prefix(keys: Iterable[str]) -> str:
     """'module.' when every key carries it (DataParallel/DDP), else ''."""
+    keys = list(keys)
     if keys and all(k.startswith(DDP_PREFIX) for k in keys):
         return DDP_PREFIX
     return ""
@@ -257,7 +258,7 @@ class _StateDictCheckpoint(Checkpoint):
         self._obj = obj
         self._wrappers, self._state = _unwrap(obj, path)
         raw = [k for k, v in self._state.items() if isinstance(v, torch.Tensor)]
-        self._prefix = _ddp_prefix(raw)
+        self._prefix = ddp_prefix(raw)
         cut = len(self._prefix)
         self._raw = {k[cut:]: k for k in raw}
         super().__init__(path, format, "checkpoint", list(self._raw))
@@ -317,7 +318,7 @@ class _SafetensorsCheckpoint(Checkpoint):
         except BaseException:
             self._file.close()
             raise
-        cut = len(_ddp_prefix(list(self._entries)))
+        cut = len(ddp_prefix(list(self._entries)))
         self._raw = {k[cut:]: k for k in self._entries}
         self._normal = {k: n for n, k in self._raw.items()}
         super().__init__(path, "safetensors", "natural-sort", natural_sorted(self._raw))
@@ -573,9 +574,7 @@ def _new_folder(out: str) -> str:
     tmp = tempfile.mkdtemp(
         prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(os.path.abspath(out))
     )
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .checkpoint import DDP_PREFIX, ddp_prefix
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
 from .signature import Signature
-
-WRAPPER_PREFIX = "module."
 
 PrefixMap = Sequence[tuple[str, str]]
 MapLike = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[str] | None
@@ -24,7 +23,7 @@ MapLike = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[str] | None
 
 def normalize_name(name: str) -> str:
     """`name` without the `module.` prefix that DataParallel/DDP wrappers add."""
-    return name.removeprefix(WRAPPER_PREFIX)
+    return name.removeprefix(DDP_PREFIX)
 
 
 def parse_map(spec: MapLike) -> list[tuple[str, str]]:
@@ -79,8 +78,7 @@ def model_index(keys: Iterable[str]) -> dict[str, str]:
     """Normalized name -> original key: `module.` is dropped when every key carries it
     (a DataParallel/DDP wrapper), as checkpoints are read."""
     keys = list(keys)
-    wrapped = bool(keys) and all(k.startswith(WRAPPER_PREFIX) for k in keys)
-    cut = len(WRAPPER_PREFIX) if wrapped else 0
+    cut = len(ddp_prefix(keys))
     return {key[cut:]: key for key in keys}
 
 

@@ -12,7 +12,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Read only the header of `path` and describe the file and each tensor as JSON-ready data."""
     with RwsReader(path) as reader:
         h = reader.header
-        size = os.fstat(reader._file.fileno()).st_size
+        size = os.path.getsize(reader.path)
     return describe_header(h, os.fspath(path), size)
 
 
