@@ -43,7 +43,11 @@ OPTION_GROUPS = {
     help="Also require the whole architecture (not only the signature's tensors) to match.",
 )
 @click.option(
-    "-o", "--output", type=click.Path(), help="Where to write the patched model (same format)."
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write the patched model: .safetensors, .pt/.pth/.bin (converting if the "
+    "model is in the other format), or a folder for a folder MODEL.",
 )
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL itself (atomically).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
@@ -71,9 +75,10 @@ def apply(
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
-    MODEL is a PyTorch (.pt/.pth/.bin) or safetensors file, or a sharded folder; the
-    output has the same format, with every unpatched tensor kept byte for byte. Several
-    signatures compose: their scaled deltas are summed in float32 and cast once.
+    MODEL is a PyTorch (.pt/.pth/.bin/.ckpt) or safetensors file, or a Hugging Face folder.
+    OUT's suffix names the format to write; in MODEL's own format every unpatched tensor,
+    wrapper entry and metadata is kept byte for byte. Several signatures compose: their
+    scaled deltas are summed in float32 and cast once.
     """
     from rwsfmt.patching import apply_checkpoint
 
@@ -83,9 +88,7 @@ def apply(
             "give one for all, or one per signature"
         )
     if in_place:
-        if output is not None and os.path.abspath(output) != os.path.abspath(model):
-            raise click.UsageError("--in-place writes over MODEL; drop -o or drop --in-place")
-        output = model
+        output = output or model
     elif output is None and not dry_run:
         raise click.UsageError("missing -o OUT (or --in-place, or --dry-run)")
     per_sig = alphas * len(signatures) if len(alphas) == 1 else alphas
@@ -126,10 +129,19 @@ def _print_summary(report, pairs) -> None:
             "unknown": "the signature records no source architecture to compare",
         }[m.architecture]
         click.echo(f"  {os.path.basename(m.source)}: {note}")
-    if report.written:
-        click.echo(f"wrote {report.output}")
-    else:
+        if m.aligned:
+            old, new = m.aligned
+            how = f"prefix {new!r} added" if not old else f"prefix {old!r} removed"
+            click.echo(f"    names aligned to the model's: {how} (use --map to choose)")
+        for tied in m.tied:
+            click.echo(f"    {tied}: tied to a tensor already patched, applied once")
+    if not report.written:
         click.echo("dry run: nothing written")
+        return
+    converted = report.output_format not in (None, report.format)
+    click.echo(f"wrote {report.output}" + (f" ({report.output_format})" if converted else ""))
+    for note in report.notes:
+        click.echo(f"  note: {note}")
 
 
 def _print_changes(report) -> None:

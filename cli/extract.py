@@ -14,8 +14,9 @@ from .options import GroupedCommand, quant_config, quant_options, rws_output_opt
 _GROUPS = {
     "Output": ["output", "quiet"],
     "Storage": ["bits", "granularity", "group_size", "affine"],
-    "Tensor selection": ["layers", "include", "exclude", "energy"],
-    "Method": ["method", "device", "trust_pickle"],
+    "Tensor selection": ["layers", "include", "exclude", "energy", "order"],
+    "Reading": ["state_key", "trust_pickle"],
+    "Method": ["method", "device"],
     "Description": ["name", "meta", "corruption", "severity", "dataset"],
 }
 
@@ -40,6 +41,20 @@ _GROUPS = {
     type=float,
     metavar="F",
     help="Keep the shallowest layers holding share F of the signature's squared norm.",
+)
+@click.option(
+    "--order",
+    metavar="REF",
+    type=click.Path(exists=True),
+    help="Take the depth order from REF: a PyTorch checkpoint of the same architecture, or a "
+    "text file of tensor names (one per line). Default: the file's own order (PyTorch) or "
+    "naming rules (safetensors, which stores names sorted).",
+)
+@click.option(
+    "--state-key",
+    metavar="KEY",
+    help="The entry of a training checkpoint that holds the weights, e.g. state_dict_ema "
+    "(default: found automatically).",
 )
 @click.option(
     "--method",
@@ -82,6 +97,8 @@ def extract(
     include: str | None,
     exclude: str | None,
     energy: float | None,
+    order: str | None,
+    state_key: str | None,
     method: str,
     device: str,
     trust_pickle: bool,
@@ -98,10 +115,15 @@ def extract(
     Face folder.
     """
     import rwsfmt
+    from rwsfmt.atomic import refuse_overwriting_inputs
 
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise RwsError("the output folder does not exist", path=folder, fix="create it first")
+    roles = [("std", std), ("robust", robust), ("init", init), ("order reference", order)]
+    refuse_overwriting_inputs(
+        output, [(f"{r} checkpoint", p) for r, p in roles if p], fix="choose another -o path"
+    )
     sig = rwsfmt.extract(
         std,
         robust,
@@ -110,6 +132,7 @@ def extract(
         include=include,
         exclude=exclude,
         energy=energy,
+        order=order,
         method=method,
         quant=quant_config(bits, granularity, group_size, affine),
         label=name,
@@ -119,6 +142,7 @@ def extract(
         dataset=dataset,
         device=device,
         trust_pickle=trust_pickle,
+        state_key=state_key,
         progress=lambda items, total, what: progress(items, total, what, quiet),
     )
     rwsfmt.save(sig, output)
@@ -139,7 +163,14 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 def _summary(sig, output: str) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{sig.label}: {len(sig)} tensors", title_justify="left")
+    from rwsfmt.order import describe_order
+
+    selection = sig.provenance.get("selection", {})
+    title = (
+        f"{sig.label}: {len(sig)} tensors in {selection.get('layer_count', '?')} layers, "
+        f"depth order from {describe_order(selection)}"
+    )
+    table = Table(title=title, title_justify="left")
     for col in ("name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"):
         table.add_column(col, justify="left" if col in ("name", "shape", "kind") else "right")
     float32 = 0

@@ -10,7 +10,7 @@ import click
 from rwsfmt import __version__
 from rwsfmt.errors import RwsError
 
-from .console import EXIT_USAGE
+from .console import EXIT_OK, EXIT_USAGE
 
 
 class RwsGroup(click.Group):
@@ -27,10 +27,10 @@ class RwsGroup(click.Group):
             return super().invoke(ctx)
         except RwsError as exc:
             _fail(str(exc))
-        except BrokenPipeError:  # e.g. `rwsfmt inspect f.rws | head`: stop quietly
+        except BrokenPipeError:  # e.g. `rwsfmt inspect f.rws | head`: the reader has enough
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            sys.exit(1)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+            sys.exit(EXIT_OK)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")

@@ -34,8 +34,9 @@ _LAZY = {
     "patched": "patching",
     "PatchHandle": "patching",
     "extract": "extraction",
-    "Checkpoint": "checkpoint",
-    "open_checkpoint": "checkpoint",
+    "Checkpoint": "io",
+    "open_checkpoint": "io",
+    "write_checkpoint": "io",
 }
 
 __all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]

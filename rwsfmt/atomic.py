@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
+
+from .errors import RwsError
 
 
 @contextlib.contextmanager
@@ -16,7 +18,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     A crash or exception leaves the target untouched and removes the temporary file.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise RwsError("is a folder", path=path, fix="give a file path for the output")
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RwsError("the output folder does not exist", path=folder, fix="create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask instead
@@ -58,3 +64,24 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or folder, however spelled (symlinks, hard
+    links, `./`); for paths that do not exist yet, whether they resolve to the same place."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwriting_inputs(
+    output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], fix: str
+) -> None:
+    """Raise `RwsError` when `output` is one of `inputs`, given as (what, path) pairs such as
+    ("input model", "std.pt"): nothing may be written over a file a command reads."""
+    for what, path in inputs:
+        if same_file(output, path):
+            raise RwsError(
+                f"the output would overwrite the {what} ({os.fspath(path)})", path=output, fix=fix
+            )

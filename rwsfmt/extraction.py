@@ -20,19 +20,20 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
+from .io import Checkpoint, open_checkpoint
+from .io.open import Source
+from .order import OrderReference
 from .provenance import input_record
 from .quant import QuantConfig
-from .select import Rule, energy_cut, entry_kind, select
+from .select import Rule, checkpoint_order, energy_cut, entry_kind, select
 from .signature import Signature, SignatureBuilder
 
 METHODS = ("project", "subtract")
 _DOT_BLOCK = 1 << 16  # elements summed in the checkpoint dtype; blocks in float64
 
-Source = str | os.PathLike | Mapping[str, Any] | torch.nn.Module
 Progress = Callable[[Iterable[str], int, str], Iterable[str]]
 
 
@@ -45,6 +46,7 @@ def extract(
     include: str | None = None,
     exclude: str | None = None,
     energy: float | None = None,
+    order: OrderReference | None = None,
     method: str = "project",
     bits: int = 8,
     quant: QuantConfig | None = None,
@@ -55,15 +57,19 @@ def extract(
     dataset: str | None = None,
     device: str | torch.device = "cpu",
     trust_pickle: bool = False,
+    state_key: str | None = None,
     progress: Progress | None = None,
 ) -> Signature:
     """Compute the signature of `robust` relative to `std` (paths, state dicts or modules).
 
     `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`),
     `include`/`exclude` (regexes on tensor names) and `energy` (keep the shallowest layers
-    holding that share of the signature's squared norm) choose the tensors. `method` is
-    'project' (Eq. 1, needs `init`) or 'subtract' (robust - std). Returns an in-memory
-    signature; `rwsfmt.save` writes it.
+    holding that share of the signature's squared norm) choose the tensors, counted in depth
+    order: the PyTorch file's own order, naming rules for safetensors, or `order` (a module,
+    state dict, PyTorch checkpoint or text file of names of the same architecture; see
+    `rwsfmt.order`). `method` is 'project' (Eq. 1, needs `init`) or 'subtract'
+    (robust - std). `state_key` picks the weights inside training checkpoints (e.g.
+    'state_dict_ema'). Returns an in-memory signature; `rwsfmt.save` writes it.
     """
     if method not in METHODS:
         raise RwsError(f"unknown method {method!r}", fix="use --method project or subtract")
@@ -82,10 +88,13 @@ def extract(
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as hasher:
         ckpts: dict[str, Checkpoint] = {}
         for role, source in sources.items():
-            ckpts[role] = stack.enter_context(open_checkpoint(source, trust_pickle=trust_pickle))
+            ckpts[role] = stack.enter_context(
+                open_checkpoint(source, trust_pickle=trust_pickle, state_key=state_key)
+            )
         _check_agreement(ckpts)
         ref = ckpts["std"]
-        segments = select(ref, rule)
+        depth = checkpoint_order(ref, order)
+        segments = select(ref, rule, depth)
         # Hash the input files while the tensors are processed (hashlib releases the GIL).
         records = {role: hasher.submit(_input_record, role, s) for role, s in sources.items()}
         compute = _Compute(ckpts, method, device)
@@ -109,13 +118,9 @@ def extract(
         provenance: dict[str, Any] = {
             "method": method,
             "layers": rule.layers if rule.energy is None else len(segments),
-            "selection": {
-                **rule.to_json(),
-                "depth_order": ref.depth_order,
-                "layer_count": len(segments),
-            },
+            "selection": {**rule.to_json(), **depth.to_json(), "layer_count": len(segments)},
             "tensors": names,
-            "inputs": [records[role].result() for role in sources],
+            "inputs": [_with_layout(records[role].result(), ckpts[role]) for role in sources],
         }
         for key, value in (
             ("corruption", corruption),
@@ -126,6 +131,8 @@ def extract(
                 provenance[key] = value
         if meta:
             provenance["meta"] = dict(meta)
+        if ref.aliases:
+            provenance["tied"] = dict(sorted(ref.aliases.items()))
         model_fp = architecture_fingerprint(
             (n, ref.shape(n)) for n in ref.names if ref.dtype(n).is_floating_point
         )
@@ -232,6 +239,13 @@ def _input_record(role: str, source: Source) -> dict[str, Any]:
     if isinstance(source, (str, os.PathLike)):
         return input_record(role, source)
     return {"role": role, "name": f"<{type(source).__name__}>"}
+
+
+def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
+    """The input record, with where the weights sat when that was not a plain file."""
+    if not ckpt.layout.plain:
+        record["layout"] = str(ckpt.layout)
+    return record
 
 
 def _default_label(robust: Source) -> str:

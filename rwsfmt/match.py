@@ -1,10 +1,18 @@
 """Matching a signature's tensor names and shapes against a model's.
 
-A signature applies to a model when every one of its tensors exists there (after the
-`module.` prefix of DataParallel/DDP is stripped and `--map OLD=NEW` prefixes are applied)
-with the same shape. Whether the *whole* architecture matches too (the signature's
-`fingerprint.model`) is reported, not required: a signature transfers to the same backbone
-with another classifier head.
+A signature applies to a model when every one of its tensors exists there with the same
+shape, after
+
+- wrapper prefixes (`module.` of DataParallel/DDP, `_orig_mod.` of torch.compile) are
+  stripped,
+- the `--map OLD=NEW` prefix renames are applied, or, without them, one prefix is added or
+  removed when that makes *every* tensor fit (a signature of a bare backbone on a model
+  that nests it as `model.` in a Lightning module or `bert.` in a task model),
+- tied names (`lm_head.weight` sharing `transformer.wte.weight`) lead to their one tensor,
+  which is patched once.
+
+Whether the *whole* architecture matches too (the signature's `fingerprint.model`) is
+reported, not required: a signature transfers to the same backbone with another head.
 """
 
 from __future__ import annotations
@@ -12,18 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .checkpoint import DDP_PREFIX, ddp_prefix
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
+from .names import strip_wrappers
 from .signature import Signature
 
 PrefixMap = Sequence[tuple[str, str]]
 MapLike = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[str] | None
-
-
-def normalize_name(name: str) -> str:
-    """`name` without the `module.` prefix that DataParallel/DDP wrappers add."""
-    return name.removeprefix(DDP_PREFIX)
+Shapes = Mapping[str, tuple[int, ...] | None]
 
 
 def parse_map(spec: MapLike) -> list[tuple[str, str]]:
@@ -58,8 +62,10 @@ def rename(name: str, prefix_map: PrefixMap) -> str:
 class Match:
     """How one signature lines up with a model.
 
-    `targets` maps each signature name to the model's key; `architecture` is 'same',
-    'different' or 'unknown' (the signature records no model fingerprint).
+    `targets` maps each signature name to the model's name; `architecture` is 'same',
+    'different' or 'unknown' (the signature records no model fingerprint); `aligned` is the
+    prefix rename found automatically, `tied` the signature names that led to a tensor
+    already patched through another name.
     """
 
     label: str
@@ -68,33 +74,38 @@ class Match:
     missing: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     architecture: str = "unknown"
+    aligned: tuple[str, str] | None = None
+    tied: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.missing and not self.mismatched
 
 
-def model_index(keys: Iterable[str]) -> dict[str, str]:
-    """Normalized name -> original key: `module.` is dropped when every key carries it
-    (a DataParallel/DDP wrapper), as checkpoints are read."""
-    keys = list(keys)
-    cut = len(ddp_prefix(keys))
-    return {key[cut:]: key for key in keys}
-
-
 def match(
     sig: Signature,
-    shapes: Mapping[str, tuple[int, ...] | None],
+    shapes: Shapes,
     prefix_map: PrefixMap = (),
+    aliases: Mapping[str, str] | None = None,
 ) -> Match:
     """Line `sig` up with a model given as normalized name -> shape (None: not floating).
 
-    The model fingerprint is computed over its floating tensors with names mapped back
-    through `prefix_map`, so a renamed but otherwise identical model still counts as 'same'.
+    `aliases` maps the model's tied names to the name they share a tensor with (tied names
+    are not in `shapes`). The model fingerprint is computed over its floating tensors with
+    names mapped back through the renames, so a renamed but otherwise identical model still
+    counts as 'same'.
     """
-    result = Match(label=sig.label, source=sig.path or sig.label or "<signature>")
-    for info in sig.infos:
-        target = rename(normalize_name(info.name), prefix_map)
+    aliases = aliases or {}
+    names = [strip_wrappers(info.name) for info in sig.infos]
+    renames = list(prefix_map)
+    aligned = None
+    if not renames and not all(shapes.get(aliases.get(n, n)) is not None for n in names):
+        aligned = _align(sig, names, shapes, aliases)
+        renames = [aligned] if aligned else []
+    result = Match(label=sig.label, source=sig.path or sig.label or "<signature>", aligned=aligned)
+    for info, name in zip(sig.infos, names, strict=True):
+        target = rename(name, renames)
+        target = aliases.get(target, target)
         if target not in shapes:
             result.missing.append(info.name if target == info.name else f"{info.name} -> {target}")
             continue
@@ -105,16 +116,38 @@ def match(
             result.mismatched.append(
                 f"{target}: signature {_shape(info.shape)}, model {_shape(shape)}"
             )
+        elif target in result.targets.values():
+            result.tied.append(f"{info.name} -> {target}")
         else:
             result.targets[info.name] = target
     expected = sig.fingerprint.get("model")
     if expected:
-        inverse = [(new, old) for old, new in prefix_map]
+        inverse = [(new, old) for old, new in renames]
         actual = architecture_fingerprint(
             (rename(name, inverse), shape) for name, shape in shapes.items() if shape is not None
         )
         result.architecture = "same" if actual == expected else "different"
     return result
+
+
+def _align(
+    sig: Signature, names: Sequence[str], shapes: Shapes, aliases: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """The one prefix to add or remove that makes every signature tensor exist in the model
+    with its shape, or None."""
+    first = names[0]
+    candidates = {("", m[: -len(first)]) for m in shapes if m.endswith("." + first)}
+    parts = first.split(".")
+    candidates |= {(".".join(parts[:i]) + ".", "") for i in range(1, len(parts))}
+    fitting = []
+    for pair in sorted(candidates):
+        targets = [aliases.get(t, t) for t in (rename(n, [pair]) for n in names)]
+        if all(
+            shapes.get(t) is not None and tuple(shapes[t]) == tuple(i.shape)
+            for t, i in zip(targets, sig.infos, strict=True)
+        ):
+            fitting.append(pair)
+    return fitting[0] if len(fitting) == 1 else None
 
 
 def require(matches: Sequence[Match], *, strict: bool, model: str) -> None:

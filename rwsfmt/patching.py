@@ -21,9 +21,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .atomic import refuse_overwriting_inputs, same_file
 from .device import resolve_device
 from .errors import RwsError
-from .match import MapLike, Match, match, model_index, parse_map, require
+from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
+from .io.pytorch import PyTorchCheckpoint
+from .match import MapLike, Match, match, parse_map, require
 from .signature import Signature, load
 
 DEFAULT_ALPHA = 0.8
@@ -112,19 +115,23 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
 
 def _plan(
     entries: Sequence[tuple[Signature, float]],
-    shapes: Mapping[str, tuple[int, ...] | None],
+    ckpt: Checkpoint,
     prefix_map: Sequence[tuple[str, str]],
     strict: bool,
     model: str,
 ) -> tuple[dict[str, list[tuple[Signature, str, float]]], list[Match]]:
     """Match every signature; return model name -> [(sig, sig name, alpha)] in model order."""
-    matches = [match(sig, shapes, prefix_map) for sig, _ in entries]
+    shapes = {
+        name: ckpt.shape(name) if ckpt.dtype(name).is_floating_point else None
+        for name in ckpt.names
+    }
+    matches = [match(sig, shapes, prefix_map, ckpt.aliases) for sig, _ in entries]
     require(matches, strict=strict, model=model)
     per_name: dict[str, list[tuple[Signature, str, float]]] = {}
     for (sig, alpha), m in zip(entries, matches, strict=True):
         for sig_name, target in m.targets.items():
             per_name.setdefault(target, []).append((sig, sig_name, alpha))
-    ordered = {name: per_name[name] for name in shapes if name in per_name}
+    ordered = {name: per_name[name] for name in ckpt.names if name in per_name}
     return ordered, matches
 
 
@@ -138,14 +145,15 @@ def _contributions(
     ]
 
 
-def _shapes(tensors: Mapping[str, Any], index: Mapping[str, str]) -> dict[str, Any]:
-    """Normalized name -> shape for floating tensors, None for everything else."""
-    out: dict[str, tuple[int, ...] | None] = {}
-    for name, key in index.items():
-        t = tensors[key]
-        floating = isinstance(t, torch.Tensor) and torch.is_floating_point(t)
-        out[name] = tuple(t.shape) if floating else None
-    return out
+def _state_dict_view(state_dict: Mapping[str, Any], what: str) -> PyTorchCheckpoint:
+    """A flat state dict seen as a checkpoint: normalized names, tied tensors found."""
+    ckpt = PyTorchCheckpoint(f"<{what}>", state_dict, Format.STATE_DICT)
+    if ckpt.layout.keys:
+        raise RwsError(
+            f"the {what} is wrapped (its weights are under {'/'.join(ckpt.layout.keys)})",
+            fix="pass the state dict itself",
+        )
+    return ckpt
 
 
 def apply(
@@ -163,13 +171,14 @@ def apply(
     missing or has another shape (`strict`: also when the whole architecture differs).
     """
     entries = as_entries(sigs, alpha)
-    index = model_index(state_dict)
-    shapes = _shapes(state_dict, index)
-    plan, _ = _plan(entries, shapes, parse_map(map), strict, "state dict")
+    ckpt = _state_dict_view(state_dict, "state dict")
+    plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict")
     out = dict(state_dict)
     for name, items in plan.items():
-        base = state_dict[index[name]]
-        out[index[name]] = compose(base, _contributions(items, base.device))
+        base = ckpt.tensor(name)
+        new = compose(base, _contributions(items, base.device))
+        for key in ckpt.keys(name):  # tied keys stay one tensor
+            out[key] = new
     return out
 
 
@@ -253,15 +262,13 @@ def patch(
     A single signature takes `alpha` (default 0.8); or pass `[(sig, alpha), ...]`.
     """
     entries = as_entries(sigs, alpha)
-    live = model.state_dict(keep_vars=True)
-    index = model_index(live)
-    shapes = _shapes(live, index)
-    plan, matches = _plan(entries, shapes, parse_map(map), strict, type(model).__name__)
-    targets = [(name, *_owner(model, index[name], live[index[name]])) for name in plan]
-    handle = PatchHandle([index[name] for name in plan], [(o, a) for _, o, a in targets])
+    live = _state_dict_view(model.state_dict(keep_vars=True), "model")
+    plan, matches = _plan(entries, live, parse_map(map), strict, type(model).__name__)
+    targets = [(name, *_owner(model, live.key(name), live.tensor(name))) for name in plan]
+    handle = PatchHandle([live.key(name) for name in plan], [(o, a) for _, o, a in targets])
     handle.matches = matches
     for name, owner, attr in targets:
-        tensor = live[index[name]]
+        tensor = live.tensor(name)
         table = _SLOTS.setdefault(owner, {})
         slot = table.get(attr)
         if slot is None or slot.tensor is not tensor:
@@ -330,6 +337,8 @@ class ApplyReport:
     matches: list[Match]
     tensors_in_model: int
     written: bool
+    output_format: Format | None = None  # None for a dry run or in place (the input's format)
+    notes: list[str] = field(default_factory=list)  # what a conversion left behind
 
 
 def apply_checkpoint(
@@ -351,46 +360,67 @@ def apply_checkpoint(
     Unpatched tensors are kept byte for byte and the file is written atomically. Writing
     over `model_path` needs `in_place=True`; `dry_run` measures the changes and writes nothing.
     """
-    from .checkpoint import open_checkpoint
-
     model_path = os.fspath(model_path)
-    if not dry_run:
-        if output is None:
-            raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
-        output = os.fspath(output)
-        if _same_path(model_path, output) and not in_place:
-            raise RwsError(
-                "the output would overwrite the input model",
-                path=output,
-                fix="pass --in-place to overwrite it, or choose another -o path",
-            )
+    if output is None and not dry_run:
+        raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
     ckpt = open_checkpoint(model_path, trust_pickle=trust_pickle)
     try:
-        shapes = {
-            name: ckpt.shape(name) if ckpt.dtype(name).is_floating_point else None
-            for name in ckpt.names
-        }
-        plan, matches = _plan(entries, shapes, parse_map(map), strict, model_path)
+        if not dry_run:
+            output = _check_output(ckpt, os.fspath(output), entries, in_place)
+        plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
+        notes: list[str] = []
         with _PatchedTensors(ckpt, plan, dev, measure=dry_run, progress=progress) as patched:
             if dry_run:
                 for name in patched:
                     patched[name]  # computes and measures the change, writes nothing
+            elif in_place:
+                ckpt.write(model_path, patched)
             else:
-                ckpt.write(output, patched)
-        changes = [patched.changes[name] for name in plan]
+                notes = write_checkpoint(ckpt, output, patched).notes
+        if ckpt.folder and not dry_run:
+            skipped = ckpt.skipped_files()
+            if skipped:
+                notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
         return ApplyReport(
             model=model_path,
             output=None if dry_run else output,
             format=ckpt.format,
-            changes=changes,
+            changes=[patched.changes[name] for name in plan],
             matches=matches,
             tensors_in_model=len(ckpt.names),
             written=not dry_run,
+            output_format=None if dry_run or in_place else output_format(ckpt, output).format,
+            notes=notes,
         )
     finally:
         ckpt.close()
+
+
+def _check_output(
+    ckpt: Checkpoint, output: str, entries: Sequence[tuple[Signature, float]], in_place: bool
+) -> str:
+    """Refuse an output that would overwrite a signature, or the model without `in_place`;
+    check that its name says which format to write."""
+    sigs = [("signature", sig.path) for sig, _ in entries if sig.path]
+    refuse_overwriting_inputs(output, sigs, fix="choose another -o path")
+    model = [("input model", f) for f in [ckpt.path, *ckpt.files]]
+    if in_place:
+        if not any(same_file(output, path) for _, path in model):
+            raise RwsError(
+                "in place means writing over the model itself, not another path",
+                path=output,
+                fix="drop -o with --in-place (in_place=True), or drop --in-place",
+            )
+        return ckpt.path
+    refuse_overwriting_inputs(
+        output,
+        model,
+        fix="pass --in-place (in_place=True) to overwrite it, or choose another -o path",
+    )
+    output_format(ckpt, output)
+    return output
 
 
 class _PatchedTensors(Mapping[str, torch.Tensor]):
@@ -491,9 +521,3 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
 
 def _nbytes(ckpt: Any, name: str) -> int:
     return math.prod(ckpt.shape(name)) * ckpt.dtype(name).itemsize
-
-
-def _same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)

@@ -12,8 +12,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint
 from .errors import RwsError
+from .io import Checkpoint
+from .order import DepthOrder, OrderReference, depth_order
 
 NORM_STATS = ("running_mean", "running_var")
 DEFAULT_LAYERS = 5
@@ -28,25 +29,39 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def layer_segments(ckpt: Checkpoint) -> list[list[str]]:
+def is_layer_weight(ckpt: Checkpoint, name: str) -> bool:
+    """A >=2-D floating tensor named `...weight`: the weight of a conv, linear or embedding."""
+    return (
+        name.rsplit(".", 1)[-1].endswith("weight")
+        and ckpt.dtype(name).is_floating_point
+        and len(ckpt.shape(name)) >= 2
+    )
+
+
+def checkpoint_order(ckpt: Checkpoint, reference: OrderReference | None = None) -> DepthOrder:
+    """The depth order of a checkpoint's tensors (see `rwsfmt.order`)."""
+    return depth_order(
+        ckpt.names,
+        ordered=ckpt.ordered,
+        is_layer_weight=lambda n: is_layer_weight(ckpt, n),
+        reference=reference,
+    )
+
+
+def layer_segments(ckpt: Checkpoint, order: DepthOrder) -> list[list[str]]:
     """The checkpoint's floating tensors in depth order, cut into layers.
 
     Segment k starts at the first tensor of the k-th layer module; tensors before the first
-    layer belong to the first segment.
+    layer (a ViT's `cls_token` and `pos_embed`) belong to the first segment.
     """
-    names = [n for n in ckpt.names if ckpt.dtype(n).is_floating_point]
+    names = [n for n in order.names if ckpt.dtype(n).is_floating_point]
     first_of_module: dict[str, int] = {}
     for i, name in enumerate(names):
         first_of_module.setdefault(_module(name), i)
-    starts = sorted(
-        {
-            first_of_module[_module(n)]
-            for n in names
-            if n.rsplit(".", 1)[-1].endswith("weight") and len(ckpt.shape(n)) >= 2
-        }
-    )
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
+    starts = sorted({first_of_module[_module(n)] for n in names if is_layer_weight(ckpt, n)})
+    if not starts:
+        starts = [0]
+    starts[0] = 0
     bounds = [*starts, len(names)]
     return [names[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
@@ -104,9 +119,9 @@ class Rule:
         return out
 
 
-def select(ckpt: Checkpoint, rule: Rule) -> list[list[str]]:
+def select(ckpt: Checkpoint, rule: Rule, order: DepthOrder) -> list[list[str]]:
     """The layers (lists of tensor names, depth order) the rule keeps before any energy cut."""
-    segments = layer_segments(ckpt)
+    segments = layer_segments(ckpt, order)
     if rule.layers != "all":
         segments = segments[: int(rule.layers)]
     inc = re.compile(rule.include) if rule.include is not None else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
@@ -162,9 +161,16 @@ def test_pytorch_file_with_wrapper_and_module_prefix(tmp_path):
         assert same == (key.removeprefix("module.") not in PATCHED), key
 
 
+class TrainingConfig:
+    """A user's own class pickled beside the weights: unpickling it needs trust."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
 def test_pickled_objects_need_trust_pickle(tmp_path):
     model = make_net()
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "m.pt")
+    torch.save({"model": model.state_dict(), "args": TrainingConfig(lr=0.1)}, tmp_path / "m.pt")
     rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
     args = ["apply", tmp_path / "m.pt", tmp_path / "fog.rws", "-a", 0.8, "-o", tmp_path / "o.pt"]
     code, out = run(*args)

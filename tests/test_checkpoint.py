@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rwsfmt.checkpoint import natural_sorted, open_checkpoint
+from rwsfmt.io import open_checkpoint
+from rwsfmt.names import natural_sorted
 from rwsfmt.errors import RwsError
 
 
@@ -44,7 +45,7 @@ def test_pytorch_state_dict_keeps_registration_order_and_is_memory_mapped(tmp_pa
     sd = small_model().state_dict()
     torch.save(sd, tmp_path / "m.pt")
     with open_checkpoint(tmp_path / "m.pt") as ckpt:
-        assert ckpt.format == "pytorch" and ckpt.depth_order == "checkpoint"
+        assert ckpt.format == "pytorch" and ckpt.ordered
         assert ckpt.names == list(sd)  # registration order, not sorted
         assert ckpt.dtype("1.num_batches_tracked") == torch.int64
         assert ckpt.shape("0.weight") == (4, 3, 3, 3)
@@ -130,7 +131,7 @@ def test_safetensors_natural_sort_and_dtypes(tmp_path):
     tensors = transformer_like()
     save_file(tensors, tmp_path / "m.safetensors")
     with open_checkpoint(tmp_path / "m.safetensors") as ckpt:
-        assert ckpt.format == "safetensors" and ckpt.depth_order == "natural-sort"
+        assert ckpt.format == "safetensors" and not ckpt.ordered
         assert ckpt.names.index("layers.2.attn.weight") < ckpt.names.index("layers.10.attn.weight")
         assert ckpt.names == natural_sorted(tensors)
         for name, value in tensors.items():

@@ -177,8 +177,8 @@ def test_pytorch_depth_order_versus_natural_sort_of_safetensors(tmp_path):
     sig = rwsfmt.extract(
         *(tmp_path / f"{r}.safetensors" for r in ("std", "robust", "init")), layers=3
     )
-    assert sig.names == [f"layers.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
-    assert sig.provenance["selection"]["depth_order"] == "natural-sort"
+    assert sig.names == [f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    assert sig.provenance["selection"]["depth_order"] == "rules"
 
 
 def test_energy_rule_keeps_the_shallowest_layers_holding_the_share():

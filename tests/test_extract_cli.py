@@ -112,7 +112,7 @@ def test_safetensors_inputs(tmp_path, checkpoints):
         "-q",
     )
     assert result.exit_code == 0, result.output
-    assert rwsfmt.load(d / "x.rws").names == ["0.bias", "0.weight"]
+    assert rwsfmt.load(d / "x.rws").names == ["0.weight", "0.bias"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,156 @@
+"""The `Checkpoint` interface: a model's tensors, read lazily, written back in its own format."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RwsError
+
+
+class Format(str, enum.Enum):
+    """Where a checkpoint's tensors live."""
+
+    PYTORCH = "pytorch"  # a torch.save file (.pt, .pth, .bin, .ckpt)
+    SAFETENSORS = "safetensors"
+    STATE_DICT = "state_dict"  # an in-memory state dict or module
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the tensors sit in a file: the wrapper keys leading to the state dict (e.g.
+    `('state_dict',)`) and the wrapper prefix removed from every name (e.g. 'module.')."""
+
+    keys: tuple[str, ...] = ()
+    prefix: str = ""
+
+    @property
+    def plain(self) -> bool:
+        return not self.keys and not self.prefix
+
+    def __str__(self) -> str:
+        parts = []
+        if self.keys:
+            parts.append("under " + "/".join(repr(k) for k in self.keys))
+        if self.prefix:
+            parts.append(f"prefix {self.prefix!r} removed")
+        return ", ".join(parts) or "plain"
+
+
+class Checkpoint:
+    """A lazily read model checkpoint.
+
+    `names` lists every tensor (floating and not) under its normalized name (wrapper
+    prefixes such as `module.` removed), in the order the file stores them: module
+    registration order for PyTorch files (`ordered` is True), sorted by name for safetensors.
+    Tied tensors (one storage under several keys) are listed once; `aliases` maps each
+    other key to the listed name, and writing keeps them tied.
+    """
+
+    path: str
+    format: Format
+    names: list[str]
+    ordered: bool  # names follow the model's registration order
+    aliases: dict[str, str]
+    files: list[str]  # the files this checkpoint reads (for refusing to overwrite them)
+    folder: bool = False  # a Hugging Face style folder (config and other files travel along)
+    sharded: bool = False
+    layout: Layout = Layout()
+    owns_tensors: bool = False  # tensor() returns fresh memory that callers may modify
+    # write() fetches replacement values one at a time, in `write_order`, and is done with
+    # each before fetching the next: a lazy Mapping may compute them on demand and reuse memory
+    streams_writes: bool = False
+
+    def __init__(
+        self,
+        path: str,
+        format: Format,
+        names: list[str],
+        *,
+        ordered: bool,
+        files: list[str],
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path, self.format, self.names, self.ordered = path, format, names, ordered
+        self.files = files
+        self.aliases = dict(aliases or {})
+        self._known = set(names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading its data."""
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's dtype, without reading its data."""
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor on the CPU (read from disk now for safetensors, memory-mapped for .pt)."""
+        raise NotImplementedError
+
+    @property
+    def write_order(self) -> list[str]:
+        """Names in the order `write()` stores them (and fetches their replacements)."""
+        return self.names
+
+    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+        """Write this checkpoint in its own format with the named tensors replaced.
+
+        Every other tensor, wrapper entry, prefix and metadata is kept as it was; each file is
+        written atomically, and `out_path` may be this checkpoint's own path.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files and memory maps."""
+
+    def resolve(self, name: str) -> str:
+        """The listed name for `name` or for a tied alias of it; RwsError if unknown."""
+        if name in self._known:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise RwsError(f"no tensor named {name!r} in this checkpoint", path=self.path)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.format} {self.path!r}: {len(self.names)} tensors>"
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _checked(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """One replacement on the CPU, contiguous, after checking its name, shape and dtype."""
+        name = self.resolve(name)
+        if tuple(value.shape) != self.shape(name) or value.dtype != self.dtype(name):
+            raise RwsError(
+                f"replacement for {name!r} is {value.dtype} {tuple(value.shape)}, but the "
+                f"checkpoint holds {self.dtype(name)} {self.shape(name)}",
+                path=self.path,
+                fix="cast and reshape the new tensor to the original dtype and shape",
+            )
+        return value.detach().to("cpu").contiguous()
+
+    def _checked_replacements(
+        self, replacements: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Replacements on the CPU, contiguous, after checking names, shapes and dtypes."""
+        return {self.resolve(n): self._checked(n, v) for n, v in replacements.items()}

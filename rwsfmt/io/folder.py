@@ -1,0 +1,215 @@
+"""Hugging Face style folders: `config.json` and friends beside the weights, which are one
+file (`model.safetensors`, `pytorch_model.bin`) or shards listed by an index JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..atomic import atomic_path, current_umask
+from ..errors import RwsError
+from ..names import natural_sorted
+from .base import Checkpoint
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# Files holding weights in some format: never copied into a patched folder, where they would
+# sit unpatched beside the patched ones and could be loaded instead of them.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+)
+_WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
+
+Opener = Callable[[str], Checkpoint]
+
+
+def find_weights(path: str) -> tuple[str, dict[str, str] | None]:
+    """(the index or single weight file in folder `path`, its weight map or None)."""
+    for index in (SAFETENSORS_INDEX, PYTORCH_INDEX):
+        index_path = os.path.join(path, index)
+        if os.path.isfile(index_path):
+            return index, _weight_map(index_path)
+    for single in SINGLE_FILES:
+        if os.path.isfile(os.path.join(path, single)):
+            return single, None
+    raise RwsError(
+        "folder holds no checkpoint",
+        path=path,
+        fix=f"expected {SAFETENSORS_INDEX}, {PYTORCH_INDEX}, or one of {', '.join(SINGLE_FILES)}",
+    )
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RwsError(
+            "is not a valid index: expected a JSON object with a 'weight_map' object of "
+            "tensor name -> shard file name",
+            path=index_path,
+            fix="re-download the folder or re-save it with save_pretrained",
+        ) from None
+    return weight_map
+
+
+class FolderCheckpoint(Checkpoint):
+    """The weights of a folder, read through one checkpoint per file; writing rewrites the
+    touched files and copies the others, config and tokenizer files included."""
+
+    folder = True
+
+    def __init__(self, path: str, open_file: Opener) -> None:
+        entry, weight_map = find_weights(path)
+        self.sharded = weight_map is not None
+        shard_files = sorted(set(weight_map.values())) if weight_map else [entry]
+        where = os.path.join(path, entry)
+        for shard in shard_files:
+            if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(path, shard)):
+                raise RwsError(
+                    f"the index names shard {shard!r}, which is not in the folder",
+                    path=where,
+                    fix="download the missing shard",
+                )
+        self._entry = entry
+        self._shards: dict[str, Checkpoint] = {}
+        try:
+            for shard in shard_files:
+                self._shards[shard] = open_file(os.path.join(path, shard))
+        except BaseException:
+            self.close()
+            raise
+        self._where: dict[str, str] = {}
+        ordered: list[str] = []
+        aliases: dict[str, str] = {}
+        for shard, ckpt in self._shards.items():  # shards in file order, each in its own order
+            aliases.update(ckpt.aliases)
+            for name in ckpt.names:
+                if name in self._where:
+                    raise RwsError(f"tensor {name!r} is in two shards", path=path)
+                self._where[name] = shard
+                ordered.append(name)
+        # Shards split the state dict in order and their file names sort in that order, so
+        # PyTorch shards read one after the other keep registration order.
+        first = next(iter(self._shards.values()))
+        is_ordered = all(c.ordered for c in self._shards.values())
+        names = ordered if is_ordered else natural_sorted(ordered)
+        files = [where] + [c.path for c in self._shards.values() if c.path != where]
+        super().__init__(
+            path, first.format, names, ordered=is_ordered, files=files, aliases=aliases
+        )
+        self.owns_tensors = all(c.owns_tensors for c in self._shards.values())
+        self.layout = first.layout
+
+    def _shard(self, name: str) -> Checkpoint:
+        return self._shards[self._where[self.resolve(name)]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard(name).dtype(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._shard(name).tensor(name)
+
+    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+        """Write the folder: touched weight files rewritten, others copied, the index and every
+        other file (config, tokenizer, subfolders) kept, stray weight files of other formats
+        left out. A new folder appears only once complete; in an existing folder each file is
+        replaced atomically."""
+        out = os.fspath(out_path)
+        new = self._checked_replacements(replacements)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise RwsError(
+                "is a file, but the checkpoint is a folder",
+                path=out,
+                fix="give a folder path for the output, or a file name ending in "
+                ".safetensors or .pt to convert",
+            )
+        in_place = os.path.isdir(out) and os.path.samefile(out, self.path)
+        target = out if os.path.isdir(out) else _new_folder(out)
+        try:
+            for shard, ckpt in self._shards.items():
+                mine = {n: t for n, t in new.items() if self._where[n] == shard}
+                if mine:
+                    ckpt.write(os.path.join(target, shard), mine)
+                elif not in_place:
+                    _copy_file(ckpt.path, os.path.join(target, shard))
+            if not in_place:
+                self._copy_companions(target)
+            if target != out:
+                os.replace(target, out)
+        except BaseException:
+            if target != out:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def skipped_files(self) -> list[str]:
+        """Weight files of other formats in the folder, which a written copy leaves out."""
+        return [rel for rel, _ in _companions(self.path) if self._is_other_weights(rel)]
+
+    def _is_other_weights(self, rel: str) -> bool:
+        return rel not in self._shards and rel != self._entry and _is_weight_file(rel)
+
+    def _copy_companions(self, target: str) -> None:
+        for rel, src in _companions(self.path):
+            if rel in self._shards or self._is_other_weights(rel):
+                continue
+            dest = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            _copy_file(src, dest)
+
+    def close(self) -> None:
+        for ckpt in self._shards.values():
+            ckpt.close()
+
+
+def _companions(folder: str) -> list[tuple[str, str]]:
+    """(path relative to `folder`, full path) of every file below it (symlinks followed, as in
+    a Hugging Face cache snapshot; hidden folders such as .git skipped), sorted."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if os.path.isfile(full):
+                out.append((os.path.relpath(full, folder), full))
+    return out
+
+
+def _is_weight_file(rel: str) -> bool:
+    name = os.path.basename(rel)
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEXES)
+
+
+def _new_folder(out: str) -> str:
+    """A temporary folder beside `out` (renamed to it once complete), with normal permissions."""
+    tmp = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(os.path.abspath(out))
+    )
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def _copy_file(src: str, dst: str) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)

@@ -1,0 +1,90 @@
+"""Opening a checkpoint: recognising its format from its bytes, not its name."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import RwsError
+from .base import Checkpoint, Format
+from .folder import FolderCheckpoint
+from .pytorch import PyTorchCheckpoint, torch_load
+from .safetensors import SafetensorsCheckpoint
+
+Source = str | os.PathLike | Mapping[str, Any] | torch.nn.Module
+
+
+def open_checkpoint(
+    source: Source, *, trust_pickle: bool = False, state_key: str | None = None
+) -> Checkpoint:
+    """Open a checkpoint file or folder lazily, or wrap an in-memory state dict or module.
+
+    PyTorch files are read with `weights_only=True` (no code from the file runs) unless
+    `trust_pickle=True`; files holding other Python objects are refused. `state_key` names
+    the entry holding the weights in a training checkpoint (e.g. 'state_dict_ema'); by
+    default the usual layouts are recognised.
+    """
+    if isinstance(source, torch.nn.Module):
+        return PyTorchCheckpoint("<module>", source.state_dict(), Format.STATE_DICT)
+    if isinstance(source, Mapping):
+        return PyTorchCheckpoint("<state dict>", source, Format.STATE_DICT, state_key=state_key)
+    path = os.fspath(source)
+
+    def open_file(file: str) -> Checkpoint:
+        return _open_file(file, trust_pickle, state_key)
+
+    if os.path.isdir(path):
+        return FolderCheckpoint(path, open_file)
+    if not os.path.exists(path):
+        raise RwsError("no such file or folder", path=path, fix="check the path")
+    return open_file(path)
+
+
+def _open_file(path: str, trust_pickle: bool, state_key: str | None) -> Checkpoint:
+    kind = sniff(path)
+    if kind == Format.SAFETENSORS:
+        if state_key is not None:
+            raise RwsError(
+                f"a safetensors file has no keys to choose from (state key {state_key!r})",
+                path=path,
+                fix="leave the state key out",
+            )
+        return SafetensorsCheckpoint(path)
+    if kind == Format.PYTORCH:
+        obj = torch_load(path, trust_pickle)
+        return PyTorchCheckpoint(path, obj, Format.PYTORCH, state_key=state_key)
+    raise RwsError(
+        "is not a PyTorch or safetensors checkpoint",
+        path=path,
+        fix="pass a .pt/.pth/.bin file saved with torch.save, a .safetensors file, "
+        "or a folder with model.safetensors.index.json / pytorch_model.bin.index.json",
+    )
+
+
+def sniff(path: str) -> Format | None:
+    """The format of the file at `path` from its first bytes (extensions lie), or None.
+
+    safetensors is checked first: its 8-byte header length can start with 0x80, the first
+    byte of a pickle, but only a safetensors file has '{' at byte 8 and a length that fits.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except IsADirectoryError:
+        raise RwsError("is a folder", path=path) from None
+    except OSError as exc:
+        raise RwsError(f"cannot be read ({exc.strerror})", path=path) from None
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return Format.SAFETENSORS
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
+        return Format.PYTORCH
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy pickle
+        return Format.PYTORCH
+    if path.endswith(".safetensors"):  # damaged: let the safetensors reader say what is wrong
+        return Format.SAFETENSORS
+    return None
