@@ -75,3 +75,56 @@ def assemble(doc: dict, data: bytes, major: int = 1, minor: int = 0, flags: int 
     header = body + b" " * (-(64 + len(body)) % 64)
     head = b"\x89RWS\r\n\x1a\n" + struct.pack("<HHIQQ", major, minor, flags, len(header), len(data))
     return head + hashlib.sha256(head + header).digest() + header + data
+
+
+# ---------------------------------------------------------------- every written file checked
+
+_WRITTEN: dict[str, int] = {"rws": 0, "checkpoint": 0}
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _check_written(path: str) -> None:
+    """A file rwsfmt just put in place must read back: `.rws` files pass `verify`,
+    checkpoints open (safetensors with the safetensors library itself too)."""
+    import rwsfmt
+    from rwsfmt.io import open_checkpoint
+
+    if path.endswith(".rws"):
+        report = rwsfmt.verify(path)
+        assert report.ok, f"rwsfmt wrote {path}, which its own verify refuses: {report.problems}"
+        _WRITTEN["rws"] += 1
+    elif path.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(path):
+        with open_checkpoint(path, trust_pickle=True) as ckpt:
+            for name in ckpt.names:
+                ckpt.tensor(name)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(path)
+        _WRITTEN["checkpoint"] += 1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _every_written_file_reads_back():
+    """Every file rwsfmt writes ends with `os.replace(temporary, final)` (rwsfmt.atomic):
+    check each one as it lands, so a writer that emits what its reader refuses fails the
+    test that made it write."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.basename(os.fspath(src)).startswith("."):  # rwsfmt's temporary names
+            _check_written(os.fspath(dst))
+
+    os.replace = replace
+    try:
+        yield
+    finally:
+        os.replace = real_replace
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(
+        f"files written by rwsfmt and read back: {_WRITTEN['rws']} .rws (all pass verify), "
+        f"{_WRITTEN['checkpoint']} checkpoints (all readable)"
+    )

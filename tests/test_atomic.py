@@ -17,11 +17,11 @@ from rwsfmt.signature import from_tensors
 def test_written_file_follows_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        with atomic_write(tmp_path / "a.bin") as f:
+        with atomic_write(tmp_path / "a.dat") as f:
             f.write(b"x")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "a.dat").st_mode) == 0o644
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

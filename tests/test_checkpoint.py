@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rwsfmt.errors import RwsError
 from rwsfmt.io import open_checkpoint
 from rwsfmt.names import natural_sorted
-from rwsfmt.errors import RwsError
 
 
 def small_model() -> torch.nn.Module:

@@ -17,11 +17,17 @@ from .layouts import RESAVE, SAFE_GLOBALS, locate_state_dict
 
 
 def torch_load(path: str, trust_pickle: bool) -> Any:
-    """torch.load on the CPU: memory-mapped for zip files, never unpickling code unless trusted."""
-    mmap = zipfile.is_zipfile(path)
+    """torch.load on the CPU: memory-mapped for zip files, never unpickling code unless trusted.
+
+    A PyTorch file named `.safetensors` (rwsfmt 0.1.0 could write one) is read through a file
+    object, since torch.load hands such names to the safetensors reader.
+    """
+    misnamed = path.endswith(".safetensors")
+    mmap = zipfile.is_zipfile(path) and not misnamed
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS), open(path, "rb") as f:
+            source = f if misnamed else path
+            return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except Exception as exc:  # torch raises many types for damaged files
         message = str(exc)
         if "Weights only load failed" in message:
