@@ -337,7 +337,7 @@ class ApplyReport:
     matches: list[Match]
     tensors_in_model: int
     written: bool
-    output_format: Format | None = None  # None for a dry run or in place (the input's format)
+    output_format: Format | None = None  # None for a dry run or in place (the model's format)
     notes: list[str] = field(default_factory=list)  # what a conversion left behind
 
 
@@ -370,7 +370,7 @@ def apply_checkpoint(
         if not dry_run:
             output = _check_output(ckpt, os.fspath(output), entries, in_place)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
-        notes: list[str] = []
+        written = None
         with _PatchedTensors(ckpt, plan, dev, measure=dry_run, progress=progress) as patched:
             if dry_run:
                 for name in patched:
@@ -378,11 +378,11 @@ def apply_checkpoint(
             elif in_place:
                 ckpt.write(model_path, patched)
             else:
-                notes = write_checkpoint(ckpt, output, patched).notes
-        if ckpt.folder and not dry_run:
-            skipped = ckpt.skipped_files()
-            if skipped:
-                notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
+                written = write_checkpoint(ckpt, output, patched)
+        notes = written.notes if written else []
+        if written and written.target.folder and ckpt.skipped_files():
+            skipped = ", ".join(ckpt.skipped_files())
+            notes.append(f"weight files of other formats not copied: {skipped}")
         return ApplyReport(
             model=model_path,
             output=None if dry_run else output,
@@ -391,7 +391,7 @@ def apply_checkpoint(
             matches=matches,
             tensors_in_model=len(ckpt.names),
             written=not dry_run,
-            output_format=None if dry_run or in_place else output_format(ckpt, output).format,
+            output_format=written.target.format if written else None,
             notes=notes,
         )
     finally:

@@ -179,3 +179,24 @@ def test_a_closed_pipe_ends_inspect_quietly_with_exit_0(tmp_path):
     proc.stdout.close()  # like head -1
     assert proc.wait(timeout=60) == 0
     assert proc.stderr.read() == b""
+
+
+def test_a_patched_folder_leaves_out_stale_weights_of_other_formats(tmp_path):
+    """A folder with model.safetensors and an old pytorch_model.bin: the .bin copy would sit
+    unpatched beside the patched file, and a loader could pick it."""
+    model = make_net()
+    sd = model.state_dict()
+    folder = tmp_path / "std"
+    (folder / "onnx").mkdir(parents=True)
+    save_file(sd, folder / "model.safetensors")
+    torch.save(sd, folder / "pytorch_model.bin")
+    (folder / "onnx" / "model.onnx").write_bytes(b"stale")
+    (folder / "config.json").write_text("{}")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    code, out = run("apply", folder, tmp_path / "fog.rws", "-a", 1, "-o", tmp_path / "out")
+    assert code == 0, out
+    assert "not copied: onnx/model.onnx, pytorch_model.bin" in out
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
+        "config.json",
+        "model.safetensors",
+    ]

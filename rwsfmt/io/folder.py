@@ -165,7 +165,7 @@ class FolderCheckpoint(Checkpoint):
 
     def skipped_files(self) -> list[str]:
         """Weight files of other formats in the folder, which a written copy leaves out."""
-        return [rel for rel, _ in _companions(self.path) if self._is_other_weights(rel)]
+        return sorted(rel for rel, _ in _companions(self.path) if self._is_other_weights(rel))
 
     def _is_other_weights(self, rel: str) -> bool:
         return rel not in self._shards and rel != self._entry and _is_weight_file(rel)
