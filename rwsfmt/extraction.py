@@ -205,13 +205,15 @@ def _ratio(squared: float, squared_ref: float) -> float:
 
 
 def _check_agreement(ckpts: Mapping[str, Checkpoint]) -> None:
-    """std, robust and init must hold the same tensor names, shapes and dtypes."""
+    """std, robust and init must hold the same tensor names, shapes and dtypes (a name tied
+    to another in one file may be absent from, or separate in, another: safetensors files
+    store tied tensors once)."""
     ref = ckpts["std"]
     for role, other in ckpts.items():
         if other is ref:
             continue
-        missing = [n for n in ref.names if n not in other]
-        extra = [n for n in other.names if n not in ref]
+        missing = [n for n in ref.names if n not in other and n not in other.aliases]
+        extra = [n for n in other.names if n not in ref and n not in ref.aliases]
         if missing or extra:
             name, where, lacks = (missing[0], "std", role) if missing else (extra[0], role, "std")
             raise RwsError(

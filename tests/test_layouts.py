@@ -223,6 +223,12 @@ def test_tied_weights_stay_tied_and_are_patched_once(tmp_path):
     sig = rwsfmt.extract(*(tmp_path / f"{r}.pt" for r in ("std", "robust", "init")), layers="all")
     assert sig.names == ["wte.weight", "block.weight", "block.bias"]
     assert sig.provenance["tied"] == {"lm_head.weight": "wte.weight"}
+    # the robust model saved as safetensors stores the tied tensor once
+    save_file(
+        {k: v for k, v in robust.items() if k != "lm_head.weight"}, tmp_path / "r.safetensors"
+    )
+    mixed = rwsfmt.extract(tmp_path / "std.pt", tmp_path / "r.safetensors", tmp_path / "init.pt")
+    assert mixed.names == sig.names
     rwsfmt.save(sig, tmp_path / "sig.rws")
 
     code, out = run(
