@@ -244,9 +244,12 @@ def _input_record(role: str, source: Source) -> dict[str, Any]:
 
 
 def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
-    """The input record, with where the weights sat when that was not a plain file."""
+    """The input record, with where the weights sat when that was not a plain file, and
+    other entries that hold weights (an EMA copy) which `state_key` could have picked."""
     if not ckpt.layout.plain:
         record["layout"] = str(ckpt.layout)
+    if ckpt.alternatives:
+        record["alternatives"] = list(ckpt.alternatives)
     return record
 
 

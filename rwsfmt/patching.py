@@ -177,7 +177,7 @@ def apply(
     for name, items in plan.items():
         base = ckpt.tensor(name)
         new = compose(base, _contributions(items, base.device))
-        for key in ckpt.keys(name):  # tied keys stay one tensor
+        for key in ckpt.keys_of(name):  # tied keys stay one tensor
             out[key] = new
     return out
 

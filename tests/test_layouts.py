@@ -323,3 +323,19 @@ def test_a_pytorch_file_named_safetensors_is_read_as_what_it_is(tmp_path):
     assert sniff(str(tmp_path / "lies.safetensors")) == "pytorch"
     with open_checkpoint(tmp_path / "lies.safetensors") as ckpt:
         assert ckpt.format == "pytorch" and ckpt.names == ["a"]
+
+
+def test_extract_notes_an_ema_copy_it_did_not_use(tmp_path):
+    torch.manual_seed(0)
+    model = resnet18()
+    init = model.state_dict()
+    for role, sd in (("init", init), ("std", moved(init, 1)), ("robust", moved(init, 2))):
+        torch.save(timm_train(model, sd), tmp_path / f"[{role}].pth")  # a name rich would eat
+    paths = [tmp_path / f"[{r}].pth" for r in ("std", "robust", "init")]
+    code, out = run("extract", *paths, "-o", tmp_path / "s.rws")
+    assert code == 0, out
+    assert "note: [std].pth also holds weights under 'state_dict_ema'" in out
+    code, out = run("extract", *paths, "-o", tmp_path / "e.rws", "--state-key", "state_dict_ema")
+    assert code == 0, out
+    ema = rwsfmt.load(tmp_path / "e.rws")
+    assert ema.provenance["inputs"][0]["layout"] == "under 'state_dict_ema'"

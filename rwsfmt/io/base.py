@@ -63,6 +63,7 @@ class Checkpoint:
     folder: bool = False  # a Hugging Face style folder (config and other files travel along)
     sharded: bool = False
     layout: Layout = Layout()
+    alternatives: tuple[str, ...] = ()  # other entries holding weights (e.g. state_dict_ema)
     owns_tensors: bool = False  # tensor() returns fresh memory that callers may modify
     # write() fetches replacement values one at a time, in `write_order`, and is done with
     # each before fetching the next: a lazy Mapping may compute them on demand and reuse memory

@@ -103,14 +103,10 @@ class PyTorchCheckpoint(Checkpoint):
         """The key of `name` in the state dict (with its wrapper prefix)."""
         return self._raw[self.resolve(name)]
 
-    def keys(self, name: str) -> list[str]:
+    def keys_of(self, name: str) -> list[str]:
         """The keys holding `name`: its own and those of the tensors tied to it."""
         name = self.resolve(name)
         return [self._raw[name]] + [self._raw[a] for a, c in self.aliases.items() if c == name]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The unwrapped state dict (original keys, with any wrapper prefix), as a new dict."""
-        return dict(self._state)
 
     def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
         new = {self._raw[n]: t for n, t in self._checked_replacements(replacements).items()}
