@@ -36,6 +36,7 @@ MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
 MAX_GROUP_SIZE = 1 << 31
 MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
+NEGATIVE_ZERO = 0x8000_0000  # the bits of float32 -0.0, read as +0.0 in a scale
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
@@ -293,8 +294,13 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
 
 
 def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
-    """Refuse payloads whose numbers no writer produces: scales that are negative (sign bit
-    set) or not finite, zero points or exact float32 values that are not finite."""
+    """Refuse payloads whose numbers no writer produces (spec section 3.6): exact float32
+    values that are not finite; scales that are negative or not finite; zero points that are
+    not finite; and groups whose scale and zero point could decode a code to infinity.
+
+    A scale of exactly -0.0 is accepted: rwsfmt 0.1.0 wrote it for all-zero groups, and
+    it reads as +0.0.
+    """
     import numpy as np
 
     raw = np.frombuffer(payload, dtype=np.uint8)
@@ -306,13 +312,34 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
             raise IntegrityError(f"tensor {info.name!r} holds NaN or infinite values", path=path)
         return
     g = info.n_scales
-    scales = raw[: 4 * g].reshape(g, 4).T
-    if (scales[3] >= 0x80).any() or _any_nonfinite(scales[2], scales[3]):
+    scale_bits = np.frombuffer(payload, dtype="<u4", count=g)
+    scales = (scale_bits & 0x7FFF_FFFF).view("<f4")  # -0.0 reads as +0.0 ...
+    if (scale_bits > NEGATIVE_ZERO).any() or not np.isfinite(scales).all():  # ... others fail
         raise IntegrityError(f"tensor {info.name!r} has a negative or non-finite scale", path=path)
     if info.affine:
-        zps = raw[4 * g : 8 * g].reshape(g, 4).T
-        if _any_nonfinite(zps[2], zps[3]):
+        zps = np.frombuffer(payload, dtype="<f4", count=g, offset=4 * g)
+        if not np.isfinite(zps).all():
             raise IntegrityError(f"tensor {info.name!r} has a non-finite zero point", path=path)
+    else:
+        zps = np.float32(1 << (info.bits - 1))
+    if not decodes_finite(scales, zps, info.bits).all():
+        raise IntegrityError(
+            f"tensor {info.name!r} has a scale and zero point that decode codes beyond the "
+            "float32 range",
+            path=path,
+        )
+
+
+def decodes_finite(scales: Any, zero_points: Any, bits: int) -> Any:
+    """Per group (numpy float32 arrays), whether every `bits`-wide code decodes to a finite
+    value: `(u - zp) * scale` (float32, spec 3.3) is monotone in `u`, so checking the codes
+    0 and 2**bits - 1 covers all of them, without decoding the values."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        lowest = (np.float32(0) - zero_points) * scales
+        highest = (np.float32((1 << bits) - 1) - zero_points) * scales
+    return np.isfinite(lowest) & np.isfinite(highest)
 
 
 def _any_nonfinite(byte2: Any, byte3: Any) -> bool:

@@ -155,7 +155,7 @@ class SignatureBuilder:
                 fix="check the checkpoints it was computed from",
             )
         quant = self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
-        enc = encode(tensor, quant)
+        enc = encode(tensor, quant, name)
         codec, blob = encode_blob(enc.payload)
         info = TensorInfo(
             name=name,

@@ -223,14 +223,20 @@ def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
             raise Invalid("non-finite value")
         return out.astype(np.float32)
     scales = body[: 4 * groups].view("<f4")
-    if np.signbit(scales).any() or not np.isfinite(scales).all():
+    legacy_zero = scales.view("<u4") == 0x80000000  # -0.0: read as +0.0 (section 3.6)
+    if (np.signbit(scales) & ~legacy_zero).any() or not np.isfinite(scales).all():
         raise Invalid("scale")
+    scales = np.where(legacy_zero, np.float32(0), scales)
     if symmetric:
         zero_points = np.full(groups, 2 ** (bits - 1), dtype=np.float32)
     else:
         zero_points = body[4 * groups : 8 * groups].view("<f4")
         if not np.isfinite(zero_points).all():
             raise Invalid("zero point")
+    with np.errstate(over="ignore"):  # the codes 0 and 2^B - 1 bound every decoded value
+        extremes = [(np.float32(u) - zero_points) * scales for u in (0, 2**bits - 1)]
+    if not all(np.isfinite(e).all() for e in extremes):
+        raise Invalid("a code decodes to a non-finite value")
     if bits == 8:
         u = values
     elif bits == 16:
