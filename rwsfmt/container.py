@@ -530,9 +530,19 @@ def _parse_json(body: bytes, path: str) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not allowed")
 
+    def bounded_int(text: str) -> int:
+        # like 1e999, an integer that rounds to infinity as binary64 is refused (spec section 9,
+        # rule 9); float() first also spares int() thousands of digits
+        if math.isinf(float(text)):
+            raise ValueError(f"integer {text[:12]}... ({len(text)} digits) overflows binary64")
+        return int(text)
+
     try:
         doc = json.loads(
-            body.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants
+            body.decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constants,
+            parse_int=bounded_int,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None

@@ -90,12 +90,18 @@ def _json(header: bytes) -> dict:
             raise Invalid("number overflows binary64")
         return value
 
+    def integer(text):
+        if math.isinf(float(text)):  # float() of a long digit string is fast and exact enough
+            raise Invalid("integer overflows binary64")
+        return int(text)
+
     try:
         doc = json.loads(
             header.decode("utf-8"),
             object_pairs_hook=pairs,
             parse_constant=constant,
             parse_float=number,
+            parse_int=integer,
         )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise Invalid(f"header JSON: {exc}") from None

@@ -235,6 +235,43 @@ def test_affine_zero_points_that_decode_past_float32_are_refused(tmp_path):
         reference_reader.read(str(path))
 
 
+@pytest.mark.parametrize(
+    ("number", "accepted"),
+    [
+        (10**308, True),
+        (int(sys.float_info.max), True),
+        (int(sys.float_info.max) + 2**969, True),  # rounds down to the largest binary64
+        (2**1024 - 2**970, False),  # halfway: rounds to even, which is infinity
+        (-(10**400), False),
+        (10**5000, False),  # past Python's 4,300-digit int() limit too
+    ],
+    ids=["1e308", "max", "max+", "halfway", "-1e400", "1e5000"],
+)
+def test_header_integers_must_fit_binary64(small_rws, number, accepted):
+    """Spec section 9, rule 9: an integer that rounds to infinity is refused like 1e999, by
+    both readers, wherever it sits (here in the provenance)."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # to write 10**5000; the readers run with the usual limit
+    try:
+        _rewrite(small_rws, lambda doc: doc["provenance"].update(size=number))
+    finally:
+        sys.set_int_max_str_digits(limit)
+    assert _verdicts(small_rws) == (accepted, accepted)
+    if not accepted:
+        with pytest.raises(IntegrityError, match="overflows binary64"):
+            rwsfmt.load(small_rws)
+
+
+def _verdicts(path) -> tuple[bool, bool]:
+    """(rwsfmt accepts, reference reader accepts) for the whole file."""
+    try:
+        reference_reader.read(str(path))
+        theirs = True
+    except reference_reader.Invalid:
+        theirs = False
+    return rwsfmt.verify(path).ok, theirs
+
+
 def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(tmp_path, small_rws):
     sig = rwsfmt.load(small_rws)
     calls = []
