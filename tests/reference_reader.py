@@ -261,8 +261,8 @@ def _group_index(q: dict, shape: list, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     if q["granularity"] == "group":
         return np.arange(n, dtype=np.int64) // q["group_size"]
-    index = np.indices(shape, dtype=np.int64)[q["axis"]]
-    return index.reshape(-1)
+    inner = math.prod(shape[q["axis"] + 1 :])  # elements per step along the axis
+    return np.arange(n, dtype=np.int64) // inner % shape[q["axis"]]
 
 
 def _unzstd(blob: bytes, decoded_length: int) -> bytes:
@@ -298,10 +298,17 @@ def _unzstd(blob: bytes, decoded_length: int) -> bytes:
             break
     if pos + 4 != len(blob):
         raise Invalid("bytes after the frame")
+    # decode to the end of the frame, which checks every block and the content checksum
+    # (ZstdDecompressor.decompress skips both for a frame declaring 0 bytes)
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompress(blob, max_output_size=decoded_length)
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while chunk := reader.read(1 << 16):
+                out += chunk
+                if len(out) > decoded_length:
+                    raise Invalid("frame decodes to more than decoded_length")
     except zstandard.ZstdError as exc:
         raise Invalid(f"zstd: {exc}") from None
     if len(out) != decoded_length:
         raise Invalid("frame decodes to the wrong length")
-    return out
+    return bytes(out)

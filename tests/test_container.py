@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import reference_reader
 import torch
+import zstandard
 from conftest import SPEC, assemble, small_tensors, split, write_small
 
 import rwsfmt
@@ -270,6 +271,23 @@ def _verdicts(path) -> tuple[bool, bool]:
     except reference_reader.Invalid:
         theirs = False
     return rwsfmt.verify(path).ok, theirs
+
+
+@pytest.mark.parametrize("damage", ["checksum", "block"])
+def test_empty_tensor_in_a_damaged_zstd_frame_is_refused(tmp_path, damage):
+    """A frame declaring 0 bytes must still be decoded to its end (blocks and checksum)."""
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(b""))
+    frame[-1 if damage == "checksum" else -5] ^= 0x10
+    path = tmp_path / "empty.rws"
+    sig = rwsfmt.from_tensors({"e": torch.zeros(0, 3)}, label="t")
+    entry = {**sig.info("e").to_json(), "codec": "zstd", "length": len(frame)}
+    entry["sha256"] = hashlib.sha256(frame).hexdigest()
+    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, bytes(frame)))
+    assert _verdicts(path) == (False, False)
+    frame[-1 if damage == "checksum" else -5] ^= 0x10  # undamaged: both accept
+    entry["sha256"] = hashlib.sha256(frame).hexdigest()
+    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, bytes(frame)))
+    assert _verdicts(path) == (True, True)
 
 
 def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(tmp_path, small_rws):
