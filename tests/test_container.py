@@ -290,6 +290,21 @@ def test_empty_tensor_in_a_damaged_zstd_frame_is_refused(tmp_path, damage):
     assert _verdicts(path) == (True, True)
 
 
+def test_missing_tensors_and_devices_are_rws_errors(small_rws):
+    with rwsfmt.load(small_rws) as sig:
+        assert "fc.weight" in sig and "nope" not in sig
+        with pytest.raises(RwsError, match=r"(?s)no tensor 'nope' in signature 'fog'.*fix:"):
+            sig.tensor("nope")
+        with pytest.raises(RwsError, match="no tensor 'nope'") as err:
+            sig.info("nope")
+        assert err.value.path == str(small_rws)
+        with pytest.raises(RwsError, match="unknown device"):
+            sig.tensor("fc.weight", device="tpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(RwsError, match="(?s)CUDA is not available.*fix:"):
+                sig.tensor("fc.weight", device="cuda")
+
+
 def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(tmp_path, small_rws):
     sig = rwsfmt.load(small_rws)
     calls = []
