@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -46,6 +47,7 @@ LINEAR_BITS = (4, 8, 16)
 SOURCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 _UPGRADE = "upgrade rwsfmt (pip install -U rwsfmt) to read it"
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -645,7 +647,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
     if codec not in CODECS:
         raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)}); {_UPGRADE}")
     sha = need("sha256", str)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    if not _SHA256_HEX.fullmatch(sha):
         raise bad("sha256 must be 64 lowercase hex digits")
     stats = e.get("stats", {})
     if not isinstance(stats, dict):
