@@ -690,3 +690,47 @@ def test_resigned_header_mutations(tmp_path, bases, capsys):
     assert min(family_counts.values()) > CASES // 20
     assert accepted > CASES // 20  # the campaign reaches the decoders
 
+
+# --------------------------------------------------------------------------- metadata display
+
+PROVENANCE_KEYS = [*PROVENANCE, "created", "tool", "tool_version", "quantization"]
+
+
+def _fill_metadata(doc: dict, value: object, nested: bool) -> None:
+    """Put `value` in every metadata slot inspect shows: provenance keys (or, if `nested`,
+    the fields inside inputs/components/meta/quantization), stats, fingerprints, label."""
+    v = lambda: copy.deepcopy(value)  # noqa: E731
+    prov = {key: v() for key in PROVENANCE_KEYS}
+    if nested:
+        prov["inputs"] = [{"role": v(), "name": v(), "size": v(), "sha256": v()}, v()]
+        prov["components"] = [{"label": v(), "weight": v()}, v()]
+        prov["meta"] = {"k": v(), _short(value): "x"}
+        prov["quantization"] = {"bits": v(), "symmetric": v(), "granularity": v()}
+        prov["quantization"]["group_size"] = v()
+    doc["provenance"] = prov
+    doc["fingerprint"] = {"model": v(), "signature": v()}
+    if isinstance(value, str):
+        doc["label"] = value
+    for entry in doc["tensors"]:
+        entry["stats"] = {key: v() for key in ("quant_rel_error", "rel_norm", "cos_base", "[/x]")}
+
+
+def test_inspect_shows_any_metadata_value(tmp_path, bases):
+    """Each weird value in every metadata slot at once: `inspect` prints its tables and its
+    JSON (exit 0), or refuses the file (exit 2) when the header breaks a rule; never a
+    traceback, and never a raw control character on the terminal."""
+    fields, doc, blobs = _blobs(bases[-1])
+    runner = CliRunner()
+    path = tmp_path / "meta.rws"
+    for value in WEIRD:
+        for nested in (False, True):
+            case = copy.deepcopy(doc)
+            _fill_metadata(case, value, nested)
+            path.write_bytes(assemble(case, b"".join(blobs), **fields))
+            refused = str(HUGE) in json.dumps(value)  # integers past binary64 (spec 9)
+            for args in (["inspect", str(path)], ["inspect", "--json", str(path)]):
+                result = runner.invoke(cli, args)
+                assert isinstance(result.exception, (SystemExit, type(None))), (value, args)
+                assert result.exit_code == (2 if refused else 0), (_short(value), result.output)
+                if args[1] != "--json":  # (JSON escapes control characters itself)
+                    assert "\x1b" not in result.output and "\u202e" not in result.output
