@@ -29,7 +29,6 @@ def inspect(file: str, as_json: bool) -> None:
 
 def render(info: dict) -> None:
     from rich.table import Table
-    from rich.text import Text
 
     out = console()
     prov = info["provenance"]
@@ -70,8 +69,8 @@ def render(info: dict) -> None:
     meta = prov.get("meta")
     for key, value in sorted(meta.items()) if isinstance(meta, dict) else []:
         rows.append((f"meta: {key}", str(value)))
-    for key, value in rows:  # Text: names and labels from a file are never rich markup
-        summary.add_row(Text(key), Text(value))
+    for key, value in rows:
+        summary.add_row(_text(key), _text(value))
     out.print(summary)
 
     tensors = info["tensors"]
@@ -91,7 +90,6 @@ def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]],
     """One row per tensor: the name always shows in full (folded), other columns stay short."""
     from rich import box
     from rich.table import Table
-    from rich.text import Text
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     longest = max((len(t["name"]) for t in tensors), default=4)
@@ -113,8 +111,21 @@ def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]],
                 f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
             ]
         row += [_num(t["stats"].get(key)) for key, _ in stats]
-        table.add_row(*map(Text, row))
+        table.add_row(*map(_text, row))
     return table
+
+
+# C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
+_CONTROL = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROL}
+
+
+def _text(value: str):
+    """Text from a file, shown as it is: never rich markup, and with control characters
+    escaped (an ESC in a label must not drive the terminal, a newline not break a row)."""
+    from rich.text import Text
+
+    return Text(value.translate(_ESCAPES))
 
 
 def _bits(t: dict) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
 MAX_GROUP_SIZE = 1 << 31
 MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
+NEGATIVE_ZERO = 0x8000_0000  # the bits of float32 -0.0, read as +0.0 in a scale
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
@@ -45,6 +47,7 @@ LINEAR_BITS = (4, 8, 16)
 SOURCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 _UPGRADE = "upgrade rwsfmt (pip install -U rwsfmt) to read it"
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -293,8 +296,13 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
 
 
 def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
-    """Refuse payloads whose numbers no writer produces: scales that are negative (sign bit
-    set) or not finite, zero points or exact float32 values that are not finite."""
+    """Refuse payloads whose numbers no writer produces (spec section 3.6): exact float32
+    values that are not finite; scales that are negative or not finite; zero points that are
+    not finite; and groups whose scale and zero point could decode a code to infinity.
+
+    A scale of exactly -0.0 is accepted: rwsfmt 0.1.0 wrote it for all-zero groups, and
+    it reads as +0.0.
+    """
     import numpy as np
 
     raw = np.frombuffer(payload, dtype=np.uint8)
@@ -306,13 +314,34 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
             raise IntegrityError(f"tensor {info.name!r} holds NaN or infinite values", path=path)
         return
     g = info.n_scales
-    scales = raw[: 4 * g].reshape(g, 4).T
-    if (scales[3] >= 0x80).any() or _any_nonfinite(scales[2], scales[3]):
+    scale_bits = np.frombuffer(payload, dtype="<u4", count=g)
+    scales = (scale_bits & 0x7FFF_FFFF).view("<f4")  # -0.0 reads as +0.0 ...
+    if (scale_bits > NEGATIVE_ZERO).any() or not np.isfinite(scales).all():  # ... others fail
         raise IntegrityError(f"tensor {info.name!r} has a negative or non-finite scale", path=path)
     if info.affine:
-        zps = raw[4 * g : 8 * g].reshape(g, 4).T
-        if _any_nonfinite(zps[2], zps[3]):
+        zps = np.frombuffer(payload, dtype="<f4", count=g, offset=4 * g)
+        if not np.isfinite(zps).all():
             raise IntegrityError(f"tensor {info.name!r} has a non-finite zero point", path=path)
+    else:
+        zps = np.float32(1 << (info.bits - 1))
+    if not decodes_finite(scales, zps, info.bits).all():
+        raise IntegrityError(
+            f"tensor {info.name!r} has a scale and zero point that decode codes beyond the "
+            "float32 range",
+            path=path,
+        )
+
+
+def decodes_finite(scales: Any, zero_points: Any, bits: int) -> Any:
+    """Per group (numpy float32 arrays), whether every `bits`-wide code decodes to a finite
+    value: `(u - zp) * scale` (float32, spec 3.3) is monotone in `u`, so checking the codes
+    0 and 2**bits - 1 covers all of them, without decoding the values."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        lowest = (np.float32(0) - zero_points) * scales
+        highest = (np.float32((1 << bits) - 1) - zero_points) * scales
+    return np.isfinite(lowest) & np.isfinite(highest)
 
 
 def _any_nonfinite(byte2: Any, byte3: Any) -> bool:
@@ -503,9 +532,19 @@ def _parse_json(body: bytes, path: str) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not allowed")
 
+    def bounded_int(text: str) -> int:
+        # like 1e999, an integer that rounds to infinity as binary64 is refused (spec section 9,
+        # rule 9); float() first also spares int() thousands of digits
+        if math.isinf(float(text)):
+            raise ValueError(f"integer {text[:12]}... ({len(text)} digits) overflows binary64")
+        return int(text)
+
     try:
         doc = json.loads(
-            body.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants
+            body.decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constants,
+            parse_int=bounded_int,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
@@ -608,7 +647,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
     if codec not in CODECS:
         raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)}); {_UPGRADE}")
     sha = need("sha256", str)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    if not _SHA256_HEX.fullmatch(sha):
         raise bad("sha256 must be 64 lowercase hex digits")
     stats = e.get("stats", {})
     if not isinstance(stats, dict):

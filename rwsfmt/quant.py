@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from .container import GRANULARITIES, LINEAR_BITS, TensorInfo
+from .container import GRANULARITIES, LINEAR_BITS, TensorInfo, decodes_finite
 from .errors import RwsError
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
     raise ImportError("rwsfmt needs a little-endian machine")
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,12 @@ class Encoded:
     rel_error: float  # ||decoded - x|| / ||x||, measured at write time (0 for a zero tensor)
 
 
-def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
-    """Quantize `x` (any float dtype, any device) into a payload per `config`."""
+def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encoded:
+    """Quantize `x` (any float dtype, any device) into a payload per `config`.
+
+    Raises `RwsError` (naming the tensor `name`) when affine codes would decode beyond the
+    float32 range, which only happens for values within a step of +-3.4e38.
+    """
     x32 = x.detach().to(torch.float32)
     quant = config.metadata(tuple(x.shape))
     if quant["scheme"] == "float":
@@ -87,14 +93,21 @@ def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
     bits, n = quant["bits"], x32.numel()
     groups = _as_groups(x32.reshape(-1), quant, x.shape)
     scale, zp, u = _quantize_groups(groups, bits, quant["symmetric"])
+    scale_np, zp_np = scale.cpu().numpy(), zp.cpu().numpy()
+    if not decodes_finite(scale_np, zp_np, bits).all():
+        raise RwsError(
+            f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
+            f"{bits}-bit affine quantization: they would decode to infinity",
+            fix="store it exactly (--bits 32) or with symmetric quantization",
+        )
     codes = u.reshape(-1)[:n].to(torch.uint8 if bits == 8 else torch.int32).cpu()
     # reuse u for the error: decoded - x = (u - zp) * scale - x, one pass, no new tensor
     error = u.sub_(zp[:, None]).mul_(scale[:, None]).sub_(groups)
-    norm = float(torch.linalg.vector_norm(x32))
-    rel_error = float(torch.linalg.vector_norm(error)) / norm if norm else 0.0
-    parts = [scale.cpu().numpy().tobytes()]
+    norm = _norm(x32)
+    rel_error = _norm(error) / norm if norm else 0.0
+    parts = [scale_np.tobytes()]
     if not quant["symmetric"]:
-        parts.append(zp.cpu().numpy().tobytes())
+        parts.append(zp_np.tobytes())
     filt = "none"
     if bits == 8:
         parts.append(codes.numpy().tobytes())
@@ -106,6 +119,23 @@ def encode(x: torch.Tensor, config: QuantConfig) -> Encoded:
         padded = torch.nn.functional.pad(codes, (0, n % 2))
         parts.append(((padded[0::2] | (padded[1::2] << 4)).to(torch.uint8)).numpy().tobytes())
     return Encoded(quant, filt, b"".join(parts), rel_error)
+
+
+# Below this a float32 norm may have lost the squares that underflow (values under ~1e-19).
+_SMALL_NORM = 1e-6
+
+
+def _norm(t: torch.Tensor) -> float:
+    """||t||_2 as a Python float, finite for any finite `t`.
+
+    float32 accumulation overflows once squares pass 3.4e38 (values over ~1.8e19) and drops
+    tiny values whose squares underflow; only then is the norm recomputed in float64, which
+    costs a full-size float64 copy of `t`.
+    """
+    norm = float(torch.linalg.vector_norm(t))
+    if math.isinf(norm) or (norm < _SMALL_NORM and bool(t.any())):
+        norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return norm
 
 
 def decode(
@@ -128,7 +158,9 @@ def decode(
             values = values.view(4, n).t().contiguous().reshape(-1)
         return values.view(torch.float32).reshape(info.shape)
     bits, g = q["bits"], info.n_scales
-    scale = raw[: 4 * g].view(torch.float32)
+    # abs(): a -0.0 scale (rwsfmt 0.1.0, all-zero groups) reads as +0.0, spec 3.6;
+    # check_payload has refused every other negative scale
+    scale = raw[: 4 * g].view(torch.float32).abs()
     if q["symmetric"]:
         zp = torch.full_like(scale, float(1 << (bits - 1)))
     else:
@@ -183,29 +215,53 @@ def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> 
 def _quantize_groups(
     g: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero point, codes) in float32; zero rows get scale 0.
+    """Per-row (scale, zero point, codes) in float32; zero rows get scale +0.0.
 
-    The codes are whole numbers held in a new float32 tensor the caller may reuse.
+    Scales never exceed the exact quotient (see `_scale`), so symmetric codes decode within
+    the row's largest magnitude and can never overflow. The codes are whole numbers held in
+    a new float32 tensor the caller may reuse.
     """
     if g.shape[1] == 0:
         zeros = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
         return zeros, zeros + (1 << (bits - 1) if symmetric else 0), g.clone()
-    levels = (1 << bits) - 1
+    levels, half = (1 << bits) - 1, 1 << (bits - 1)
     high, low = g.amax(dim=1), g.amin(dim=1)
     if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        scale = torch.maximum(high, -low) / qmax  # max |x| without a full-size abs() copy
-        zp = torch.full_like(scale, float(1 << (bits - 1)))
-        lo, hi = zp - qmax, zp + qmax
+        # max |x| without a full-size abs() copy; the cap keeps the code 0 (u - zp = -half,
+        # never written) finite too, as readers require of every code
+        scale = _scale(torch.maximum(high, -low), half - 1, cap=FLOAT32_MAX / half)
     else:
         low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = (high - low) / levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zp = torch.round(-low / safe).clamp(0, levels)
+        scale = _scale(high.double() - low.double(), levels)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero groups: codes = zp
+    if symmetric:
+        zp = torch.full_like(scale, float(half))
+        lo, hi = zp - (half - 1), zp + (half - 1)
+    else:
+        zp = _no_negative_zero(torch.round(-low / safe).clamp_(0, levels))
         lo, hi = torch.zeros_like(zp), torch.full_like(zp, float(levels))
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     u = torch.div(g, safe[:, None]).round_().add_(zp[:, None])
     return scale, zp, u.clamp_(min=lo[:, None], max=hi[:, None])
+
+
+def _scale(span: torch.Tensor, divisor: int, cap: float = FLOAT32_MAX) -> torch.Tensor:
+    """float32 scales `min(span / divisor, cap)` per group, rounded toward zero.
+
+    The quotient is taken in float64 (a float32 `span` may be near 3.4e38, and a float32
+    quotient could round up past it), and rounding toward zero guarantees
+    `divisor * scale <= span`. A zero span gives +0.0, never -0.0: torch.maximum(+0.0, -0.0)
+    is -0.0 on the vectorised CPU path, and readers refuse scales with the sign bit set.
+    """
+    exact = span.double().div_(divisor).clamp_(max=cap)
+    scale = exact.float()
+    above = scale.double() > exact  # rounded up: step one float32 toward zero
+    scale = torch.where(above, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+    return _no_negative_zero(scale)
+
+
+def _no_negative_zero(t: torch.Tensor) -> torch.Tensor:
+    """`t` (all >= 0) with any -0.0 replaced by +0.0."""
+    return torch.where(t > 0, t, torch.zeros_like(t))
 
 
 def _planes(byte_view: torch.Tensor, itemsize: int) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .container import RwsReader, TensorInfo, decode_blob, encode_blob, write_file
+from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
 from .provenance import base_provenance
@@ -71,10 +72,15 @@ class Signature:
         return list(self._infos.values())
 
     def info(self, name: str) -> TensorInfo:
+        """The header entry of tensor `name`; `RwsError` when there is none."""
         try:
             return self._infos[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not in signature {self.label!r}") from None
+            raise RwsError(
+                f"no tensor {name!r} in signature {self.label!r}",
+                path=self.path,
+                fix="pick one of its names (sig.names, or `rwsfmt inspect FILE`)",
+            ) from None
 
     def __len__(self) -> int:
         return len(self._infos)
@@ -108,8 +114,12 @@ class Signature:
         )
 
     def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """One tensor as float32, dequantized on `device` (CPU by default)."""
-        return decode(self.payload(name), self.info(name), device)
+        """One tensor as float32, dequantized on `device` (CPU by default).
+
+        An unknown or unavailable device is an `RwsError`, raised before anything is read.
+        """
+        dev = resolve_device(device)
+        return decode(self.payload(name), self.info(name), dev)
 
     def close(self) -> None:
         if isinstance(self._blobs, RwsReader):
@@ -155,7 +165,7 @@ class SignatureBuilder:
                 fix="check the checkpoints it was computed from",
             )
         quant = self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
-        enc = encode(tensor, quant)
+        enc = encode(tensor, quant, name)
         codec, blob = encode_blob(enc.payload)
         info = TensorInfo(
             name=name,

@@ -90,12 +90,18 @@ def _json(header: bytes) -> dict:
             raise Invalid("number overflows binary64")
         return value
 
+    def integer(text):
+        if math.isinf(float(text)):  # float() of a long digit string is fast and exact enough
+            raise Invalid("integer overflows binary64")
+        return int(text)
+
     try:
         doc = json.loads(
             header.decode("utf-8"),
             object_pairs_hook=pairs,
             parse_constant=constant,
             parse_float=number,
+            parse_int=integer,
         )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise Invalid(f"header JSON: {exc}") from None
@@ -223,14 +229,20 @@ def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
             raise Invalid("non-finite value")
         return out.astype(np.float32)
     scales = body[: 4 * groups].view("<f4")
-    if np.signbit(scales).any() or not np.isfinite(scales).all():
+    legacy_zero = scales.view("<u4") == 0x80000000  # -0.0: read as +0.0 (section 3.6)
+    if (np.signbit(scales) & ~legacy_zero).any() or not np.isfinite(scales).all():
         raise Invalid("scale")
+    scales = np.where(legacy_zero, np.float32(0), scales)
     if symmetric:
         zero_points = np.full(groups, 2 ** (bits - 1), dtype=np.float32)
     else:
         zero_points = body[4 * groups : 8 * groups].view("<f4")
         if not np.isfinite(zero_points).all():
             raise Invalid("zero point")
+    with np.errstate(over="ignore"):  # the codes 0 and 2^B - 1 bound every decoded value
+        extremes = [(np.float32(u) - zero_points) * scales for u in (0, 2**bits - 1)]
+    if not all(np.isfinite(e).all() for e in extremes):
+        raise Invalid("a code decodes to a non-finite value")
     if bits == 8:
         u = values
     elif bits == 16:
@@ -249,8 +261,8 @@ def _group_index(q: dict, shape: list, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     if q["granularity"] == "group":
         return np.arange(n, dtype=np.int64) // q["group_size"]
-    index = np.indices(shape, dtype=np.int64)[q["axis"]]
-    return index.reshape(-1)
+    inner = math.prod(shape[q["axis"] + 1 :])  # elements per step along the axis
+    return np.arange(n, dtype=np.int64) // inner % shape[q["axis"]]
 
 
 def _unzstd(blob: bytes, decoded_length: int) -> bytes:
@@ -286,10 +298,17 @@ def _unzstd(blob: bytes, decoded_length: int) -> bytes:
             break
     if pos + 4 != len(blob):
         raise Invalid("bytes after the frame")
+    # decode to the end of the frame, which checks every block and the content checksum
+    # (ZstdDecompressor.decompress skips both for a frame declaring 0 bytes)
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompress(blob, max_output_size=decoded_length)
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while chunk := reader.read(1 << 16):
+                out += chunk
+                if len(out) > decoded_length:
+                    raise Invalid("frame decodes to more than decoded_length")
     except zstandard.ZstdError as exc:
         raise Invalid(f"zstd: {exc}") from None
     if len(out) != decoded_length:
         raise Invalid("frame decodes to the wrong length")
-    return out
+    return bytes(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,14 +14,17 @@ import time
 import tracemalloc
 
 import jsonschema
+import numpy as np
 import pytest
 import reference_reader
 import torch
+import zstandard
 from conftest import SPEC, assemble, small_tensors, split, write_small
 
 import rwsfmt
 from rwsfmt.container import MAGIC, RwsReader, write_file
 from rwsfmt.errors import IntegrityError, RwsError
+from rwsfmt.quant import QuantConfig
 from rwsfmt.summary import describe
 
 
@@ -174,22 +178,131 @@ def test_unknown_codec_gives_a_clear_error(small_rws):
         rwsfmt.load(small_rws)
 
 
-def test_nonfinite_scale_is_refused_even_with_valid_checksums(tmp_path):
-    import hashlib
+def _raw_file(path, sig, name, payload: bytes) -> None:
+    """`path` holding tensor `name` of `sig` with this payload, raw, with valid checksums."""
+    entry = {**sig.info(name).to_json(), "codec": "raw", "length": len(payload)}
+    entry["sha256"] = hashlib.sha256(payload).hexdigest()
+    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, payload))
 
-    path = tmp_path / "nan.rws"
+
+@pytest.mark.parametrize(
+    ("scale_bits", "accepted"),
+    [
+        (0x8000_0000, True),  # -0.0, as rwsfmt 0.1.0 wrote zero groups: read as +0.0
+        (0x8000_0001, False),  # the smallest negative subnormal
+        (0xBF80_0000, False),  # -1.0
+        (0x7F80_0000, False),  # +inf
+        (0x7FC0_0000, False),  # NaN
+        (0x7B80_0000, True),  # 2**120: code 0 decodes to -128 * 2**120 = -2**127, finite
+        (0x7C00_0000, False),  # 2**121: code 0 would decode to -2**128 = -inf
+    ],
+)
+def test_scale_rules_with_valid_checksums(tmp_path, scale_bits, accepted):
+    """Spec 3.6, in both readers: which scales a payload may hold, and how -0.0 decodes."""
+    path = tmp_path / "scale.rws"
     sig = rwsfmt.from_tensors({"x": torch.randn(4, 4)}, label="t")
     payload = bytearray(sig.payload("x"))
-    payload[0:4] = struct.pack("<f", float("nan"))
-    info = sig.info("x")
-    entry = {**info.to_json(), "codec": "raw", "length": len(payload)}
-    entry["sha256"] = hashlib.sha256(payload).hexdigest()
-    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, bytes(payload)))
-    with pytest.raises(IntegrityError, match="negative or non-finite scale"):
-        rwsfmt.load(path).tensor("x")
+    payload[0:4] = struct.pack("<I", scale_bits)  # the scale of row 0
+    _raw_file(path, sig, "x", bytes(payload))
+    assert rwsfmt.verify(path).ok is accepted
+    if not accepted:
+        with pytest.raises(IntegrityError, match="scale"):
+            rwsfmt.load(path).tensor("x")
+        with pytest.raises(reference_reader.Invalid):
+            reference_reader.read(str(path))
+        return
+    got = rwsfmt.load(path).tensor("x").numpy()
+    _, reference = reference_reader.read(str(path))
+    assert got.tobytes() == reference["x"].tobytes()
+    assert np.isfinite(got).all()
+    if scale_bits == 0x8000_0000:  # (u - zp) * +0.0: +0.0 for u >= zp, -0.0 below
+        codes = np.frombuffer(bytes(payload), np.uint8)[16:20]
+        want = np.where(codes < 128, np.float32(-0.0), np.float32(0.0))
+        assert got[0].view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+def test_affine_zero_points_that_decode_past_float32_are_refused(tmp_path):
+    path = tmp_path / "zp.rws"
+    affine = QuantConfig(symmetric=False)
+    sig = rwsfmt.from_tensors({"x": torch.randn(2, 8)}, label="t", quant=affine)
+    payload = bytearray(sig.payload("x"))
+    payload[0:4] = struct.pack("<f", 1e36)  # scale of row 0
+    payload[8:12] = struct.pack("<f", 1e3)  # its zero point: code 0 decodes to -1e39
+    _raw_file(path, sig, "x", bytes(payload))
     assert not rwsfmt.verify(path).ok
+    with pytest.raises(IntegrityError, match="beyond the float32 range"):
+        rwsfmt.load(path).tensor("x")
     with pytest.raises(reference_reader.Invalid):
         reference_reader.read(str(path))
+
+
+@pytest.mark.parametrize(
+    ("number", "accepted"),
+    [
+        (10**308, True),
+        (int(sys.float_info.max), True),
+        (int(sys.float_info.max) + 2**969, True),  # rounds down to the largest binary64
+        (2**1024 - 2**970, False),  # halfway: rounds to even, which is infinity
+        (-(10**400), False),
+        (10**5000, False),  # past Python's 4,300-digit int() limit too
+    ],
+    ids=["1e308", "max", "max+", "halfway", "-1e400", "1e5000"],
+)
+def test_header_integers_must_fit_binary64(small_rws, number, accepted):
+    """Spec section 9, rule 9: an integer that rounds to infinity is refused like 1e999, by
+    both readers, wherever it sits (here in the provenance)."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # to write 10**5000; the readers run with the usual limit
+    try:
+        _rewrite(small_rws, lambda doc: doc["provenance"].update(size=number))
+    finally:
+        sys.set_int_max_str_digits(limit)
+    assert _verdicts(small_rws) == (accepted, accepted)
+    if not accepted:
+        with pytest.raises(IntegrityError, match="overflows binary64"):
+            rwsfmt.load(small_rws)
+
+
+def _verdicts(path) -> tuple[bool, bool]:
+    """(rwsfmt accepts, reference reader accepts) for the whole file."""
+    try:
+        reference_reader.read(str(path))
+        theirs = True
+    except reference_reader.Invalid:
+        theirs = False
+    return rwsfmt.verify(path).ok, theirs
+
+
+@pytest.mark.parametrize("damage", ["checksum", "block"])
+def test_empty_tensor_in_a_damaged_zstd_frame_is_refused(tmp_path, damage):
+    """A frame declaring 0 bytes must still be decoded to its end (blocks and checksum)."""
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(b""))
+    frame[-1 if damage == "checksum" else -5] ^= 0x10
+    path = tmp_path / "empty.rws"
+    sig = rwsfmt.from_tensors({"e": torch.zeros(0, 3)}, label="t")
+    entry = {**sig.info("e").to_json(), "codec": "zstd", "length": len(frame)}
+    entry["sha256"] = hashlib.sha256(frame).hexdigest()
+    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, bytes(frame)))
+    assert _verdicts(path) == (False, False)
+    frame[-1 if damage == "checksum" else -5] ^= 0x10  # undamaged: both accept
+    entry["sha256"] = hashlib.sha256(frame).hexdigest()
+    path.write_bytes(assemble({"label": "t", "tensors": [entry]}, bytes(frame)))
+    assert _verdicts(path) == (True, True)
+
+
+def test_missing_tensors_and_devices_are_rws_errors(small_rws):
+    with rwsfmt.load(small_rws) as sig:
+        assert "fc.weight" in sig and "nope" not in sig
+        with pytest.raises(RwsError, match=r"(?s)no tensor 'nope' in signature 'fog'.*fix:"):
+            sig.tensor("nope")
+        with pytest.raises(RwsError, match="no tensor 'nope'") as err:
+            sig.info("nope")
+        assert err.value.path == str(small_rws)
+        with pytest.raises(RwsError, match="unknown device"):
+            sig.tensor("fc.weight", device="tpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(RwsError, match="(?s)CUDA is not available.*fix:"):
+                sig.tensor("fc.weight", device="cuda")
 
 
 def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(tmp_path, small_rws):

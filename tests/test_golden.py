@@ -14,7 +14,14 @@ from conftest import SPEC, VECTORS
 
 import rwsfmt
 
-NAMES = ["sym8_channel", "sym16_byteplane", "float32_exact", "affine4_group", "mixed"]
+NAMES = [
+    "sym8_channel",
+    "sym16_byteplane",
+    "float32_exact",
+    "affine4_group",
+    "mixed",
+    "legacy_negzero_scale",
+]
 
 
 def _expected(name: str) -> dict:
@@ -110,3 +117,19 @@ def test_fingerprint_example_from_the_spec():
     fp = rwsfmt.architecture_fingerprint([("b", [2]), ("a", [3, 4])])
     assert fp == "sha256:" + hashlib.sha256(b'[["a",[3,4]],["b",[2]]]').hexdigest()
     assert fp in (SPEC / "rws-format.md").read_text(encoding="utf-8")
+
+
+def test_legacy_negative_zero_scales_decode_as_positive_zero():
+    """rwsfmt 0.1.0 wrote -0.0 scales for all-zero groups (spec 3.6): the golden file holds
+    them in three layouts, and both readers decode those groups to +0.0, never -0.0."""
+    path = VECTORS / "legacy_negzero_scale.rws"
+    _, reference = reference_reader.read(str(path))
+    with rwsfmt.load(path) as sig:
+        negative_zero_scales = 0
+        for info in sig.infos:
+            scales = np.frombuffer(sig.payload(info.name), dtype="<u4", count=info.n_scales)
+            negative_zero_scales += int((scales == 0x80000000).sum())
+            decoded = sig.tensor(info.name).numpy()
+            assert (decoded == 0).any() and not np.signbit(decoded[decoded == 0]).any()
+            assert decoded.tobytes() == reference[info.name].tobytes()
+    assert negative_zero_scales == 4 + 3 + 3

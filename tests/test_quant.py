@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import reference_reader
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rwsfmt
 from rwsfmt.errors import RwsError
@@ -182,3 +186,183 @@ def test_cuda_decode_is_bit_exact(bits, symmetric, granularity):
         on_gpu = sig.tensor(name, device="cuda")
         assert on_gpu.device.type == "cuda"
         assert torch.equal(on_gpu.cpu(), sig.tensor(name))
+
+
+# --------------------------------------------------------------------------- zero and extreme rows
+
+SETTINGS = [QuantConfig(bits=32)] + [
+    QuantConfig(bits=b, symmetric=s, granularity=g, group_size=64) for b, s, g in LINEAR
+]
+ZERO_ROWS = [0, 1, 2, 97, 200, 254, 255]  # first, consecutive, middle, last
+
+
+def _dead_channel_tensors() -> dict[str, torch.Tensor]:
+    """Real layer shapes with hundreds of output channels (the vectorised CPU path, where
+    torch.maximum(+0.0, -0.0) is -0.0) and all-zero rows at every position."""
+    g = torch.Generator().manual_seed(11)
+    conv = 0.05 * torch.randn(256, 8, 3, 3, generator=g)
+    conv[ZERO_ROWS] = 0.0
+    fc = 0.1 * torch.randn(300, 32, generator=g)
+    fc[[0, 150, 151, 299]] = 0.0
+    embedding = torch.randn(512, 8, generator=g)
+    embedding[-100:] = 0.0  # BERT-style unused rows
+    bias = torch.randn(256, generator=g)
+    bias[ZERO_ROWS] = 0.0
+    dead = torch.zeros_like(conv)  # a layer training never changed
+    return {"conv": conv, "fc": fc, "embedding": embedding, "bias": bias, "dead": dead}
+
+
+@pytest.mark.parametrize("config", SETTINGS, ids=lambda c: str(c.to_json()))
+def test_dead_channels_give_files_both_readers_accept(tmp_path, config):
+    tensors = _dead_channel_tensors()
+    path = tmp_path / "dead.rws"
+    rwsfmt.save(rwsfmt.from_tensors(tensors, label="dead", quant=config), path)
+    report = rwsfmt.verify(path)
+    assert report.ok, report.problems
+    _, reference = reference_reader.read(str(path))
+    with rwsfmt.load(path) as sig:
+        for name, x in tensors.items():
+            y = sig.tensor(name)
+            assert np.array_equal(y.numpy().view(np.uint32), reference[name].view(np.uint32))
+            assert not y[x == 0].numpy().view(np.uint32).any(), name  # +0.0, never -0.0
+            info = sig.info(name)
+            if info.bits == 32:
+                assert torch.equal(y, x)
+                continue
+            _check_bound(x, y, info.quant)
+            numbers = np.frombuffer(sig.payload(name), "<u4", count=info.values_offset // 4)
+            assert not (numbers >> 31).any(), name  # no scale or zero point is -0.0
+            whole_rows = name != "bias" and info.granularity != "tensor"
+            if name == "dead" or whole_rows:  # all-zero groups, so zero scales, were there
+                assert (numbers[: info.n_scales] == 0).any(), name
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+TINY = float(torch.finfo(torch.float32).smallest_normal)
+
+
+def _extremes() -> dict[str, torch.Tensor]:
+    """Rows at the float32 limit, subnormal rows, a constant row, mixed magnitudes."""
+    g = torch.Generator().manual_seed(5)
+    huge = torch.rand(64, 20, generator=g) * FLOAT32_MAX
+    huge[::2] *= -1
+    huge[3, 7], huge[4, 2] = FLOAT32_MAX, -FLOAT32_MAX
+    tiny = torch.randn(64, 20, generator=g) * TINY / 8  # subnormal
+    tiny[5, 0] = 1e-45  # the smallest subnormal
+    mixed = torch.randn(64, 20, generator=g)
+    mixed[1] = FLOAT32_MAX
+    mixed[2] = 1e-44
+    mixed[3] = -7.5  # constant
+    mixed[4] = 0.0
+    return {"huge": huge, "tiny": tiny, "mixed": mixed}
+
+
+@pytest.mark.parametrize("config", SETTINGS, ids=lambda c: str(c.to_json()))
+def test_extreme_values_decode_finite_or_are_refused_before_writing(tmp_path, config):
+    """Symmetric and exact storage take any finite tensor; affine may refuse, clearly and
+    before writing, only values within a step of the float32 limit."""
+    for name, x in _extremes().items():
+        path = tmp_path / f"{name}.rws"
+        try:
+            sig = rwsfmt.from_tensors({name: x}, label="x", quant=config)
+        except RwsError as exc:
+            assert not config.symmetric and config.bits != 32 and name in ("huge", "mixed")
+            assert f"tensor {name!r}" in str(exc) and "--bits 32" in str(exc)
+            continue
+        rwsfmt.save(sig, path)
+        assert rwsfmt.verify(path).ok
+        _, reference = reference_reader.read(str(path))
+        y = rwsfmt.load(path).tensor(name)
+        assert torch.isfinite(y).all()
+        assert np.array_equal(y.numpy().view(np.uint32), reference[name].view(np.uint32))
+        error = sig.info(name).stats["quant_rel_error"]
+        assert math.isfinite(error) and error == pytest.approx(_rel(y, x), rel=1e-4, abs=1e-12)
+        if name == "huge" and config.bits != 32:  # no worse than the grid, far from overflow
+            assert error < 2 / (2 ** (config.bits - 1) - 1)
+
+
+def test_affine_refusal_names_the_tensor_and_the_fix():
+    x = torch.tensor([FLOAT32_MAX, -FLOAT32_MAX, 1.0])
+    with pytest.raises(RwsError, match=r"(?s)tensor 'w'.*float32 limit.*--bits 32.*symmetric"):
+        rwsfmt.from_tensors({"w": x}, label="t", quant=QuantConfig(symmetric=False))
+    one_sided = torch.tensor([FLOAT32_MAX, 0.0, 1.0])  # zero point 0: the grid ends at the max
+    sig = rwsfmt.from_tensors({"w": one_sided}, label="t", quant=QuantConfig(symmetric=False))
+    assert torch.isfinite(sig.tensor("w")).all()
+
+
+def test_symmetric_scales_round_toward_zero():
+    """qmax * scale never exceeds max|x|, so the largest value cannot decode past it."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(500, 7, generator=g)
+    x *= torch.logspace(-30, 38, 500)[:, None] / x.abs().amax(dim=1, keepdim=True)
+    for bits in (4, 8, 16):
+        sig = rwsfmt.from_tensors({"x": x}, label="t", quant=QuantConfig(bits=bits))
+        scales = np.frombuffer(sig.payload("x"), "<f4", count=500).astype(np.float64)
+        qmax = 2 ** (bits - 1) - 1
+        assert (qmax * scales <= x.abs().amax(dim=1).double().numpy()).all()
+        assert (scales > 0).all()
+
+
+# --------------------------------------------------------------------------- property
+
+
+def _row(kind: str, width: int, seed: int) -> torch.Tensor:
+    """One row of the property test's tensors: zero, constant, tiny, huge or normal values."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (width,), generator=g) * 2.0 - 1
+    if kind == "zero":
+        return torch.zeros(width)
+    if kind == "constant":
+        return torch.full((width,), float(torch.randn(1, generator=g)) * 10.0 ** (seed % 40 - 20))
+    if kind == "tiny":  # subnormal: below 1.2e-38, down to 1.4e-45
+        return signs * torch.rand(width, generator=g) * TINY
+    if kind == "huge":  # up to the float32 limit
+        return signs * (1 - torch.rand(width, generator=g) / 2) * FLOAT32_MAX
+    return torch.randn(width, generator=g) * 10.0 ** (seed % 20 - 10)
+
+
+ROWS = st.lists(
+    st.tuples(st.sampled_from(["zero", "constant", "tiny", "huge", "normal"]), st.integers(0, 999)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(
+    rows=ROWS,
+    width=st.integers(0, 40),
+    split=st.sampled_from([None, 2, 4]),
+    bits=st.sampled_from([4, 8, 16, 32]),
+    symmetric=st.booleans(),
+    granularity=st.sampled_from(["tensor", "channel", "group"]),
+    group_size=st.sampled_from([1, 3, 16, 64]),
+)
+def test_whatever_save_writes_both_readers_decode_to_the_same_finite_bits(
+    rows, width, split, bits, symmetric, granularity, group_size
+):
+    """Random row mixes and shapes: `save` either writes a file that verify and the reference
+    reader accept, decoding to identical finite float32 bits, or raises a clear RwsError
+    before writing anything (only for affine storage of values near the float32 limit)."""
+    x = torch.stack([_row(kind, width, seed) for kind, seed in rows])
+    if split and width % split == 0:
+        x = x.reshape(len(rows), split, width // split)  # a rank-3, conv-like shape
+    config = QuantConfig(bits, symmetric, granularity, group_size)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "p.rws"
+        try:
+            sig = rwsfmt.from_tensors({"x": x, "flat": x.reshape(-1)}, label="p", quant=config)
+            rwsfmt.save(sig, path)
+        except RwsError as exc:
+            assert not symmetric and bits != 32 and "huge" in {kind for kind, _ in rows}
+            assert "tensor '" in str(exc) and "fix: " in str(exc)
+            assert not path.exists()
+            return
+        assert rwsfmt.verify(path).ok
+        _, reference = reference_reader.read(str(path))
+        with rwsfmt.load(path) as sig:
+            for name in ("x", "flat"):
+                y = sig.tensor(name).numpy()
+                assert np.isfinite(y).all()
+                assert np.array_equal(y.view(np.uint32), reference[name].view(np.uint32))
+                assert math.isfinite(sig.info(name).stats["quant_rel_error"])

@@ -3,9 +3,12 @@
 The committed files are FROZEN: the tests read them and never call this script. It exists so
 that anyone can see exactly how they were made. It refuses to overwrite existing files unless
 `--force` is given; regenerating may change the compressed bytes (zstd version), never the
-values, and a release must never change a committed vector.
+values, and a release must never change a committed vector. Name vectors to make only those
+(a new vector is added beside the frozen ones this way); SHA256SUMS always lists every vector
+present in the folder.
 
     python spec/vectors/generate.py --out /tmp/vectors
+    python spec/vectors/generate.py legacy_negzero_scale
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ["SOURCE_DATE_EPOCH"] = "1700000000"  # 2023-11-14T22:13:20Z, before importing rwsfmt
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import rwsfmt  # noqa: E402
+from rwsfmt.container import NEGATIVE_ZERO, encode_blob  # noqa: E402
 from rwsfmt.quant import QuantConfig  # noqa: E402
-from rwsfmt.signature import SignatureBuilder  # noqa: E402
+from rwsfmt.signature import Signature, SignatureBuilder  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -108,7 +114,56 @@ def mixed() -> rwsfmt.Signature:
     )
 
 
-VECTORS = [sym8_channel, sym16_byteplane, float32_exact, affine4_group, mixed]
+def legacy_negzero_scale() -> rwsfmt.Signature:
+    """-0.0 scales, as rwsfmt 0.1.0 wrote them for the all-zero groups of tensors with many
+    groups; readers MUST decode them as +0.0 (spec section 3.6).
+
+    The fixed writer writes +0.0, so this vector is made by a deliberate patch after
+    quantization: every +0.0 scale (and, for affine, every +0.0 zero point, which 0.1.0 also
+    wrote as -0.0) gets the bits 0x80000000, and the blob is re-encoded and re-checksummed.
+    Zero groups sit first, last, in the middle and side by side; one tensor per layout.
+    """
+    g = _gen(6)
+    conv = 0.05 * torch.randn(16, 3, 3, 3, generator=g)
+    conv[[0, 7, 8, 15]] = 0.0
+    fc = 0.1 * torch.randn(240, generator=g)
+    fc[32:64] = 0.0  # groups 2 and 3 of 16
+    fc[224:] = 0.0  # the last group
+    proj = torch.randn(12, 10, generator=g)
+    proj[[3, 4, 11]] = 0.0
+    builder = SignatureBuilder("legacy")
+    for name, tensor, quant in [
+        ("conv.weight", conv, QuantConfig(bits=8)),
+        ("fc.weight", fc, QuantConfig(bits=4, granularity="group", group_size=16)),
+        ("proj.weight", proj, QuantConfig(bits=16, symmetric=False)),
+    ]:
+        builder.quant = quant  # one setting per tensor
+        builder.add(name, tensor)
+    sig = builder.build(provenance={"quantization": {"bits": 8}, "note": "-0.0 scales"})
+    infos, blobs = [], {}
+    for info in sig.infos:
+        payload = bytearray(sig.payload(info.name))
+        numbers = np.frombuffer(payload, dtype="<u4", count=info.values_offset // 4)
+        patched = numbers if info.affine else numbers[: info.n_scales]
+        patched[patched == 0] = NEGATIVE_ZERO
+        codec, blob = encode_blob(bytes(payload))
+        infos.append(
+            replace(
+                info, codec=codec, length=len(blob), sha256=hashlib.sha256(blob).hexdigest()
+            )
+        )
+        blobs[info.name] = blob
+    return Signature(sig.meta, infos, blobs)
+
+
+VECTORS = [
+    sym8_channel,
+    sym16_byteplane,
+    float32_exact,
+    affine4_group,
+    mixed,
+    legacy_negzero_scale,
+]
 
 
 def expected_values(path: Path) -> dict:
@@ -123,24 +178,28 @@ def expected_values(path: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="vectors to make (default: all)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args()
+    known = {make.__name__: make for make in VECTORS}
+    unknown = set(args.names) - set(known)
+    if unknown:
+        parser.error(f"unknown vectors {sorted(unknown)}; known: {sorted(known)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    sums = []
-    for make in VECTORS:
-        rws, expected = (
-            args.out / f"{make.__name__}.rws",
-            args.out / f"{make.__name__}.expected.json",
-        )
+    for name in args.names or known:
+        rws, expected = args.out / f"{name}.rws", args.out / f"{name}.expected.json"
         if not args.force and (rws.exists() or expected.exists()):
             print(f"{rws} exists: golden files are frozen (use --force or --out)", file=sys.stderr)
             return 1
-        rwsfmt.save(make(), rws)
+        rwsfmt.save(known[name](), rws)
         text = json.dumps(expected_values(rws), indent=1, sort_keys=True) + "\n"
         expected.write_text(text, encoding="utf-8")
-        for p in (rws, expected):
-            sums.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n")
+    sums = []
+    for name in known:
+        for p in (args.out / f"{name}.rws", args.out / f"{name}.expected.json"):
+            if p.exists():
+                sums.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n")
     (args.out / "SHA256SUMS").write_text("".join(sums), encoding="utf-8")
     return 0
 
