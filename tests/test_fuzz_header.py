@@ -606,9 +606,7 @@ def _rwsfmt_tensors(path: Path) -> dict[str, np.ndarray]:
         return {name: sig.tensor(name).numpy() for name in sig.names}
 
 
-def check_case(
-    path: Path, done: str, findings: Findings, runner: CliRunner, table: bool
-) -> bool:
+def check_case(path: Path, done: str, findings: Findings, runner: CliRunner, table: bool) -> bool:
     """Every reader of `path` ends in a verdict, and the verdicts and values agree; the
     inspect CLI prints JSON (and, if `table`, its tables) or exits 2. Returns whether the
     file was accepted."""

@@ -148,9 +148,7 @@ def legacy_negzero_scale() -> rwsfmt.Signature:
         patched[patched == 0] = NEGATIVE_ZERO
         codec, blob = encode_blob(bytes(payload))
         infos.append(
-            replace(
-                info, codec=codec, length=len(blob), sha256=hashlib.sha256(blob).hexdigest()
-            )
+            replace(info, codec=codec, length=len(blob), sha256=hashlib.sha256(blob).hexdigest())
         )
         blobs[info.name] = blob
     return Signature(sig.meta, infos, blobs)
