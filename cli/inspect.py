@@ -45,6 +45,7 @@ def render(info: dict) -> None:
             f"{prov.get('created', '-')} by {prov.get('tool', '?')} {prov.get('tool_version', '')}",
         ),
         ("method", _method(prov)),
+        ("depth order", _depth_order(prov.get("selection"))),
         ("quantization", _quant(prov.get("quantization"))),
         ("model fingerprint", short_hash(str(fp.get("model") or ""))),
         ("signature fingerprint", short_hash(str(fp.get("signature") or ""))),
@@ -75,10 +76,11 @@ def render(info: dict) -> None:
 
     tensors = info["tensors"]
     stats = [(key, title) for key, title in _STATS if any(key in t["stats"] for t in tensors)]
-    table = _tensor_table(f"{len(tensors)} tensors", tensors, stats)
+    title = f"{len(tensors)} tensor" + ("" if len(tensors) == 1 else "s")
+    table = _tensor_table(title, tensors, stats)
     wide = out.options.update_width(1 << 16)
     if stats and table.__rich_measure__(out, wide).maximum > out.width:  # statistics apart
-        out.print(_tensor_table(f"{len(tensors)} tensors", tensors, []))
+        out.print(_tensor_table(title, tensors, []))
         table = _tensor_table("statistics", tensors, stats, layout=False)
     out.print(table)
 
@@ -157,6 +159,12 @@ def _method(prov: dict) -> str:
         return "-"
     layers = prov.get("layers")
     return f"{method}" + (f", layers {layers}" if layers is not None else "")
+
+
+def _depth_order(selection: object) -> str:
+    from rwsfmt.order import describe_order
+
+    return describe_order(selection) if isinstance(selection, dict) else "-"
 
 
 def _quant(q: object) -> str:

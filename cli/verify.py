@@ -34,15 +34,19 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": worst == EXIT_OK, "files": results}, indent=2, sort_keys=True))
     else:
+        from rich.text import Text
+
         out = console()
-        for r in results:
+        for r in results:  # paths and problems come from users and files: never markup
             if r["ok"]:
-                out.print(
-                    f"[green]OK[/]    {r['path']}: {r['tensors']} tensors, "
+                plural = "" if r["tensors"] == 1 else "s"
+                detail = (
+                    f"    {r['path']}: {r['tensors']} tensor{plural}, "
                     f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}"
                 )
+                out.print(Text.assemble(("OK", "green"), detail))
             else:
-                out.print(f"[red]FAIL[/]  {r['path']}")
+                out.print(Text.assemble(("FAIL", "red"), f"  {r['path']}"))
                 for problem in r["problems"]:
                     out.print(f"      - {problem}", markup=False)
     sys.exit(worst)

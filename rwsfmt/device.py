@@ -15,7 +15,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise RwsError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RwsError(
-            f"--device {device} was asked for, but CUDA is not available on this machine",
-            fix="use --device cpu (the default)",
+            f"device {str(device)!r} was asked for, but CUDA is not available on this machine",
+            fix="use the CPU: --device cpu, the default (device='cpu' in Python)",
         )
     return dev

@@ -136,3 +136,22 @@ def test_inspect_and_verify_do_not_import_torch(command):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_inspect_shows_the_depth_order_and_verify_prints_odd_paths_as_they_are(tmp_path):
+    import torch
+
+    std, robust, init = (
+        {"b.weight": torch.full((2, 2), v), "a.weight": torch.full((2, 2), 2 * v)}
+        for v in (1.0, 3.0, 0.0)
+    )
+    sig = rwsfmt.extract(std, robust, init, layers=1)
+    path = tmp_path / "odd[x] [bold]name.rws"
+    rwsfmt.save(sig, path)
+    result = run("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint (the file's own module registration order)" in result.stdout
+    assert "1 tensor\n" in result.stdout or "1 tensor " in result.stdout
+    result = run("verify", str(path), columns=300)
+    assert result.returncode == 0, result.stderr
+    assert f"OK    {path}: 1 tensor," in result.stdout
