@@ -103,6 +103,7 @@ def match(
         aligned = _align(sig, names, shapes, aliases)
         renames = [aligned] if aligned else []
     result = Match(label=sig.label, source=sig.path or sig.label or "<signature>", aligned=aligned)
+    patched: set[str] = set()
     for info, name in zip(sig.infos, names, strict=True):
         target = rename(name, renames)
         target = aliases.get(target, target)
@@ -116,10 +117,11 @@ def match(
             result.mismatched.append(
                 f"{target}: signature {_shape(info.shape)}, model {_shape(shape)}"
             )
-        elif target in result.targets.values():
+        elif target in patched:
             result.tied.append(f"{info.name} -> {target}")
         else:
             result.targets[info.name] = target
+            patched.add(target)
     expected = sig.fingerprint.get("model")
     if expected:
         inverse = [(new, old) for old, new in renames]
