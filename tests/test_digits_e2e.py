@@ -1,8 +1,16 @@
 """End to end on real data: train on digits-32, extract with the CLI, patch, measure accuracy.
 
-init is trained on clean digits, then std (clean) and robust (contrast, severity 5) are each
-trained from it. Patching std with the signature must help on corrupted test images, and
-removing the patch must give back std exactly.
+The paper's set-up in miniature (`digits.PAPER_LIKE`): an 8-conv VGG-style CNN without
+BatchNorm; init is trained on clean digits, then std (clean images) and robust (clean and
+contrast-corrupted images, severity 5) are each trained from init. The signature of the
+default 5 shallowest layers, five of the eight convs, is extracted with `rwsfmt extract` from
+real `.pt` files and patched into std with `rwsfmt.patch`: it must raise std's accuracy on
+corrupted test images, 8-bit storage must keep that gain, and removing the patch must give
+std back bit for bit.
+
+Training diverges between machines (other SIMD paths and thread counts round differently),
+so each threshold holds, with the margin noted beside it, over the seeds and thread counts
+measured with `benchmarks/digits_seeds.py`, not just for the seed trained here.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,75 +37,125 @@ digits = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = digits  # dataclasses look their module up there
 _spec.loader.exec_module(digits)
 
-CORRUPTION = "contrast"
+CORRUPTION, SEVERITY, SEED = "contrast", 5, 0
+ALPHA = 1.0  # the signature at full strength, as measured (the library's default is 0.8)
+BITS = (32, 8)
+
+# Thresholds, from 65 runs of benchmarks/digits_seeds.py on one x86-64 CPU, each training
+# differently: seeds 0-9 with 1 and 2 torch threads on the AVX-512 and on the AVX2 code paths,
+# seeds 0-9 (2 threads) and 0-4 (1 thread) on the SSE4.1 path, seeds 10-19 (2 threads) on
+# AVX-512. "sd" is the standard deviation over those runs.
+MIN_GAIN = 10.0  # points on corrupted images; measured min 18.7, mean 28.9, sd 5.3
+MIN_RECOVERED = 0.4  # share of robust - std patched in; measured min 0.56, mean 0.85, sd 0.08
+MAX_CLEAN_DROP = 5.0  # points on clean images; measured max 2.2, mean 0.8, sd 0.6
+MIN_KEPT_8_BIT = 0.9  # gain8 / gain32; measured min 0.993 (8-bit lost at most 0.2 points)
+
+pytestmark = pytest.mark.slow
 
 
-def patch(model: torch.nn.Module, sig: rwsfmt.Signature, alpha: float) -> dict[str, torch.Tensor]:
-    """std + alpha * RWS for deltas, std + alpha * (target - std) for statistics, in place;
-    returns the original tensors so the patch can be removed exactly."""
-    state = model.state_dict()
-    originals = {name: state[name].clone() for name in sig.names}
-    with torch.no_grad():
-        for name in sig.names:
-            value = sig.tensor(name)
-            if sig.info(name).kind == "target":
-                value = value - state[name]
-            state[name].add_(alpha * value)
-    return originals
+@dataclass
+class Run:
+    """The trained models, the signatures `rwsfmt extract` wrote (by bits) and the test data."""
+
+    trio: digits.Trio
+    sigs: dict[int, rwsfmt.Signature]
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    labels: torch.Tensor
 
 
-def restore(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, value in originals.items():
-            state[name].copy_(value)
+@dataclass
+class Scores:
+    """Test accuracies in percent; `patched` maps bits to (clean, corrupted) at `ALPHA`."""
+
+    std_clean: float
+    std_bad: float
+    robust_bad: float
+    patched: dict[int, tuple[float, float]]
+
+    def gain(self, bits: int) -> float:
+        """Points the patch adds on corrupted images."""
+        return self.patched[bits][1] - self.std_bad
 
 
-@pytest.mark.slow
-def test_signature_recovers_corrupted_accuracy_and_8_bit_keeps_the_gain(tmp_path):
-    trio = digits.train_trio(CORRUPTION, init_epochs=3, epochs=6, seed=0)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Train once, save the three checkpoints and extract 32- and 8-bit signatures with the CLI."""
+    folder = tmp_path_factory.mktemp("digits")
+    trio = digits.train_trio(CORRUPTION, severity=SEVERITY, seed=SEED, recipe=digits.PAPER_LIKE)
+    paths = {}
     for role, model in (("init", trio.init), ("std", trio.std), (CORRUPTION, trio.robust)):
-        torch.save(model.state_dict(), tmp_path / f"{role}.pt")
+        paths[role] = str(folder / f"{role}.pt")
+        torch.save(model.state_dict(), paths[role])
     sigs = {}
-    for bits in ("8", "32"):
-        out = tmp_path / f"{CORRUPTION}-{bits}.rws"
-        inputs = [str(tmp_path / f"{role}.pt") for role in ("std", CORRUPTION, "init")]
-        args = ["extract", *inputs, "-o", str(out), "--bits", bits, "--quiet"]
+    for bits in BITS:
+        out = folder / f"{CORRUPTION}-{bits}.rws"
+        inputs = [paths["std"], paths[CORRUPTION], paths["init"]]
+        args = ["extract", *inputs, "-o", str(out), "--bits", str(bits), "--quiet"]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         sigs[bits] = rwsfmt.load(out)
-    # The default rule: the 5 conv layers (with their BatchNorm), not the linear head.
-    convs = digits.conv_names(trio.std)
-    assert [n for n in sigs["8"].names if n.endswith(".weight") and n.rsplit(".", 1)[0] in convs]
-    assert not any(n.startswith("head.") for n in sigs["8"].names)
-    assert any(sigs["8"].info(n).kind == "target" for n in sigs["8"].names)
+    clean, corrupted, labels = digits.held_out(CORRUPTION, SEVERITY, SEED)
+    return Run(trio, sigs, clean, corrupted, labels)
 
-    data = digits.load_digits32(0)
-    clean = digits.to_tensor(data.test_images)
-    corrupted = digits.to_tensor(
-        digits.corrupt_images(data.test_images, CORRUPTION, severity=5, seed=100)
+
+@pytest.fixture(scope="module")
+def scores(run: Run) -> Scores:
+    """std, robust and std patched with each signature, scored on clean and corrupted images."""
+    std = run.trio.std
+    out = Scores(
+        std_clean=digits.accuracy(std, run.clean, run.labels),  # before any patch
+        std_bad=digits.accuracy(std, run.corrupted, run.labels),
+        robust_bad=digits.accuracy(run.trio.robust, run.corrupted, run.labels),
+        patched={},
     )
-    labels = data.test_labels
-    std = trio.std
-    before = {k: v.clone() for k, v in std.state_dict().items()}
-    std_clean = digits.accuracy(std, clean, labels)
-    std_bad = digits.accuracy(std, corrupted, labels)
-    robust_bad = digits.accuracy(trio.robust, corrupted, labels)
+    for bits, sig in run.sigs.items():
+        with rwsfmt.patched(std, sig, ALPHA):
+            out.patched[bits] = (
+                digits.accuracy(std, run.clean, run.labels),
+                digits.accuracy(std, run.corrupted, run.labels),
+            )
+    parts = [f"std {out.std_bad:.1f}% (clean {out.std_clean:.1f}%)"]
+    parts += [f"patched {b}-bit {c:.1f}% (clean {a:.1f}%)" for b, (a, c) in out.patched.items()]
+    print(f"\n{CORRUPTION}: " + ", ".join([*parts, f"robust {out.robust_bad:.1f}%"]))
+    return out
 
-    patched_bad = {}
-    for bits, sig in sigs.items():
-        originals = patch(std, sig, alpha=1.0)
-        patched_bad[bits] = digits.accuracy(std, corrupted, labels)
-        restore(std, originals)
+
+def test_default_selection_is_the_5_shallowest_convs(run: Run) -> None:
+    convs = digits.conv_names(run.trio.std)
+    assert len(convs) == 8  # so that the 5 shallowest are a part of the backbone
+    expected = [f"{conv}.{p}" for conv in convs[:5] for p in ("weight", "bias")]
+    for sig in run.sigs.values():
+        assert list(sig.names) == expected  # not the deeper convs, not the head
+        assert all(sig.info(name).kind == "delta" for name in sig.names)
+
+
+def test_patch_gains_on_corrupted_images(scores: Scores) -> None:
+    gain = scores.gain(32)
+    # margin: 8.7 points (47 test images) below the worst gain measured, 3.6 sd below the mean
+    assert gain >= MIN_GAIN
+    # margin: 0.16 below the worst share measured, 5.3 sd below the mean
+    assert gain >= MIN_RECOVERED * (scores.robust_bad - scores.std_bad)
+    # margin: 2.8 points above the worst drop measured, 7.5 sd above the mean
+    assert scores.patched[32][0] >= scores.std_clean - MAX_CLEAN_DROP
+
+
+def test_8_bit_signature_keeps_the_gain(scores: Scores) -> None:
+    assert scores.gain(32) >= MIN_GAIN  # a share of no gain would prove nothing
+    # margin: 10% of the gain is 1.9 points (10 of the 539 test images) at the worst gain
+    # measured and 2.9 at the mean, where 8-bit storage lost at most 0.2 points (1 image)
+    assert scores.gain(8) >= MIN_KEPT_8_BIT * scores.gain(32)
+
+
+def test_removing_the_patch_restores_std_bit_for_bit(run: Run, scores: Scores) -> None:
+    std = run.trio.std
+    before = {name: value.clone() for name, value in std.state_dict().items()}
+    for sig in run.sigs.values():
+        handle = rwsfmt.patch(std, sig, ALPHA)
+        changed = [n for n, v in std.state_dict().items() if not torch.equal(v, before[n])]
+        assert changed == list(sig.names)  # the patch was on: every selected tensor, no other
+        handle.remove()
         after = std.state_dict()
-        assert all(torch.equal(after[k], before[k]) for k in before)  # bit for bit
-        assert digits.accuracy(std, clean, labels) == std_clean
-
-    gain32, gain8 = patched_bad["32"] - std_bad, patched_bad["8"] - std_bad
-    print(
-        f"\n{CORRUPTION}: std {std_bad:.1f}%, patched float32 {patched_bad['32']:.1f}%, "
-        f"patched 8-bit {patched_bad['8']:.1f}%, robust {robust_bad:.1f}%; "
-        f"8-bit keeps {100 * gain8 / gain32:.1f}% of the float32 gain"
-    )
-    assert gain32 >= 15.0  # measured here: about +45 points
-    assert gain8 >= 0.9 * gain32  # goal: 95%
+        assert all(torch.equal(after[name], value) for name, value in before.items())
+        assert digits.accuracy(std, run.clean, run.labels) == scores.std_clean
+        assert digits.accuracy(std, run.corrupted, run.labels) == scores.std_bad
