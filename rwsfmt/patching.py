@@ -380,9 +380,9 @@ def apply_checkpoint(
             else:
                 written = write_checkpoint(ckpt, output, patched)
         notes = written.notes if written else []
-        if written and written.target.folder and ckpt.skipped_files():
-            skipped = ", ".join(ckpt.skipped_files())
-            notes.append(f"weight files of other formats not copied: {skipped}")
+        skipped = ckpt.skipped_files() if written and written.target.folder else []
+        if skipped:
+            notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
         return ApplyReport(
             model=model_path,
             output=None if dry_run else output,
