@@ -201,9 +201,6 @@ class DepthOrder:
     reference: str | None = None  # the reference's file name (or kind), for `reference`
     unplaced: list[str] = field(default_factory=list)  # names the reference did not list
 
-    def describe(self) -> str:
-        return describe_order(self.to_json())
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"depth_order": self.source.value}
         if self.reference is not None:

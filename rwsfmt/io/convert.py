@@ -35,10 +35,9 @@ class Target:
 
 @dataclass
 class Written:
-    """What `write_checkpoint` wrote: the format, and what a conversion changed."""
+    """What `write_checkpoint` wrote: the target, and what a conversion left behind."""
 
     target: Target
-    converted: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,7 +79,7 @@ def write_checkpoint(
     own = ckpt.format if ckpt.format != Format.STATE_DICT else Format.PYTORCH
     if target.folder or (target.format == own and not ckpt.folder):
         ckpt.write(target.path, replacements)
-        return Written(target, converted=False)
+        return Written(target)
     notes = []
     if not ckpt.layout.plain:
         notes.append(f"the input's layout ({ckpt.layout}) is not kept: tensors only, plain names")
@@ -95,7 +94,7 @@ def write_checkpoint(
         _write_pytorch(ckpt, target.path, replacements)
         if ckpt.format == Format.SAFETENSORS:
             notes.append("safetensors metadata is not carried into a PyTorch file")
-    return Written(target, converted=True, notes=notes)
+    return Written(target, notes)
 
 
 def _all_names(ckpt: Checkpoint) -> list[str]:

@@ -61,7 +61,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: str) -> None:
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
-            self._header_len, self.metadata, self._entries = read_header(self._file, path)
+            self._header_len, self._entries = read_header(self._file, path)
         except BaseException:
             self._file.close()
             raise
@@ -118,8 +118,8 @@ class SafetensorsCheckpoint(Checkpoint):
         self._file.close()
 
 
-def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, str] | None, dict[str, Entry]]:
-    """Parse and validate a safetensors header: (its length, __metadata__, entries)."""
+def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry]]:
+    """Parse and validate a safetensors header: (its length, the tensor entries)."""
     size = os.fstat(f.fileno()).st_size
 
     def bad(problem: str) -> RwsError:
@@ -155,7 +155,7 @@ def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, str] | None, dic
     spans = sorted(e[2] for e in entries.values())
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
         raise bad("tensor data overlap")
-    return n, metadata, entries
+    return n, entries
 
 
 def write_file(
