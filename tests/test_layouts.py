@@ -339,3 +339,26 @@ def test_extract_notes_an_ema_copy_it_did_not_use(tmp_path):
     assert code == 0, out
     ema = rwsfmt.load(tmp_path / "e.rws")
     assert ema.provenance["inputs"][0]["layout"] == "under 'state_dict_ema'"
+
+
+def test_provenance_of_layouts_ties_and_order_follows_the_header_schema(tmp_path):
+    import jsonschema
+    from conftest import SPEC, split
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    init = model.state_dict()
+    paths = []
+    for role, sd in (("std", moved(init, 1)), ("robust", moved(init, 2)), ("init", init)):
+        sd["lm_head.weight"] = sd["wte.weight"]
+        torch.save(timm_train(model, sd), tmp_path / f"{role}.pth")
+        paths.append(tmp_path / f"{role}.pth")
+    rwsfmt.save(rwsfmt.extract(*paths, order=model), tmp_path / "s.rws")
+    _, header, _ = split((tmp_path / "s.rws").read_bytes())
+    schema = json.loads((SPEC / "header.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(header)
+    prov = header["provenance"]
+    assert prov["tied"] == {"lm_head.weight": "wte.weight"}
+    assert prov["inputs"][0]["layout"] == "under 'state_dict'"
+    assert prov["inputs"][0]["alternatives"] == ["state_dict_ema"]
+    assert prov["selection"]["depth_order"] == "reference"
