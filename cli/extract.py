@@ -115,11 +115,9 @@ def extract(
     Face folder.
     """
     import rwsfmt
-    from rwsfmt.atomic import refuse_overwriting_inputs
+    from rwsfmt.atomic import check_destination, refuse_overwriting_inputs
 
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise RwsError("the output folder does not exist", path=folder, fix="create it first")
+    check_destination(output)
     roles = [("std", std), ("robust", robust), ("init", init), ("order reference", order)]
     refuse_overwriting_inputs(
         output, [(f"{r} checkpoint", p) for r, p in roles if p], fix="choose another -o path"

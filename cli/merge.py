@@ -36,11 +36,12 @@ def merge(signatures, output, weights, mean, label, bits, granularity, group_siz
     (by default as the first file was) and records its components in its provenance.
     """
     import rwsfmt
-    from rwsfmt.atomic import refuse_overwriting_inputs
+    from rwsfmt.atomic import check_destination, refuse_overwriting_inputs
     from rwsfmt.errors import RwsError
 
     if len(signatures) < 2:
         raise click.UsageError("give at least two signatures to merge")
+    check_destination(output)
     refuse_overwriting_inputs(
         output, [("input signature", p) for p in signatures], fix="choose another -o path"
     )

@@ -18,11 +18,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     A crash or exception leaves the target untouched and removes the temporary file.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise RwsError("is a folder", path=path, fix="give a file path for the output")
+    check_destination(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RwsError("the output folder does not exist", path=folder, fix="create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask instead
@@ -36,6 +33,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def check_destination(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a file path that is a folder or whose folder is missing."""
+    if os.path.isdir(path):
+        raise RwsError("is a folder", path=path, fix="give a file path for the output")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RwsError("the output folder does not exist", path=folder, fix="create it first")
 
 
 @contextlib.contextmanager
