@@ -2,13 +2,17 @@
 
     python examples/demo.py [OUT_DIR]          # default demo-output/, about a minute on 2 cores
 
-1. Trains the tiny CNN of `examples/digits.py` on scikit-learn's digits (32x32 RGB):
-   `init`, then `std` (clean) and one robust model per corruption, all from `init`.
-2. Saves the checkpoints and extracts one signature per corruption with the command line
-   (`rwsfmt extract std.pt fog.pt init.pt -o fog.rws`), then shows one (`rwsfmt inspect`).
-3. Applies the signatures with `rwsfmt apply` (a patched file) and with the Python API
-   (`rwsfmt.patched`, at several strengths and composed), and prints clean and corrupted
-   test accuracy side by side; the last row is the model after the patches are removed.
+1. Trains the paper's set-up in miniature (`examples/digits.py`: VGG-16's 13 convs without
+   BatchNorm at 1/8 width) on scikit-learn's digits at 32x32: `init` on clean images, then
+   `std` (clean) and one robust model per corruption (clean and corrupted images), all from
+   `init`.
+2. Saves the checkpoints and extracts one signature of the 5 shallowest layers per corruption
+   with the command line (`rwsfmt extract std.pt contrast.pt init.pt -o contrast.rws`), then
+   shows one (`rwsfmt inspect`).
+3. Patches std with the command line (`rwsfmt apply`, one signature and then all of them
+   composed, each into a new file) and with the Python API (`rwsfmt.patched`, at several
+   strengths), prints clean and corrupted test accuracy side by side, and removes the patches
+   again, checking that std comes back bit for bit.
 
 No download: the digits ship inside scikit-learn, the corruptions are computed locally.
 """
@@ -29,7 +33,8 @@ import digits  # noqa: E402 - examples/digits.py, beside this file
 
 import rwsfmt  # noqa: E402
 
-ALPHAS = (0.4, 0.8, 1.2)
+CORRUPTIONS = ("contrast", "motion_blur", "zoom_blur")
+ALPHAS = (0.5, 1.0)
 
 
 def rwsfmt_cli(*args: str) -> str:
@@ -47,42 +52,42 @@ def rwsfmt_cli(*args: str) -> str:
     return proc.stdout
 
 
+def load_model(path: str) -> torch.nn.Module:
+    """A model built from the demo's recipe with the weights of a `.pt` file."""
+    model = digits.PAPER.build()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="demo-output", help="output folder")
-    parser.add_argument("--corruptions", nargs="+", default=["fog", "contrast"])
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out, seed = args.out, args.seed
+    out, seed, recipe = args.out, args.seed, digits.PAPER
     os.makedirs(out, exist_ok=True)
     path = lambda name: os.path.join(out, name)  # noqa: E731
     start = time.perf_counter()
+    print(f"set-up: {recipe.describe()}; severity {args.severity}, seed {seed}")
 
     # 1. data and training: init, std and one robust model per corruption, all from init
-    data = digits.load_digits32(seed)
-    clean_train = digits.to_tensor(data.train_images)
-    tests = {"clean": digits.to_tensor(data.test_images)}
+    split = digits.load_digits32(seed)
+    clean, labels = digits.to_tensor(split.train_images), split.train_labels
+    tests = {"clean": digits.to_tensor(split.test_images)}
     for c in args.corruptions:
-        tests[c] = digits.to_tensor(
-            digits.corrupt_images(data.test_images, c, args.severity, seed + 100)
-        )
-    torch.manual_seed(seed)
-    init = digits.train(digits.TinyCNN(), clean_train, data.train_labels, epochs=5, seed=seed)
-    torch.save(init.state_dict(), path("init.pt"))
-
-    def from_init(images: torch.Tensor, train_seed: int) -> digits.TinyCNN:
-        model = digits.TinyCNN()
-        model.load_state_dict(init.state_dict())
-        return digits.train(model, images, data.train_labels, epochs=10, seed=train_seed)
-
-    std = from_init(clean_train, seed + 1)
-    torch.save(std.state_dict(), path("std.pt"))
+        tests[c] = digits.corrupted("test", c, args.severity, seed)
+    init = digits.train_init(recipe, clean, labels, seed)
+    std = digits.train_from(init, recipe, clean, labels, seed + 1)
     robust = {}
     for i, c in enumerate(args.corruptions):
-        images = digits.corrupt_images(data.train_images, c, args.severity, seed)
-        robust[c] = from_init(digits.to_tensor(images), seed + 2 + i)
-        torch.save(robust[c].state_dict(), path(f"{c}.pt"))
+        bad = digits.corrupted("train", c, args.severity, seed)
+        robust[c] = digits.train_from(
+            init, recipe, *digits.robust_data(clean, bad, labels), seed + 2 + i
+        )
+    for name, model in (("init", init), ("std", std), *robust.items()):
+        torch.save(model.state_dict(), path(f"{name}.pt"))
     print(
         f"trained init, std and {len(robust)} robust models in {time.perf_counter() - start:.0f} s"
     )
@@ -92,42 +97,47 @@ def main() -> None:
         rwsfmt_cli(
             "extract", path("std.pt"), path(f"{c}.pt"), path("init.pt"),
             "-o", path(f"{c}.rws"), "--name", c, "--corruption", c,
-            "--severity", str(args.severity), "--dataset", "digits-32",
+            "--severity", str(args.severity), "--dataset", "digits-32", "--quiet",
         )  # fmt: skip
     first = args.corruptions[0]
     print(f"\n$ rwsfmt inspect {path(first + '.rws')}")
     print(rwsfmt_cli("inspect", path(f"{first}.rws")))
 
-    # 3. apply: a patched file with the command line, then live patches with the Python API
-    print(rwsfmt_cli("apply", path("std.pt"), path(f"{first}.rws"), "-a", "0.8",
-                     "-o", path(f"std+{first}.pt")))  # fmt: skip
-    from_file = digits.TinyCNN()
-    from_file.load_state_dict(torch.load(path(f"std+{first}.pt"), weights_only=True))
+    # 3. apply: patched files with the command line, then live patches with the Python API
+    sig_files = [path(f"{c}.rws") for c in args.corruptions]
+    composed_file = path("std+" + "+".join(args.corruptions) + ".pt")
+    print(f"$ rwsfmt apply {path('std.pt')} {sig_files[0]} --alpha 1 -o {path(f'std+{first}.pt')}")
+    print(
+        rwsfmt_cli("apply", path("std.pt"), sig_files[0], "-a", "1", "-o", path(f"std+{first}.pt"))
+    )
+    print(f"$ rwsfmt apply {path('std.pt')} {' '.join(sig_files)} --alpha 1 -o {composed_file}")
+    print(rwsfmt_cli("apply", path("std.pt"), *sig_files, "-a", "1", "-o", composed_file))
 
     def scores(model: torch.nn.Module) -> list[float]:
-        return [digits.accuracy(model, x, data.test_labels) for x in tests.values()]
+        return [digits.accuracy(model, x, split.test_labels) for x in tests.values()]
 
     rows = [("std", scores(std))]
-    rows += [(f"robust ({c})", scores(m)) for c, m in robust.items()]
-    rows.append((f"std + {first} x 0.8 (rwsfmt apply, file)", scores(from_file)))
-    sigs = {c: rwsfmt.load(path(f"{c}.rws")) for c in args.corruptions}
+    rows += [(f"robust model for {c}", scores(m)) for c, m in robust.items()]
+    rows.append(
+        (f"std + {first} x 1 (rwsfmt apply, file)", scores(load_model(path(f"std+{first}.pt"))))
+    )
     original = {k: v.clone() for k, v in std.state_dict().items()}
+    sigs = {c: rwsfmt.load(path(f"{c}.rws")) for c in args.corruptions}
     for c, sig in sigs.items():
         for alpha in ALPHAS:
-            with rwsfmt.patched(std, [(sig, alpha)]):
-                rows.append((f"std + {c} x {alpha}", scores(std)))
-    composed = [(sig, 0.8) for sig in sigs.values()]
-    with rwsfmt.patched(std, composed):
-        label = " + ".join(f"{c} x 0.8" for c in sigs)
-        rows.append((f"std + {label}", scores(std)))
+            with rwsfmt.patched(std, sig, alpha):
+                rows.append((f"std + {c} x {alpha:g}", scores(std)))
+    label = " + ".join(f"{c} x 1" for c in sigs)
+    rows.append((f"std + {label} (rwsfmt apply, file)", scores(load_model(composed_file))))
     exact = all(torch.equal(v, original[k]) for k, v in std.state_dict().items())
     rows.append((f"std, patches removed ({'bit-exact' if exact else 'NOT EXACT'})", scores(std)))
 
     width = max(len(name) for name, _ in rows)
-    header = "".join(f"{name:>10}" for name in tests)
-    print(f"test accuracy, percent (severity {args.severity})\n{'model':<{width}}{header}")
+    header = "".join(f"{name:>13}" for name in tests)
+    print(f"test accuracy, percent ({len(split.test_labels)} images, severity {args.severity})")
+    print(f"{'model':<{width}}{header}")
     for name, values in rows:
-        print(f"{name:<{width}}" + "".join(f"{v:10.1f}" for v in values))
+        print(f"{name:<{width}}" + "".join(f"{v:13.1f}" for v in values))
     print(f"\nfiles in {out}/; total {time.perf_counter() - start:.0f} s")
 
 
