@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -69,19 +70,22 @@ def corrupt_images(
 ) -> np.ndarray:
     """Apply one ImageNet-C corruption to every uint8 (N, H, W, 3) image, deterministically.
 
-    The corruptions draw from NumPy's global generator, so it is seeded here and restored.
+    The corruptions draw from NumPy's global generator, so it is seeded here and restored;
+    the two that ignore it (impulse_noise and glass_blur draw fresh OS entropy unless given
+    `seed=`) get a seed per image drawn from it.
     """
-    from imagecorruptions import corrupt
+    from imagecorruptions import corrupt, corruption_dict
+
+    takes_seed = "seed" in inspect.signature(corruption_dict[corruption]).parameters
+
+    def one(image: np.ndarray) -> np.ndarray:
+        extra = {"seed": int(np.random.randint(2**31))} if takes_seed else {}
+        return np.asarray(corrupt(image, severity, corruption_name=corruption, **extra))
 
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        out = np.stack(
-            [
-                np.asarray(corrupt(img, corruption_name=corruption, severity=severity))
-                for img in images
-            ]
-        )
+        out = np.stack([one(image) for image in images])
     finally:
         np.random.set_state(state)
     return np.clip(out, 0, 255).astype(np.uint8).reshape(images.shape)

@@ -173,3 +173,13 @@ def test_removing_the_patches_restores_std_bit_for_bit(run: Run, scores: Scores)
     assert all(torch.equal(after[name], value) for name, value in before.items())
     assert run.accuracy(None) == scores.std_clean
     assert all(run.accuracy(c) == scores.std_bad[c] for c in CORRUPTIONS)
+
+
+@pytest.mark.parametrize("corruption", ["impulse_noise", "glass_blur", "fog"])
+def test_corrupted_images_repeat_for_every_corruption(corruption: str) -> None:
+    # impulse_noise and glass_blur ignore NumPy's global seed unless given their own
+    images = digits.load_digits32(SEED).test_images[:8]
+    first = digits.corrupt_images(images, corruption, SEVERITY, seed=3)
+    assert (first != images).any()
+    assert (digits.corrupt_images(images, corruption, SEVERITY, seed=3) == first).all()
+    assert (digits.corrupt_images(images, corruption, SEVERITY, seed=4) != first).any()
