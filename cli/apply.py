@@ -6,11 +6,13 @@ import os
 
 import click
 
+from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
+
 from .console import progress
 from .options import GroupedCommand
 
 OPTION_GROUPS = {
-    "Patching": ["alphas", "maps", "strict"],
+    "Patching": ["alphas", "stats", "maps", "strict"],
     "Output": ["output", "in_place", "dry_run"],
     "Running": ["device", "trust_pickle", "quiet"],
 }
@@ -29,6 +31,15 @@ OPTION_GROUPS = {
     multiple=True,
     required=True,
     help="Strength: one for all signatures, or one per signature in order.",
+)
+@click.option(
+    "--stats",
+    type=click.Choice([r.value for r in StatsRule], case_sensitive=False),
+    default=DEFAULT_STATS.value,
+    show_default=True,
+    help="How BatchNorm running statistics (target entries) compose: convex keeps them "
+    "between std's and the targets' values (alphas scaled down when they sum past 1), sum "
+    "adds every alpha * (target - std), keep leaves std's statistics as they are.",
 )
 @click.option(
     "--map",
@@ -64,6 +75,7 @@ def apply(
     model: str,
     signatures: tuple[str, ...],
     alphas: tuple[float, ...],
+    stats: str,
     maps: tuple[str, ...],
     strict: bool,
     output: str | None,
@@ -78,7 +90,8 @@ def apply(
     MODEL is a PyTorch (.pt/.pth/.bin/.ckpt) or safetensors file, or a Hugging Face folder.
     OUT's suffix names the format to write; in MODEL's own format every unpatched tensor,
     wrapper entry and metadata is kept byte for byte. Several signatures compose: their
-    scaled deltas are summed in float32 and cast once.
+    scaled deltas are summed in float32 and cast once; normalization statistics follow
+    --stats.
     """
     from rwsfmt.patching import apply_checkpoint
 
@@ -103,6 +116,7 @@ def apply(
         output,
         map=maps,
         strict=strict,
+        stats=stats,
         device=device,
         in_place=in_place,
         dry_run=dry_run,

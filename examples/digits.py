@@ -158,7 +158,54 @@ class MiniVGG16(nn.Module):
         return self.head(self.features((x - PIXEL_MEAN) / PIXEL_STD).flatten(1))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"vgg": MiniVGG16}
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BatchNorm, and a 1x1 conv + BatchNorm shortcut
+    when the shape changes (registered after the block's convs, as in torchvision)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class MiniResNet(nn.Module):
+    """A ResNet in miniature, with BatchNorm: a 3x3 stem conv + BN, four stages of one basic
+    block each (widths w, 2w, 4w, 8w; strides 1, 2, 2, 2: 32 pixels down to 4), global
+    average pooling and a linear head. 12 convs (9 on the main path, 3 shortcuts), each
+    followed by BatchNorm, so the 5 shallowest layers (stem, stage 1, stage 2's first conv)
+    carry weights, BN affine parameters and BN running statistics. 78,002 parameters at w = 8.
+    """
+
+    def __init__(self, width: int = 8, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        blocks, cin = [], width
+        for i, cout in enumerate(widths):
+            blocks.append(_BasicBlock(cin, cout, stride=1 if i == 0 else 2))
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.stem((x - PIXEL_MEAN) / PIXEL_STD)))
+        out = self.layers(out)
+        return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"vgg": MiniVGG16, "resnet": MiniResNet}
 
 
 def conv_names(model: nn.Module) -> list[str]:

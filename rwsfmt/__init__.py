@@ -33,6 +33,7 @@ _LAZY = {
     "patch": "patching",
     "patched": "patching",
     "PatchHandle": "patching",
+    "StatsRule": "statsrule",
     "extract": "extraction",
     "Checkpoint": "io",
     "open_checkpoint": "io",

@@ -1,7 +1,13 @@
 """Applying signatures: to state dicts (pure), to live modules (reversibly) and to files.
 
     patched[k] = std[k] + sum_i alpha_i * RWS_i[k]              (delta entries)
-    patched[k] = std[k] + sum_i alpha_i * (target_i[k] - std[k])  (target entries)
+    patched[k] = std[k] + sum_i w_i * (target_i[k] - std[k])    (target entries)
+
+The weights `w_i` of target entries (normalization statistics) follow a `StatsRule`:
+`convex` (the default) uses `w_i = a_i / max(1, sum_j a_j)` with `a_i = max(alpha_i, 0)`,
+so the statistics stay inside the convex hull of std's and the targets' values (equal to
+`sum`, `w_i = alpha_i`, whenever the alphas are >= 0 and sum to at most 1); `keep` leaves
+std's statistics untouched (`w_i = 0`).
 
 Every composition runs in float32 (float64 for float64 models) and is cast once to the
 model's dtype; alpha multiplies once. Signatures are dequantized on the device of the
@@ -28,6 +34,7 @@ from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkp
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .signature import Signature, load
+from .statsrule import DEFAULT_STATS, StatsRule
 
 DEFAULT_ALPHA = 0.8
 
@@ -47,17 +54,20 @@ def compose(
     base: torch.Tensor,
     contributions: Iterable[Contribution],
     *,
+    stats: StatsRule | str = DEFAULT_STATS,
     reuse_base: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`base` patched by `contributions` in order, in float32 (or float64), cast once.
 
-    Contributions with alpha 0 are skipped, and with none left `base` itself is returned,
-    so alpha 0 gives the input back bit for bit. `reuse_base` lets a float32/float64 `base`
-    that the caller owns be overwritten with the result (one large allocation less); `out`
-    (a tensor of base's shape and dtype, not base) receives the result instead.
+    Target contributions are weighted by the `stats` rule first. Contributions whose
+    weight is 0 are skipped, and with none left `base` itself is returned, so alpha 0 (and
+    `keep` for a tensor holding only targets) gives the input back bit for bit. `reuse_base`
+    lets a float32/float64 `base` that the caller owns be overwritten with the result (one
+    large allocation less); `out` (a tensor of base's shape and dtype, not base) receives
+    the result instead.
     """
-    active = [c for c in contributions if c.alpha != 0]
+    active = [c for c in weighted(contributions, stats) if c.alpha != 0]
     work = torch.promote_types(base.dtype, torch.float32)
     start = base.detach().to(work)
     only_deltas = all(c.kind == "delta" for c in active)  # targets read `start` throughout
@@ -81,6 +91,18 @@ def compose(
     if result is not out:
         out.copy_(result)
     return out
+
+
+def weighted(contributions: Iterable[Contribution], stats: StatsRule | str) -> list[Contribution]:
+    """`contributions` with the target entries' alphas replaced by their `stats` weights."""
+    rule = StatsRule.parse(stats)
+    items = list(contributions)
+    if rule is StatsRule.SUM:
+        return items
+    if rule is StatsRule.KEEP:
+        return [c for c in items if c.kind != "target"]
+    scale = max(1.0, math.fsum(max(c.alpha, 0.0) for c in items if c.kind == "target"))
+    return [c._replace(alpha=max(c.alpha, 0.0) / scale) if c.kind == "target" else c for c in items]
 
 
 def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signature, float]]:
@@ -163,20 +185,23 @@ def apply(
     *,
     map: MapLike = None,
     strict: bool = False,
+    stats: StatsRule | str = DEFAULT_STATS,
 ) -> dict[str, torch.Tensor]:
     """A new state dict with the signatures applied; `state_dict` is not modified.
 
     Patched tensors are new (on the device and in the dtype of the originals); all
-    others are the input's tensor objects. Raises `RwsError` when a signature tensor is
+    others are the input's tensor objects. `stats` says how normalization statistics
+    (target entries) compose (`StatsRule`). Raises `RwsError` when a signature tensor is
     missing or has another shape (`strict`: also when the whole architecture differs).
     """
+    rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
     ckpt = _state_dict_view(state_dict, "state dict")
     plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict")
     out = dict(state_dict)
     for name, items in plan.items():
         base = ckpt.tensor(name)
-        new = compose(base, _contributions(items, base.device))
+        new = compose(base, _contributions(items, base.device), stats=rule)
         for key in ckpt.keys_of(name):  # tied keys stay one tensor
             out[key] = new
     return out
@@ -191,13 +216,15 @@ class _Slot:
 
     tensor: torch.Tensor
     original: torch.Tensor
+    stats: StatsRule
     active: dict[int, list[Contribution]] = field(default_factory=dict)
 
     def refresh(self) -> None:
         """Recompute from the original plus the active patches, in the order applied."""
         with torch.no_grad():
             if self.active:
-                compose(self.original, itertools.chain(*self.active.values()), out=self.tensor)
+                contributions = itertools.chain(*self.active.values())
+                compose(self.original, contributions, stats=self.stats, out=self.tensor)
             else:
                 self.tensor.copy_(self.original)
 
@@ -254,17 +281,22 @@ def patch(
     *,
     map: MapLike = None,
     strict: bool = False,
+    stats: StatsRule | str = DEFAULT_STATS,
 ) -> PatchHandle:
     """Patch `model` in place, on whatever device its tensors live; returns the handle.
 
     Parameters keep their identity (values are copied into them under no_grad), so
     optimizers and hooks keep working. `handle.remove()` restores the model bit for bit.
     A single signature takes `alpha` (default 0.8); or pass `[(sig, alpha), ...]`.
+    Stacked patches compose as one call with all their signatures would, so the
+    normalization statistics they share must be patched under one `stats` rule.
     """
+    rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
     live = _state_dict_view(model.state_dict(keep_vars=True), "model")
     plan, matches = _plan(entries, live, parse_map(map), strict, type(model).__name__)
     targets = [(name, *_owner(model, live.key(name), live.tensor(name))) for name in plan]
+    _check_stats_rule(plan, targets, live, rule)
     handle = PatchHandle([live.key(name) for name in plan], [(o, a) for _, o, a in targets])
     handle.matches = matches
     for name, owner, attr in targets:
@@ -272,10 +304,34 @@ def patch(
         table = _SLOTS.setdefault(owner, {})
         slot = table.get(attr)
         if slot is None or slot.tensor is not tensor:
-            slot = table[attr] = _Slot(tensor, tensor.detach().clone())
+            slot = table[attr] = _Slot(tensor, tensor.detach().clone(), rule)
+        elif not slot.active:
+            slot.stats = rule
         slot.active[handle.id] = _contributions(plan[name], tensor.device)
         slot.refresh()
     return handle
+
+
+def _check_stats_rule(
+    plan: Mapping[str, list[tuple[Signature, str, float]]],
+    targets: Sequence[tuple[str, torch.nn.Module, str]],
+    live: Checkpoint,
+    rule: StatsRule,
+) -> None:
+    """Refuse, before touching anything, to stack a patch whose target entries would
+    compose under another rule than the active patches of the same tensor."""
+    for name, owner, attr in targets:
+        slot = _SLOTS.get(owner, {}).get(attr)
+        if slot is None or slot.tensor is not live.tensor(name) or slot.stats is rule:
+            continue
+        held = [c.kind for cs in slot.active.values() for c in cs]
+        held += [sig.info(sig_name).kind for sig, sig_name, _ in plan[name]]
+        if "target" in held:
+            raise RwsError(
+                f"{live.key(name)!r} is already patched with stats={slot.stats.value!r}; "
+                f"a second patch with stats={rule.value!r} cannot compose with it",
+                fix=f"pass stats={slot.stats.value!r}, or remove the active patches first",
+            )
 
 
 @contextlib.contextmanager
@@ -286,9 +342,10 @@ def patched(
     *,
     map: MapLike = None,
     strict: bool = False,
+    stats: StatsRule | str = DEFAULT_STATS,
 ) -> Iterator[PatchHandle]:
     """`with rwsfmt.patched(model, [(fog, 0.8), (snow, 0.3)]):` patch, then restore."""
-    handle = patch(model, sigs, alpha, map=map, strict=strict)
+    handle = patch(model, sigs, alpha, map=map, strict=strict, stats=stats)
     try:
         yield handle
     finally:
@@ -349,6 +406,7 @@ def apply_checkpoint(
     *,
     map: MapLike = None,
     strict: bool = False,
+    stats: StatsRule | str = DEFAULT_STATS,
     device: str | torch.device | None = None,
     in_place: bool = False,
     dry_run: bool = False,
@@ -359,7 +417,9 @@ def apply_checkpoint(
 
     Unpatched tensors are kept byte for byte and the file is written atomically. Writing
     over `model_path` needs `in_place=True`; `dry_run` measures the changes and writes nothing.
+    `stats` says how normalization statistics (target entries) compose (`StatsRule`).
     """
+    rule = StatsRule.parse(stats)
     model_path = os.fspath(model_path)
     if output is None and not dry_run:
         raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
@@ -371,7 +431,9 @@ def apply_checkpoint(
             output = _check_output(ckpt, os.fspath(output), entries, in_place)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
         written = None
-        with _PatchedTensors(ckpt, plan, dev, measure=dry_run, progress=progress) as patched:
+        with _PatchedTensors(
+            ckpt, plan, dev, stats=rule, measure=dry_run, progress=progress
+        ) as patched:
             if dry_run:
                 for name in patched:
                     patched[name]  # computes and measures the change, writes nothing
@@ -438,6 +500,7 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
         plan: Mapping[str, list[tuple[Signature, str, float]]],
         device: torch.device,
         *,
+        stats: StatsRule,
         measure: bool,
         progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None,
         ahead: int = 2,
@@ -445,6 +508,7 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
         from concurrent.futures import ThreadPoolExecutor
 
         self._ckpt, self._plan, self._device, self._measure = ckpt, plan, device, measure
+        self._stats = stats
         self._order = [n for n in ckpt.write_order if n in plan]
         self._position = {n: i for i, n in enumerate(self._order)}
         self._ahead = ahead
@@ -468,7 +532,7 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
             base = self._ckpt.tensor(name)
         on_dev = base.to(self._device)
         owned = self._ckpt.owns_tensors and not self._measure
-        new = compose(on_dev, contributions, reuse_base=owned)
+        new = compose(on_dev, contributions, stats=self._stats, reuse_base=owned)
         items = self._plan[name]
         change = TensorChange(
             name,
