@@ -27,8 +27,7 @@ alpha sweep; (3) composition of 2, 3 and 4 signatures (motion_blur, gaussian_blu
 contrast) at 0.8 and 1.0 each: clean accuracy, accuracy on each composed corruption, and how
 many running_var elements end up negative; (4) every corruption at alpha 1.
 
-Fixed seeds; one thread (`torch.set_num_threads(1)`) so the numbers repeat on this machine
-(two corruptions that ignore NumPy's seed get one drawn from it: `seed_unseeded_corruptions`).
+Fixed seeds; one thread (`torch.set_num_threads(1)`) so the numbers repeat on this machine.
 With all 19 corruptions it takes about 8 minutes on one core. Writes the tables to
 `benchmarks/results/batchnorm_digits.md` (and prints them). Needs `pip install -e .[demo]`.
 """
@@ -45,7 +44,6 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -67,27 +65,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "batchnorm_digits.md")
 
 State = dict[str, torch.Tensor]
-UNSEEDED = ("impulse_noise", "glass_blur")
-
-
-def seed_unseeded_corruptions() -> None:
-    """Make `digits.corrupted` repeatable for every corruption.
-
-    imagecorruptions' impulse_noise and glass_blur ignore NumPy's global generator (which
-    `digits.corrupt_images` seeds): without a `seed=` they draw fresh OS entropy, so their
-    images, and every number measured on them, change from run to run. Give them a seed
-    drawn from the seeded global generator; the other 17 corruptions are untouched.
-    """
-    import imagecorruptions
-
-    original = imagecorruptions.corrupt
-
-    def corrupt(image, *args, **kwargs):
-        if kwargs.get("corruption_name") in UNSEEDED and "seed" not in kwargs:
-            kwargs["seed"] = int(np.random.randint(2**31))
-        return original(image, *args, **kwargs)
-
-    imagecorruptions.corrupt = corrupt
 
 
 class Evaluator:
@@ -181,7 +158,6 @@ def main() -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help="markdown file to write")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seed_unseeded_corruptions()
     started = time.time()
 
     names = digits.corruption_names()
