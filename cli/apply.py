@@ -126,10 +126,10 @@ def apply(
     if dry_run:
         _print_changes(report)
     if not quiet:
-        _print_summary(report, pairs)
+        _print_summary(report, pairs, stats)
 
 
-def _print_summary(report, pairs) -> None:
+def _print_summary(report, pairs, stats: str) -> None:
     used = ", ".join(f"{os.path.basename(path)} x {alpha:g}" for path, alpha in pairs)
     verb = "patched" if report.written else "would patch"
     click.echo(
@@ -149,6 +149,12 @@ def _print_summary(report, pairs) -> None:
             click.echo(f"    names aligned to the model's: {how} (use --map to choose)")
         for tied in m.tied:
             click.echo(f"    {tied}: tied to a tensor already patched, applied once")
+    statistics = sum(change.statistics for change in report.changes)
+    if statistics:
+        click.echo(
+            f"  {statistics} normalization statistics composed with "
+            f"--stats {StatsRule.parse(stats).value}"
+        )
     if not report.written:
         click.echo("dry run: nothing written")
         return

@@ -379,6 +379,7 @@ class TensorChange:
     shape: tuple[int, ...]
     dtype: str
     signatures: list[str]
+    statistics: bool = False  # a normalization statistic (target entries), composed by `stats`
     change_norm: float | None = None
     relative_change: float | None = None
 
@@ -539,6 +540,7 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
             tuple(base.shape),
             str(base.dtype).removeprefix("torch."),
             [sig.label or os.path.basename(sig.path or "") for sig, _, _ in items],
+            statistics=any(c.kind == "target" for c in contributions),
         )
         if self._measure:
             diff = new.to(torch.float64) - on_dev.to(torch.float64)

@@ -264,3 +264,12 @@ def test_cli_unknown_rule_in_a_real_process(files):
     assert proc.returncode == 2, proc.stderr
     assert "--stats" in proc.stderr and "sum" in proc.stderr and "keep" in proc.stderr
     assert not (tmp / "out.pt").exists()
+
+
+def test_cli_summary_names_the_rule_for_statistics(files):
+    tmp, sd, _ = files
+    statistics = [k for k in sd if k.endswith(("running_mean", "running_var"))]
+    code, text = run("apply", tmp / "std.pt", tmp / "s0.rws", "-a", 1, "--stats", "KEEP",
+                     "-o", tmp / "out.pt")  # fmt: skip
+    assert code == 0, text
+    assert f"{len(statistics)} normalization statistics composed with --stats keep" in text
