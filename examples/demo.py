@@ -11,8 +11,8 @@
    shows one (`rwsfmt inspect`).
 3. Patches std with the command line (`rwsfmt apply`, one signature and then all of them
    composed, each into a new file) and with the Python API (`rwsfmt.patched`, at several
-   strengths), prints clean and corrupted test accuracy side by side, and removes the patches
-   again, checking that std comes back bit for bit.
+   strengths and composed), prints clean and corrupted test accuracy side by side, and removes
+   the patches again, checking that std comes back bit for bit.
 
 No download: the digits ship inside scikit-learn, the corruptions are computed locally.
 """
@@ -33,7 +33,7 @@ import digits  # noqa: E402 - examples/digits.py, beside this file
 
 import rwsfmt  # noqa: E402
 
-CORRUPTIONS = ("contrast", "motion_blur", "zoom_blur")
+CORRUPTIONS = ("contrast", "snow", "defocus_blur")
 ALPHAS = (0.5, 1.0)
 
 
@@ -127,6 +127,8 @@ def main() -> None:
         for alpha in ALPHAS:
             with rwsfmt.patched(std, sig, alpha):
                 rows.append((f"std + {c} x {alpha:g}", scores(std)))
+    with rwsfmt.patched(std, [(sig, 0.5) for sig in sigs.values()]):
+        rows.append(("std + " + " + ".join(f"{c} x 0.5" for c in sigs), scores(std)))
     label = " + ".join(f"{c} x 1" for c in sigs)
     rows.append((f"std + {label} (rwsfmt apply, file)", scores(load_model(composed_file))))
     exact = all(torch.equal(v, original[k]) for k, v in std.state_dict().items())
