@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from bitwise import assert_bit_equal, bits_of, snapshot
 from torch import nn
 
 import rwsfmt
 from rwsfmt.errors import RwsError
 from rwsfmt.fingerprint import architecture_fingerprint
 from rwsfmt.quant import QuantConfig
-
-BIT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 class Net(nn.Module):
@@ -72,24 +71,6 @@ def make_sig(
     return rwsfmt.from_tensors(
         items, label=label, quant=QuantConfig(bits=bits), model_fingerprint=fingerprint(model)
     )
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().view(BIT_VIEWS[t.dtype])
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            assert a[k].dtype == b[k].dtype, k
-            assert torch.equal(bits_of(a[k]), bits_of(b[k])), k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 # ---------------------------------------------------------------- apply(): the numbers

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from bitwise import assert_bit_equal, snapshot
 from click.testing import CliRunner
 from torch import nn
 
@@ -65,19 +66,6 @@ def make_sig(model: nn.Module, seed: int, label: str = "sig", bits: int = 8) -> 
             value = sd[n] + torch.randn(shape, generator=g)
         items.append((n, value, "target"))
     return rwsfmt.from_tensors(items, label=label, quant=QuantConfig(bits=bits))
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)), k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")
