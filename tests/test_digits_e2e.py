@@ -39,14 +39,14 @@ digits = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = digits  # dataclasses look their module up there
 _spec.loader.exec_module(digits)
 
-CORRUPTIONS = ("contrast", "motion_blur", "fog")
+CORRUPTIONS = ("contrast", "snow", "defocus_blur")  # the demo's
 SEVERITY, SEED = 5, 0
 ALPHA = 1.0  # the signature at full strength, as in the paper's Table 1
 BITS = (32, 8)
 
 # Thresholds on the mean over CORRUPTIONS; measured over seeds 0-4 (see the module doc)
-MIN_MEAN_GAIN = 0.0  # points on corrupted images; measured min -, mean -
-MAX_CLEAN_DROP = 0.0  # mean points lost on clean images while patched; measured max -
+MIN_MEAN_GAIN = 0.0  # points on corrupted images, 8-bit; measured min -, mean -
+MAX_CLEAN_DROP = 0.0  # mean points lost on clean images while patched, 8-bit; measured max -
 MIN_KEPT_8_BIT = 0.9  # mean gain at 8 bits / at 32 bits; measured min -
 
 pytestmark = pytest.mark.slow
@@ -152,8 +152,9 @@ def test_default_selection_is_the_5_shallowest_convs(run: Run) -> None:
 
 
 def test_patches_gain_on_corrupted_images(scores: Scores) -> None:
-    assert scores.mean_gain(32) >= MIN_MEAN_GAIN
-    assert scores.mean_clean_drop(32) <= MAX_CLEAN_DROP
+    # the default file: 8-bit, the 5 shallowest layers
+    assert scores.mean_gain(8) >= MIN_MEAN_GAIN
+    assert scores.mean_clean_drop(8) <= MAX_CLEAN_DROP
 
 
 def test_8_bit_signatures_keep_the_gain(scores: Scores) -> None:
