@@ -84,6 +84,8 @@ class Data:
         severities: Sequence[int] = (5,),
         classes: range = range(digits.CLASSES),
     ) -> Data:
+        """Split `seed`, its images of `classes`, each corruption at severity 5 for training
+        and at `severities` for testing."""
         split = digits.load_digits32(seed)
         train = digits.keep_classes(
             digits.to_tensor(split.train_images), split.train_labels, classes
@@ -99,6 +101,7 @@ class Data:
         return cls(seed, classes, *train, *test, corrupted_train, corrupted_test)
 
     def accuracy(self, model: torch.nn.Module, corruption: str | None, severity: int = 5) -> float:
+        """Test accuracy in percent on clean (`corruption` None) or corrupted images."""
         images = self.test if corruption is None else self.corrupted_test[corruption, severity]
         return digits.accuracy(model, images, self.test_labels)
 
@@ -452,7 +455,7 @@ def plot_figure6(path: str, fig6: tuple) -> None:
     left.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
     left.set_title("Figure 6: how many shallow layers a signature needs")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -471,7 +474,7 @@ def plot_figure7(path: str, fig7: dict[str, list[float]]) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Figure 7: alpha trades clean accuracy for robustness")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -491,7 +494,7 @@ def plot_figure8(path: str, fig8: list) -> None:
                     color="white" if v < 60 else "black")  # fmt: skip
     ax.set_title("Figure 8: composed signatures (8-bit, 5 shallowest layers), accuracy %")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
