@@ -1,7 +1,7 @@
 """The paper's experiments in miniature on digits-32: Table 1, Figures 6-8, Table 3 and Eq. 1.
 
-    python benchmarks/paper_digits.py                      # every study, seed 0, ~12 min on 2 cores
-    python benchmarks/paper_digits.py --seeds 0 1 2 3 4    # Table 1 again for each seed
+    python benchmarks/paper_digits.py                      # every study, seed 0, ~10 min on 2 cores
+    python benchmarks/paper_digits.py --seeds 0 1 2 3 4    # Table 1 for each seed, ~30 min
 
 Set-up (`examples/digits.py`, recipe `PAPER`): VGG-16's 13 convs without BatchNorm at 1/8 of
 its widths; `init` trained on clean digits-32, then `std` (clean) and one robust model per
