@@ -43,6 +43,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from statistics import fmean as mean
 
 import torch
 from torch import nn
@@ -133,10 +134,6 @@ def negative_vars(state: State, modules: Iterable[str]) -> int:
     return sum(int((state[f"{m}.running_var"] < 0).sum()) for m in modules)
 
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> str:
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["---:" if a == "r" else "---" for a in align]
@@ -164,35 +161,30 @@ def main() -> None:
     if args.corruptions != "all":
         first = list(names[: int(args.corruptions)])
         names = tuple(first + [c for c in COMPOSED if c not in first])
+    data = digits.load_digits32(SEED)
     settings = (
-        f"digits-32 (seed {SEED}: {len(digits.load_digits32(SEED).train_labels)} train, "
-        f"{len(digits.load_digits32(SEED).test_labels)} test images), severity {SEVERITY}, "
+        f"digits-32 (seed {SEED}: {len(data.train_labels)} train, "
+        f"{len(data.test_labels)} test images), severity {SEVERITY}, "
         f"{len(names)} corruptions; {RECIPE.describe()}; shallow-{LAYERS} signatures "
         f"(Eq. 1), 8-bit (default: symmetric, per channel) and 32-bit; 1 thread"
     )
     print(settings, flush=True)
 
-    data = digits.load_digits32(SEED)
     clean_train, labels = digits.to_tensor(data.train_images), data.train_labels
     sets = {"clean": digits.to_tensor(data.test_images)}
-    init = digits.train_init(RECIPE, clean_train, labels, SEED)
-    std = digits.train_from(init, RECIPE, clean_train, labels, SEED + 1)
-    init_sd, std_sd = init.state_dict(), std.state_dict()
-    evaluate = Evaluator(std, sets, data.test_labels)
-
-    robust: dict[str, State] = {}
-    sigs: dict[tuple[str, int], rwsfmt.Signature] = {}
-    for i, c in enumerate(names):
-        bad = digits.corrupted("train", c, SEVERITY, SEED)
-        sets[c] = digits.corrupted("test", c, SEVERITY, SEED)
-        data_c = digits.robust_data(clean_train, bad, labels)
-        robust[c] = digits.train_from(init, RECIPE, *data_c, SEED + 2 + i).state_dict()
-        for bits in (8, 32):
-            sigs[c, bits] = rwsfmt.extract(
-                std_sd, robust[c], init_sd, layers=LAYERS, bits=bits, label=c
-            )
-        print(f"  trained robust model {i + 1}/{len(names)}: {c}", flush=True)
+    sets.update({c: digits.corrupted("test", c, SEVERITY, SEED) for c in names})
+    bad = {c: digits.corrupted("train", c, SEVERITY, SEED) for c in names}
+    models = digits.train_models(RECIPE, clean_train, labels, bad, SEED)
     trained = time.time() - started
+    print(f"trained init, std and {len(names)} robust models in {trained:.0f} s", flush=True)
+    init_sd, std_sd = models.init.state_dict(), models.std.state_dict()
+    evaluate = Evaluator(models.std, sets, data.test_labels)
+    robust: dict[str, State] = {c: m.state_dict() for c, m in models.robust.items()}
+    sigs = {
+        (c, bits): rwsfmt.extract(std_sd, robust[c], init_sd, layers=LAYERS, bits=bits, label=c)
+        for c in names
+        for bits in (8, 32)
+    }
     modules = target_modules(sigs[names[0], 8])
     patched_names = sigs[names[0], 8].names
     print(f"signature tensors: {', '.join(patched_names)}", flush=True)

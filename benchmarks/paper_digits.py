@@ -40,8 +40,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from statistics import fmean as mean
 
 import torch
 
@@ -108,37 +109,55 @@ class Data:
 
 @dataclass
 class Zoo:
-    """init, std and one robust model per corruption, all trained from init on `data`."""
+    """init, std and one robust model per corruption, all trained from init on `data`, and
+    their signatures (each extracted once)."""
 
     data: Data
-    init: torch.nn.Module
-    std: torch.nn.Module
-    robust: dict[str, torch.nn.Module]
+    models: digits.Models
+    signatures: dict[tuple[str, int | str, int, str], rwsfmt.Signature] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def train(cls, data: Data, recipe: digits.Recipe) -> Zoo:
-        seed, classes = data.seed, len(data.classes)
         start = time.perf_counter()
-        init = digits.train_init(recipe, data.train, data.train_labels, seed, classes)
-        std = digits.train_from(init, recipe, data.train, data.train_labels, seed + 1)
-        robust = {}
-        for i, (c, bad) in enumerate(data.corrupted_train.items()):
-            images, labels = digits.robust_data(data.train, bad, data.train_labels)
-            robust[c] = digits.train_from(init, recipe, images, labels, seed + 2 + i)
+        models = digits.train_models(
+            recipe, data.train, data.train_labels, data.corrupted_train, data.seed,
+            len(data.classes),
+        )  # fmt: skip
         log(
-            f"trained init, std and {len(robust)} robust models (digits "
+            f"trained init, std and {len(models.robust)} robust models (digits "
             f"{data.classes.start}-{data.classes.stop - 1}) in {time.perf_counter() - start:.0f} s"
         )
-        return cls(data, init, std, robust)
+        return cls(data, models)
+
+    @property
+    def init(self) -> torch.nn.Module:
+        return self.models.init
+
+    @property
+    def std(self) -> torch.nn.Module:
+        return self.models.std
+
+    @property
+    def robust(self) -> dict[str, torch.nn.Module]:
+        return self.models.robust
 
     def signature(
         self, corruption: str, layers: int | str = SHALLOW, bits: int = 8, method: str = "project"
     ) -> rwsfmt.Signature:
         """The signature of one robust model (method 'task-vector': robust - init)."""
-        robust = self.robust[corruption]
-        if method == "task-vector":
-            return rwsfmt.extract(self.init, robust, layers=layers, bits=bits, method="subtract")
-        return rwsfmt.extract(self.std, robust, self.init, layers=layers, bits=bits, method=method)
+        key = (corruption, layers, bits, method)
+        if key not in self.signatures:
+            robust = self.robust[corruption]
+            if method == "task-vector":
+                sig = rwsfmt.extract(self.init, robust, layers=layers, bits=bits, method="subtract")
+            else:
+                sig = rwsfmt.extract(
+                    self.std, robust, self.init, layers=layers, bits=bits, method=method
+                )
+            self.signatures[key] = sig
+        return self.signatures[key]
 
 
 def scores(
@@ -150,10 +169,6 @@ def scores(
     """Accuracy of `model` patched with `sigs` on each (corruption or None for clean, severity)."""
     with rwsfmt.patched(model, list(sigs)) if sigs else contextlib.nullcontext():
         return [data.accuracy(model, c, s) for c, s in tests]
-
-
-def mean(values: Iterator[float] | Sequence[float]) -> float:
-    return statistics.fmean(values)
 
 
 def share(gain: float, of: float) -> float:
@@ -220,8 +235,7 @@ def table1(zoo: Zoo, augmented: torch.nn.Module, folder: str) -> list[Row]:
             path = os.path.join(folder, f"{c}-{layers}-{bits}.rws")
             rwsfmt.save(sig, path)
             storage += os.path.getsize(path)
-            saved = rwsfmt.load(path)
-            tensor_bytes += sum(saved.info(name).length for name in saved.names)
+            tensor_bytes += sum(info.length for info in sig.infos)
             ta_patched, per[c] = scores(std, data, [(sig, 1.0)], [(None, 5), (c, 5)])
             clean.append(ta_patched)
             exact += all(torch.equal(v, before[k]) for k, v in std.state_dict().items())
@@ -284,17 +298,10 @@ def figure6(zoo: Zoo) -> tuple[list[int], list[float], list[float], dict[str, li
             (acc,) = scores(std, data, [(sig, 1.0)], [(c, 5)])
             per[c].append(acc)
             accs.append(acc)
-        params.append(100.0 * sum(_numel(sig, name) for name in sig.names) / total)
+        params.append(100.0 * sum(info.numel for info in sig.infos) / total)
         ra.append(mean(accs))
     log("figure 6")
     return counts, ra, params, per
-
-
-def _numel(sig: rwsfmt.Signature, name: str) -> int:
-    n = 1
-    for d in sig.info(name).shape:
-        n *= d
-    return n
 
 
 def figure7(zoo: Zoo) -> dict[str, list[float]]:

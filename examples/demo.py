@@ -78,15 +78,10 @@ def main() -> None:
     tests = {"clean": digits.to_tensor(split.test_images)}
     for c in args.corruptions:
         tests[c] = digits.corrupted("test", c, args.severity, seed)
-    init = digits.train_init(recipe, clean, labels, seed)
-    std = digits.train_from(init, recipe, clean, labels, seed + 1)
-    robust = {}
-    for i, c in enumerate(args.corruptions):
-        bad = digits.corrupted("train", c, args.severity, seed)
-        robust[c] = digits.train_from(
-            init, recipe, *digits.robust_data(clean, bad, labels), seed + 2 + i
-        )
-    for name, model in (("init", init), ("std", std), *robust.items()):
+    bad = {c: digits.corrupted("train", c, args.severity, seed) for c in args.corruptions}
+    models = digits.train_models(recipe, clean, labels, bad, seed)
+    std, robust = models.std, models.robust
+    for name, model in (("init", models.init), ("std", std), *robust.items()):
         torch.save(model.state_dict(), path(f"{name}.pt"))
     print(
         f"trained init, std and {len(robust)} robust models in {time.perf_counter() - start:.0f} s"

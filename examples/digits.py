@@ -19,6 +19,7 @@ import copy
 import functools
 import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,26 +311,32 @@ def robust_data(
 
 
 @dataclass
-class Trio:
-    """init, then std (clean images) and robust (clean and corrupted images) trained from it."""
+class Models:
+    """init, then std (clean images) and one robust model per corruption (clean and
+    corrupted images), all trained from init."""
 
     init: nn.Module
     std: nn.Module
-    robust: nn.Module
+    robust: dict[str, nn.Module]
 
 
-def train_trio(
-    corruption: str, *, severity: int = 5, seed: int = 0, recipe: Recipe = PAPER
-) -> Trio:
-    """Train the three models the method needs, on digits-32 and one corruption."""
-    digits = load_digits32(seed)
-    labels = digits.train_labels
-    clean = to_tensor(digits.train_images)
-    bad = corrupted("train", corruption, severity, seed)
-    init = train_init(recipe, clean, labels, seed)
+def train_models(
+    recipe: Recipe,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    corrupted_images: Mapping[str, torch.Tensor],
+    seed: int,
+    classes: int = CLASSES,
+) -> Models:
+    """The models the method needs: init (seed `seed`), std (batches by `seed + 1`) and a
+    robust model for each corruption of `corrupted_images`, in order (`seed + 2 + i`)."""
+    init = train_init(recipe, clean, labels, seed, classes)
     std = train_from(init, recipe, clean, labels, seed + 1)
-    robust = train_from(init, recipe, *robust_data(clean, bad, labels), seed + 2)
-    return Trio(init, std, robust)
+    robust = {
+        c: train_from(init, recipe, *robust_data(clean, bad, labels), seed + 2 + i)
+        for i, (c, bad) in enumerate(corrupted_images.items())
+    }
+    return Models(init, std, robust)
 
 
 def main() -> None:
@@ -340,11 +347,16 @@ def main() -> None:
     parser.add_argument("--out", default="demo-output")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    trio = train_trio(args.corruption, severity=args.severity, seed=args.seed)
-    for role, model in (("init", trio.init), ("std", trio.std), (args.corruption, trio.robust)):
+    split = load_digits32(args.seed)
+    bad = corrupted("train", args.corruption, args.severity, args.seed)
+    models = train_models(
+        PAPER, to_tensor(split.train_images), split.train_labels, {args.corruption: bad}, args.seed
+    )
+    robust = models.robust[args.corruption]
+    for role, model in (("init", models.init), ("std", models.std), (args.corruption, robust)):
         torch.save(model.state_dict(), os.path.join(args.out, f"{role}.pt"))
     test, bad, labels = held_out(args.corruption, args.severity, args.seed)
-    for role, model in (("std", trio.std), ("robust", trio.robust)):
+    for role, model in (("std", models.std), ("robust", robust)):
         print(
             f"{role:>6}: clean {accuracy(model, test, labels):5.1f}%  "
             f"{args.corruption} {accuracy(model, bad, labels):5.1f}%"

@@ -83,14 +83,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     folder = tmp_path_factory.mktemp("digits")
     recipe, split = digits.PAPER, digits.load_digits32(SEED)
     clean, labels = digits.to_tensor(split.train_images), split.train_labels
-    init = digits.train_init(recipe, clean, labels, SEED)
-    std = digits.train_from(init, recipe, clean, labels, SEED + 1)
-    robust = {}
-    for i, c in enumerate(CORRUPTIONS):
-        data = digits.robust_data(clean, digits.corrupted("train", c, SEVERITY, SEED), labels)
-        robust[c] = digits.train_from(init, recipe, *data, SEED + 2 + i)
+    bad = {c: digits.corrupted("train", c, SEVERITY, SEED) for c in CORRUPTIONS}
+    models = digits.train_models(recipe, clean, labels, bad, SEED)
+    std, robust = models.std, models.robust
     paths = {}
-    for role, model in (("init", init), ("std", std), *robust.items()):
+    for role, model in (("init", models.init), ("std", std), *robust.items()):
         paths[role] = str(folder / f"{role}.pt")
         torch.save(model.state_dict(), paths[role])
     sigs = {}
