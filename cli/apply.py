@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
-from .console import progress
+from .console import progress, say
 from .options import GroupedCommand
 
 OPTION_GROUPS = {
@@ -132,7 +132,7 @@ def apply(
 def _print_summary(report, pairs, stats: str) -> None:
     used = ", ".join(f"{os.path.basename(path)} x {alpha:g}" for path, alpha in pairs)
     verb = "patched" if report.written else "would patch"
-    click.echo(
+    say(
         f"{verb} {len(report.changes)} of {report.tensors_in_model} tensors in "
         f"{report.model} ({report.format}) with {used}"
     )
@@ -142,35 +142,35 @@ def _print_summary(report, pairs, stats: str) -> None:
             "different": "only the signature's tensors match (another architecture or head)",
             "unknown": "the signature records no source architecture to compare",
         }[m.architecture]
-        click.echo(f"  {os.path.basename(m.source)}: {note}")
+        say(f"  {os.path.basename(m.source)}: {note}")
         if m.aligned:
             old, new = m.aligned
             how = f"prefix {new!r} added" if not old else f"prefix {old!r} removed"
-            click.echo(f"    names aligned to the model's: {how} (use --map to choose)")
+            say(f"    names aligned to the model's: {how} (use --map to choose)")
         for tied in m.tied:
-            click.echo(f"    {tied}: tied to a tensor already patched, applied once")
+            say(f"    {tied}: tied to a tensor already patched, applied once")
     statistics = sum(change.statistics for change in report.changes)
     if statistics:
-        click.echo(
+        say(
             f"  {statistics} normalization statistics composed with "
             f"--stats {StatsRule.parse(stats).value}"
         )
     if not report.written:
-        click.echo("dry run: nothing written")
+        say("dry run: nothing written")
         return
     converted = report.output_format not in (None, report.format)
-    click.echo(f"wrote {report.output}" + (f" ({report.output_format})" if converted else ""))
+    say(f"wrote {report.output}" + (f" ({report.output_format})" if converted else ""))
     for note in report.notes:
-        click.echo(f"  note: {note}")
+        say(f"  note: {note}")
 
 
 def _print_changes(report) -> None:
     """One plain line per tensor (pipe-friendly): shape, dtype, norms of the change, name."""
-    click.echo(f"{'shape':>16}  {'dtype':<9} {'|change|':>10} {'relative':>9}  name (signatures)")
+    say(f"{'shape':>16}  {'dtype':<9} {'|change|':>10} {'relative':>9}  name (signatures)")
     for c in report.changes:
         shape = "x".join(map(str, c.shape)) or "scalar"
         rel = "-" if c.relative_change is None else f"{c.relative_change:.3g}"
-        click.echo(
+        say(
             f"{shape:>16}  {c.dtype:<9} {c.change_norm:>10.4g} {rel:>9}  "
             f"{c.name} ({', '.join(c.signatures)})"
         )

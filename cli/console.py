@@ -6,10 +6,37 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+import click
+
 T = TypeVar("T")
 
 # exit codes of every command
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
+_CONTROL = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROL}
+_ESCAPES_BUT_NEWLINE = {c: e for c, e in _ESCAPES.items() if c != ord("\n")}
+
+
+def printable(value: object, newlines: bool = False) -> str:
+    """Text from files and users made safe for a terminal: control characters escaped (an
+    ESC in a label must not drive the terminal, a newline not break a row or a line)."""
+    return str(value).translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
+
+
+def plain(value: object):
+    """`printable` text as a rich `Text`, which rich never reads as markup (a tensor named
+    `a[/x]` must print as it is, not crash the command)."""
+    from rich.text import Text
+
+    return Text(printable(value))
+
+
+def say(line: str, err: bool = False) -> None:
+    """Print one line that may hold names, labels or paths from files and users."""
+    click.echo(printable(line), err=err)
 
 
 def console(stderr: bool = False):

@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes, progress
+from .console import console, human_bytes, plain, progress
 from .options import GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
@@ -162,7 +162,6 @@ def _summary(sig, output: str) -> None:
     """The per-tensor table and the size line; names, labels and paths come from files and
     users, so nothing printed is read as rich markup."""
     from rich.table import Table
-    from rich.text import Text
 
     from rwsfmt.order import describe_order
 
@@ -171,7 +170,7 @@ def _summary(sig, output: str) -> None:
         f"{sig.label}: {len(sig)} tensors in {selection.get('layer_count', '?')} layers, "
         f"depth order from {describe_order(selection)}"
     )
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=plain(title), title_justify="left")
     for col in ("name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"):
         table.add_column(col, justify="left" if col in ("name", "shape", "kind") else "right")
     float32 = 0
@@ -179,7 +178,7 @@ def _summary(sig, output: str) -> None:
         s = info.stats
         float32 += 4 * info.numel
         table.add_row(
-            Text(info.name),
+            plain(info.name),
             "x".join(map(str, info.shape)) or "scalar",
             info.kind,
             *(_num(s.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
@@ -189,16 +188,18 @@ def _summary(sig, output: str) -> None:
     size = os.path.getsize(output)
     ratio = f" ({size / float32:.3f}x)" if float32 else ""
     out.print(
-        f"wrote {output}: {human_bytes(size)}{ratio} against {human_bytes(float32)} "
-        "for the same tensors in float32",
-        markup=False,
+        plain(
+            f"wrote {output}: {human_bytes(size)}{ratio} against {human_bytes(float32)} "
+            "for the same tensors in float32"
+        )
     )
     for record in sig.provenance.get("inputs", []):
         for key in record.get("alternatives", []):
             out.print(
-                f"note: {record['name']} also holds weights under {key!r} "
-                f"(--state-key {key} extracts from those)",
-                markup=False,
+                plain(
+                    f"note: {record['name']} also holds weights under {key!r} "
+                    f"(--state-key {key} extracts from those)"
+                )
             )
 
 

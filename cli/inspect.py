@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.summary import describe
 
-from .console import console, human_bytes, short_hash
+from .console import console, human_bytes, plain, short_hash
 
 
 @click.command()
@@ -71,7 +71,7 @@ def render(info: dict) -> None:
     for key, value in sorted(meta.items()) if isinstance(meta, dict) else []:
         rows.append((f"meta: {key}", str(value)))
     for key, value in rows:
-        summary.add_row(_text(key), _text(value))
+        summary.add_row(plain(key), plain(value))
     out.print(summary)
 
     tensors = info["tensors"]
@@ -113,21 +113,8 @@ def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]],
                 f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
             ]
         row += [_num(t["stats"].get(key)) for key, _ in stats]
-        table.add_row(*map(_text, row))
+        table.add_row(*map(plain, row))
     return table
-
-
-# C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
-_CONTROL = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROL}
-
-
-def _text(value: str):
-    """Text from a file, shown as it is: never rich markup, and with control characters
-    escaped (an ESC in a label must not drive the terminal, a newline not break a row)."""
-    from rich.text import Text
-
-    return Text(value.translate(_ESCAPES))
 
 
 def _bits(t: dict) -> str:

@@ -10,7 +10,7 @@ import click
 from rwsfmt import __version__
 from rwsfmt.errors import RwsError
 
-from .console import EXIT_OK, EXIT_USAGE
+from .console import EXIT_OK, EXIT_USAGE, printable
 
 
 class RwsGroup(click.Group):
@@ -40,7 +40,7 @@ class RwsGroup(click.Group):
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message, newlines=True)}", err=True)
     sys.exit(EXIT_USAGE)
 
 

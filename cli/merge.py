@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .console import console, human_bytes
+from .console import human_bytes, say
 from .options import GroupedCommand, quant_config, quant_options, rws_output_option
 
 
@@ -61,7 +61,8 @@ def merge(signatures, output, weights, mean, label, bits, granularity, group_siz
     finally:
         for sig in loaded:
             sig.close()
-    console().print(
-        f"wrote {output}: {merged.label!r}, {len(merged)} tensors, "
+    plural = "" if len(merged) == 1 else "s"
+    say(
+        f"wrote {output}: {merged.label!r}, {len(merged)} tensor{plural}, "
         f"{human_bytes(os.path.getsize(output))}"
     )

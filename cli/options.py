@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import click
 
+MAX_GROUP_SIZE = 1 << 31  # the format's limit (spec section 9), repeated here so that
+# --help does not import the library
+
 
 class GroupedCommand(click.Command):
     """A command whose --help lists options under headings: `groups` maps a heading to
@@ -61,7 +64,7 @@ def quant_options(default_bits: int | None = 8) -> Callable:
         ),
         click.option(
             "--group-size",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_GROUP_SIZE),
             default=128,
             show_default=True,
             help="Values per scale with --granularity group.",

@@ -10,7 +10,7 @@ import click
 from rwsfmt.container import verify as verify_file
 from rwsfmt.errors import RwsError
 
-from .console import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, console, human_bytes
+from .console import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, console, human_bytes, plain
 
 
 @click.command()
@@ -29,6 +29,8 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
             worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
         except RwsError as exc:
             report = {"path": path, "ok": False, "problems": [exc.problem], "error": str(exc)}
+            if exc.fix:
+                report["fix"] = exc.fix
             worst = EXIT_USAGE
         results.append(report)
     if as_json:
@@ -44,9 +46,11 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
                     f"    {r['path']}: {r['tensors']} tensor{plural}, "
                     f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}"
                 )
-                out.print(Text.assemble(("OK", "green"), detail))
+                out.print(Text.assemble(("OK", "green"), plain(detail)))
             else:
-                out.print(Text.assemble(("FAIL", "red"), f"  {r['path']}"))
+                out.print(Text.assemble(("FAIL", "red"), plain(f"  {r['path']}")))
                 for problem in r["problems"]:
-                    out.print(f"      - {problem}", markup=False)
+                    out.print(plain(f"      - {problem}"))
+                if "fix" in r:
+                    out.print(plain(f"      fix: {r['fix']}"))
     sys.exit(worst)

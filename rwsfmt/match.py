@@ -122,7 +122,7 @@ def match(
         else:
             result.targets[info.name] = target
             patched.add(target)
-    expected = sig.fingerprint.get("model")
+    expected = sig.model_fingerprint
     if expected:
         inverse = [(new, old) for old, new in renames]
         actual = architecture_fingerprint(

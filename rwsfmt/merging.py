@@ -42,8 +42,8 @@ def merge(
     quant = quant or _quant_of(signatures[0])
     builder = SignatureBuilder(label or "+".join(s.label or "?" for s in signatures), quant)
     for name, (kind, members) in plan.items():
-        total = torch.zeros(signatures[members[0]].info(name).shape, dtype=torch.float32)
-        for i in members:
+        total = weights[members[0]] * signatures[members[0]].tensor(name)
+        for i in members[1:]:
             total += weights[i] * signatures[i].tensor(name)
         if kind == "target":
             share = math.fsum(weights[i] for i in members)
@@ -54,7 +54,7 @@ def merge(
                     fix="use --mean, or weights that sum to 1 over the signatures holding it",
                 )
         builder.add(name, total, kind=kind, dtype=_dtype(signatures[members[0]], name))
-    models = {s.fingerprint.get("model") for s in signatures}
+    models = {s.model_fingerprint for s in signatures}
     provenance: dict[str, Any] = {
         "method": "merge-mean" if mean else "merge-sum",
         "components": [_component(s, w) for s, w in zip(signatures, weights, strict=True)],

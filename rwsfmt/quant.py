@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .container import GRANULARITIES, LINEAR_BITS, TensorInfo, decodes_finite
+from .container import GRANULARITIES, LINEAR_BITS, MAX_GROUP_SIZE, TensorInfo, decodes_finite
 from .errors import RwsError
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
@@ -38,14 +38,20 @@ class QuantConfig:
     group_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.bits not in (*LINEAR_BITS, 32):
-            raise RwsError(f"--bits {self.bits} is not supported", fix="use 4, 8, 16 or 32")
-        if self.granularity not in GRANULARITIES:
+        """Refuse settings no file can hold (they may come from another file's provenance)."""
+        if type(self.bits) is not int or self.bits not in (*LINEAR_BITS, 32):
+            raise RwsError(f"bits={self.bits!r} is not supported", fix="use 4, 8, 16 or 32")
+        if not isinstance(self.symmetric, bool):
+            raise RwsError(f"symmetric={self.symmetric!r} must be True or False")
+        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
             raise RwsError(
                 f"unknown granularity {self.granularity!r}", fix=f"use one of {GRANULARITIES}"
             )
-        if self.group_size < 1:
-            raise RwsError(f"group size {self.group_size} must be positive")
+        if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise RwsError(
+                f"group_size={self.group_size!r} must be a whole number from 1 to "
+                f"{MAX_GROUP_SIZE:,}"
+            )
 
     def metadata(self, shape: tuple[int, ...]) -> dict[str, Any]:
         """The header's `quant` object for a tensor of this shape."""

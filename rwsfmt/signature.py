@@ -59,6 +59,13 @@ class Signature:
         return self._meta.get("fingerprint", {})
 
     @property
+    def model_fingerprint(self) -> str | None:
+        """The source model's architecture fingerprint, or None when the file records none
+        (or records something other than a string: fields from files are never trusted)."""
+        value = self.fingerprint.get("model")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def meta(self) -> dict[str, Any]:
         """File-level header fields (everything but the tensor list)."""
         return dict(self._meta)
@@ -106,12 +113,9 @@ class Signature:
     def payload(self, name: str) -> bytearray:
         """The decompressed payload of one tensor (scales, zero points, packed values)."""
         info = self.info(name)
-        stored = self.stored(name)
-        return decode_blob(
-            bytearray(stored) if isinstance(stored, bytes) else stored,
-            info,
-            self.path or "<memory>",
-        )
+        if isinstance(self._blobs, RwsReader):
+            return self._blobs.read_payload(info)
+        return decode_blob(bytearray(self._blobs[name]), info, "<memory>")
 
     def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor as float32, dequantized on `device` (CPU by default).
@@ -228,9 +232,14 @@ def save(sig: Signature, path: str | os.PathLike) -> None:
     write_file(path, sig.meta, sig.infos, lambda info: sig.stored(info.name))
 
 
-def load(path: str | os.PathLike) -> Signature:
-    """Open a `.rws` file lazily: the header is read and validated, tensors decode on demand."""
-    reader = RwsReader(path)
+def load(path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -> Signature:
+    """Open a `.rws` file lazily: the header is read and validated, tensors decode on demand.
+
+    Decoding refuses a file whose tensors take more float32 memory than its size justifies
+    (a decompression bomb): `max_decoded_bytes` raises that limit for a file you trust
+    (`math.inf` lifts it; None uses `RWSFMT_MAX_DECODED` or the default, see `rwsfmt.limits`).
+    """
+    reader = RwsReader(path, max_decoded_bytes=max_decoded_bytes)
     h = reader.header
     meta = {k: v for k, v in h.raw.items() if k != "tensors"}
     return Signature(meta, h.tensors, reader, path=reader.path)
