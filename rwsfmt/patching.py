@@ -57,6 +57,7 @@ def compose(
     stats: StatsRule | str = DEFAULT_STATS,
     reuse_base: bool = False,
     out: torch.Tensor | None = None,
+    name: str = "a tensor",
 ) -> torch.Tensor:
     """`base` patched by `contributions` in order, in float32 (or float64), cast once.
 
@@ -65,7 +66,8 @@ def compose(
     `keep` for a tensor holding only targets) gives the input back bit for bit. `reuse_base`
     lets a float32/float64 `base` that the caller owns be overwritten with the result (one
     large allocation less); `out` (a tensor of base's shape and dtype, not base) receives
-    the result instead.
+    the result instead. A result that is infinite or NaN where `base` was finite (the patch
+    overflows base's dtype) raises `RwsError` naming `name`.
     """
     active = [c for c in weighted(contributions, stats) if c.alpha != 0]
     work = torch.promote_types(base.dtype, torch.float32)
@@ -87,10 +89,31 @@ def compose(
         else:
             result.add_(values, alpha=c.alpha)
     if out is None:
-        return base if not active else result.to(base.dtype)
-    if result is not out:
+        if not active:
+            return base
+        out = result.to(base.dtype)
+    elif result is not out:
         out.copy_(result)
+    _check_finite(out, base, name, active)
     return out
+
+
+def _check_finite(
+    result: torch.Tensor, base: torch.Tensor, name: str, active: list[Contribution]
+) -> None:
+    """Refuse a patched tensor that overflowed its dtype (a finite weight became inf or NaN);
+    values the model already held as inf or NaN are its own and stay as they were."""
+    if bool(torch.isfinite(result).all()) or bool(
+        (torch.isfinite(result) | ~torch.isfinite(base)).all()
+    ):
+        return
+    alphas = ", ".join(f"{c.alpha:g}" for c in active)
+    dtype = str(base.dtype).removeprefix("torch.")
+    raise RwsError(
+        f"patching {name} at alpha {alphas} gives values beyond the {dtype} range "
+        "(infinite or NaN where the model's weights were finite)",
+        fix="lower alpha, or check that the signature belongs to this model",
+    )
 
 
 def weighted(contributions: Iterable[Contribution], stats: StatsRule | str) -> list[Contribution]:
@@ -201,7 +224,7 @@ def apply(
     out = dict(state_dict)
     for name, items in plan.items():
         base = ckpt.tensor(name)
-        new = compose(base, _contributions(items, base.device), stats=rule)
+        new = compose(base, _contributions(items, base.device), stats=rule, name=repr(name))
         for key in ckpt.keys_of(name):  # tied keys stay one tensor
             out[key] = new
     return out
@@ -217,6 +240,7 @@ class _Slot:
     tensor: torch.Tensor
     original: torch.Tensor
     stats: StatsRule
+    key: str
     active: dict[int, list[Contribution]] = field(default_factory=dict)
 
     def refresh(self) -> None:
@@ -224,7 +248,13 @@ class _Slot:
         with torch.no_grad():
             if self.active:
                 contributions = itertools.chain(*self.active.values())
-                compose(self.original, contributions, stats=self.stats, out=self.tensor)
+                compose(
+                    self.original,
+                    contributions,
+                    stats=self.stats,
+                    out=self.tensor,
+                    name=repr(self.key),
+                )
             else:
                 self.tensor.copy_(self.original)
 
@@ -284,6 +314,7 @@ def patch(
     stats: StatsRule | str = DEFAULT_STATS,
 ) -> PatchHandle:
     """Patch `model` in place, on whatever device its tensors live; returns the handle.
+    On an error (a damaged signature, a patch overflowing a dtype) the model is left as it was.
 
     Parameters keep their identity (values are copied into them under no_grad), so
     optimizers and hooks keep working. `handle.remove()` restores the model bit for bit.
@@ -299,16 +330,21 @@ def patch(
     _check_stats_rule(plan, targets, live, rule)
     handle = PatchHandle([live.key(name) for name in plan], [(o, a) for _, o, a in targets])
     handle.matches = matches
-    for name, owner, attr in targets:
-        tensor = live.tensor(name)
-        table = _SLOTS.setdefault(owner, {})
-        slot = table.get(attr)
-        if slot is None or slot.tensor is not tensor:
-            slot = table[attr] = _Slot(tensor, tensor.detach().clone(), rule)
-        elif not slot.active:
-            slot.stats = rule
-        slot.active[handle.id] = _contributions(plan[name], tensor.device)
-        slot.refresh()
+    try:
+        for name, owner, attr in targets:
+            tensor = live.tensor(name)
+            table = _SLOTS.setdefault(owner, {})
+            slot = table.get(attr)
+            if slot is None or slot.tensor is not tensor:
+                slot = _Slot(tensor, tensor.detach().clone(), rule, live.key(name))
+                table[attr] = slot
+            elif not slot.active:
+                slot.stats = rule
+            slot.active[handle.id] = _contributions(plan[name], tensor.device)
+            slot.refresh()
+    except BaseException:  # a damaged blob or an overflow half-way: the model as it was
+        handle.remove()
+        raise
     return handle
 
 
@@ -533,7 +569,7 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
             base = self._ckpt.tensor(name)
         on_dev = base.to(self._device)
         owned = self._ckpt.owns_tensors and not self._measure
-        new = compose(on_dev, contributions, stats=self._stats, reuse_base=owned)
+        new = compose(on_dev, contributions, stats=self._stats, reuse_base=owned, name=repr(name))
         items = self._plan[name]
         change = TensorChange(
             name,
