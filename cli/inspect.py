@@ -10,21 +10,37 @@ from rwsfmt.summary import describe
 
 from .console import console, human_bytes, plain, short_hash
 
+ROWS = 100  # tensor rows shown without --all
+
 
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def inspect(file: str, as_json: bool) -> None:
+@click.option(
+    "--all", "show_all", is_flag=True, help=f"List every tensor (default: the first {ROWS})."
+)
+def inspect(file: str, as_json: bool, show_all: bool) -> None:
     """Show FILE's label, fingerprints, provenance and per-tensor table.
 
     Reads the header only: fast on a file of any size, and works on a file whose data
     section is damaged (use `rwsfmt verify` to check the data).
     """
-    info = describe(file)
+    info = describe(file, max_tensors=None if as_json or show_all else ROWS)
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False))
+        click.echo(dumps(info))
         return
     render(info)
+
+
+def dumps(info: dict) -> str:
+    """`info` as indented JSON with one line per tensor: readable, and fast for a header of
+    65,536 tensors (json's indenting encoder is pure Python; the compact one is C)."""
+    tensors = info["tensors"]
+    text = json.dumps({**info, "tensors": None}, indent=2, sort_keys=True, ensure_ascii=False)
+    # "tensors" sorts last among the top-level keys: its null is the last one in the text
+    before, null, after = text.rpartition('"tensors": null')
+    rows = ",\n    ".join(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in tensors)
+    return before + ('"tensors": [\n    ' + rows + "\n  ]" if tensors else '"tensors": []') + after
 
 
 def render(info: dict) -> None:
@@ -76,13 +92,16 @@ def render(info: dict) -> None:
 
     tensors = info["tensors"]
     stats = [(key, title) for key, title in _STATS if any(key in t["stats"] for t in tensors)]
-    title = f"{len(tensors)} tensor" + ("" if len(tensors) == 1 else "s")
+    count = info["tensor_count"]
+    title = f"{count:,} tensor" + ("" if count == 1 else "s")
     table = _tensor_table(title, tensors, stats)
     wide = out.options.update_width(1 << 16)
     if stats and table.__rich_measure__(out, wide).maximum > out.width:  # statistics apart
         out.print(_tensor_table(title, tensors, []))
         table = _tensor_table("statistics", tensors, stats, layout=False)
     out.print(table)
+    if len(tensors) < count:
+        out.print(f"the first {len(tensors):,} of {count:,} tensors: --all lists every one")
 
 
 _STATS = [("rel_norm", "rel. norm"), ("cos_base", "cos(v_c,v_base)"), ("quant_rel_error", "q. err")]

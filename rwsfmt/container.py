@@ -638,7 +638,8 @@ _ENTRY_FIELDS = (
     ("decoded_length", int),
     ("sha256", str),
 )
-_MISSING = object()
+_ENTRY_KEYS = tuple(key for key, _ in _ENTRY_FIELDS)
+_ENTRY_TYPES = tuple(typ for _, typ in _ENTRY_FIELDS)
 MAX_OFFSET = 1 << 62
 
 
@@ -651,14 +652,13 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
 
     if not isinstance(e, dict):
         raise bad("entry is not a JSON object")
-    values = [e.get(key, _MISSING) for key, _ in _ENTRY_FIELDS]
-    for (key, typ), value in zip(_ENTRY_FIELDS, values, strict=True):
-        if type(value) is not typ:
-            raise bad(
-                f"missing field {key!r}"
-                if value is _MISSING
-                else f"field {key!r} has the wrong type"
-            )
+    values = tuple(map(e.get, _ENTRY_KEYS))
+    if tuple(map(type, values)) != _ENTRY_TYPES:
+        for key, typ in _ENTRY_FIELDS:
+            if key not in e:
+                raise bad(f"missing field {key!r}")
+            if type(e[key]) is not typ:
+                raise bad(f"field {key!r} has the wrong type")
     name, kind, shape, dtype, quant, filt, codec, offset, length, decoded_length, sha = values
     if not name or (len(name) > MAX_NAME_BYTES // 4 and len(name.encode("utf-8")) > MAX_NAME_BYTES):
         raise bad(f"name must be 1 to {MAX_NAME_BYTES} bytes")
@@ -686,9 +686,10 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)}); {_UPGRADE}")
     if not _SHA256_HEX.fullmatch(sha):
         raise bad("sha256 must be 64 lowercase hex digits")
-    for key, value in (("offset", offset), ("length", length), ("decoded_length", decoded_length)):
-        if not 0 <= value <= MAX_OFFSET:
-            raise bad(f"field {key!r} = {value} is out of range")
+    if not (0 <= offset <= MAX_OFFSET and 0 <= length <= MAX_OFFSET >= decoded_length >= 0):
+        for key in ("offset", "length", "decoded_length"):
+            if not 0 <= e[key] <= MAX_OFFSET:
+                raise bad(f"field {key!r} = {e[key]} is out of range")
     stats = e.get("stats", {})
     if type(stats) is not dict:
         raise bad("field 'stats' must be an object")

@@ -8,17 +8,20 @@ from typing import Any
 from .container import Header, RwsReader, TensorInfo
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read only the header of `path` and describe the file and each tensor as JSON-ready data."""
+def describe(path: str | os.PathLike, max_tensors: int | None = None) -> dict[str, Any]:
+    """Read only the header of `path` and describe the file and its tensors as JSON-ready
+    data: every tensor, or the first `max_tensors` (the totals always cover all of them)."""
     with RwsReader(path) as reader:
         h = reader.header
         size = os.path.getsize(reader.path)
-    return describe_header(h, os.fspath(path), size)
+    return describe_header(h, os.fspath(path), size, max_tensors)
 
 
-def describe_header(h: Header, path: str, file_size: int) -> dict[str, Any]:
-    tensors = [describe_tensor(t) for t in h.tensors]
-    float32 = sum(t["float32_bytes"] for t in tensors)
+def describe_header(
+    h: Header, path: str, file_size: int, max_tensors: int | None = None
+) -> dict[str, Any]:
+    numel = sum(t.numel for t in h.tensors)
+    shown = h.tensors if max_tensors is None else h.tensors[:max_tensors]
     return {
         "path": path,
         "format_version": f"{h.version[0]}.{h.version[1]}",
@@ -26,10 +29,11 @@ def describe_header(h: Header, path: str, file_size: int) -> dict[str, Any]:
         "fingerprint": h.fingerprint,
         "provenance": h.provenance,
         "file_bytes": file_size,
-        "float32_bytes": float32,
-        "ratio_to_float32": file_size / float32 if float32 else None,
-        "parameters": sum(t["numel"] for t in tensors),
-        "tensors": tensors,
+        "float32_bytes": 4 * numel,
+        "ratio_to_float32": file_size / (4 * numel) if numel else None,
+        "parameters": numel,
+        "tensor_count": len(h.tensors),
+        "tensors": [describe_tensor(t) for t in shown],
     }
 
 
