@@ -39,7 +39,7 @@ def merge(
         raise RwsError("merge needs at least two signatures")
     weights = _weights(len(signatures), weights, mean)
     plan = _plan(signatures)
-    quant = quant or _quant_of(signatures[0])
+    quant = quant or signatures[0].quant or QuantConfig()
     builder = SignatureBuilder(label or "+".join(s.label or "?" for s in signatures), quant)
     for name, (kind, members) in plan.items():
         total = weights[members[0]] * signatures[members[0]].tensor(name)
@@ -97,19 +97,6 @@ def _plan(signatures: Sequence[Signature]) -> dict[str, tuple[str, list[int]]]:
                 )
             members.append(i)
     return plan
-
-
-def _quant_of(sig: Signature) -> QuantConfig:
-    q = sig.provenance.get("quantization", {})
-    try:
-        return QuantConfig(
-            bits=q.get("bits", 8),
-            symmetric=q.get("symmetric", True),
-            granularity=q.get("granularity", "channel"),
-            group_size=q.get("group_size", 128),
-        )
-    except RwsError:
-        return QuantConfig()
 
 
 def _dtype(sig: Signature, name: str) -> torch.dtype:

@@ -66,6 +66,24 @@ class Signature:
         return value if isinstance(value, str) and value else None
 
     @property
+    def quant(self) -> QuantConfig | None:
+        """The storage settings the file's provenance records, or None when it records none
+        that a `QuantConfig` accepts."""
+        q = self.provenance.get("quantization")
+        if not isinstance(q, dict):
+            return None
+        defaults = QuantConfig()
+        try:
+            return QuantConfig(
+                bits=q.get("bits", defaults.bits),
+                symmetric=q.get("symmetric", defaults.symmetric),
+                granularity=q.get("granularity", defaults.granularity),
+                group_size=q.get("group_size", defaults.group_size),
+            )
+        except RwsError:
+            return None
+
+    @property
     def meta(self) -> dict[str, Any]:
         """File-level header fields (everything but the tensor list)."""
         return dict(self._meta)

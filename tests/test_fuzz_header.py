@@ -732,3 +732,55 @@ def test_inspect_shows_any_metadata_value(tmp_path, bases):
                 assert result.exit_code == (2 if refused else 0), (_short(value), result.output)
                 if args[1] != "--json":  # (JSON escapes control characters itself)
                     assert "\x1b" not in result.output and "\u202e" not in result.output
+
+
+def _model_for(data: bytes) -> dict[str, torch.Tensor]:
+    """A state dict that a base signature fits: every tensor by name and shape, seeded."""
+    g = torch.Generator().manual_seed(0)
+    _, doc, _ = _blobs(data)
+    model = {e["name"]: torch.randn(e["shape"], generator=g) for e in doc["tensors"]}
+    model["bn.running_var"] = model["bn.running_var"].abs() + 0.5
+    return model
+
+
+def test_merge_and_apply_take_any_metadata_value(tmp_path, bases):
+    """The commands that act on a signature's metadata (merge copies labels, fingerprints and
+    quantization settings; apply compares fingerprints) take each weird value in every slot:
+    exit 0 with an output that verifies, or exit 2 with a message, never a traceback."""
+    from safetensors.torch import save_file
+
+    fields, doc, blobs = _blobs(bases[-1])
+    model = tmp_path / "model.safetensors"
+    save_file(_model_for(bases[-1]), model)
+    other = tmp_path / "other.rws"
+    other.write_bytes(bases[-1])
+    runner = CliRunner()
+    path, merged, patched = tmp_path / "meta.rws", tmp_path / "m.rws", tmp_path / "p.safetensors"
+    outcomes: Counter[tuple[str, int]] = Counter()
+    for value in WEIRD:
+        for nested in (False, True):
+            case = copy.deepcopy(doc)
+            _fill_metadata(case, value, nested)
+            path.write_bytes(assemble(case, b"".join(blobs), **fields))
+            refused = str(HUGE) in json.dumps(value)
+            commands = {
+                "merge": ["merge", str(path), str(other), "--mean", "-o", str(merged)],
+                "apply": ["apply", str(model), str(path), "-a", "0.5", "-o", str(patched)],
+            }
+            for what, args in commands.items():
+                output = merged if what == "merge" else patched
+                output.unlink(missing_ok=True)
+                result = runner.invoke(cli, args)
+                assert isinstance(result.exception, (SystemExit, type(None))), (
+                    _short(value),
+                    what,
+                    result.exception,
+                )
+                assert result.exit_code == (2 if refused else 0), (_short(value), result.output)
+                assert output.exists() == (result.exit_code == 0)
+                outcomes[what, result.exit_code] += 1
+                if "\x1b" in json.dumps(value, ensure_ascii=False):
+                    assert "\x1b" not in result.output
+            if not refused:
+                assert rwsfmt.verify(merged).ok
+    assert outcomes["merge", 0] > len(WEIRD)  # most values are taken, not refused
