@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .atomic import atomic_write
 from .errors import IntegrityError, RwsError
+from .inputs import open_input
 from .limits import check_decoded_size
 
 MAGIC = b"\x89RWS\r\n\x1a\n"
@@ -246,14 +247,7 @@ class RwsReader:
         self.max_decoded_bytes = max_decoded_bytes
         self._size_checked = False
         self._lock = threading.Lock()
-        try:
-            self._file: BinaryIO = open(self.path, "rb")
-        except FileNotFoundError:
-            raise RwsError("no such file", path=self.path, fix="check the path") from None
-        except IsADirectoryError:
-            raise RwsError("is a folder, not a .rws file", path=self.path) from None
-        except OSError as exc:
-            raise RwsError(f"cannot open: {exc.strerror}", path=self.path) from None
+        self._file: BinaryIO = open_input(self.path, "a .rws file")
         try:
             self.header = read_header(self._file, self.path)
         except BaseException:

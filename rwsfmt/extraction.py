@@ -24,6 +24,7 @@ from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
 from .io import Checkpoint, open_checkpoint
+from .io.base import refuse_nonfinite
 from .io.open import Source
 from .order import OrderReference
 from .provenance import input_record
@@ -152,6 +153,15 @@ class _Compute:
         t = ckpt.tensor(name)
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         out = t.to(device=self.device, dtype=dtype)
+        refuse_nonfinite(
+            out,
+            name,
+            ckpt.path,
+            f"{role} checkpoint",
+            fix="the training run diverged or the file is damaged: use an earlier checkpoint "
+            "or re-download it; if the tensor is a constant buffer, not a weight, leave it out "
+            "with --exclude RE (exclude=...)",
+        )
         return out.clone() if out is t and not ckpt.owns_tensors else out
 
     def delta(self, name: str) -> tuple[torch.Tensor, dict[str, float]]:

@@ -31,6 +31,7 @@ from .atomic import refuse_overwriting_inputs, same_file
 from .device import resolve_device
 from .errors import RwsError
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
+from .io.base import refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .signature import Signature, load
@@ -567,6 +568,14 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
             base = self._ckpt.tensor(name, buffer=self._buffer)
         else:
             base = self._ckpt.tensor(name)
+        refuse_nonfinite(
+            base,
+            name,
+            self._ckpt.path,
+            "model",
+            fix="the model is broken (its training diverged, or the file is damaged) and a "
+            "patch cannot repair it: use an earlier checkpoint or re-download it",
+        )
         on_dev = base.to(self._device)
         owned = self._ckpt.owns_tensors and not self._measure
         new = compose(on_dev, contributions, stats=self._stats, reuse_base=owned, name=repr(name))

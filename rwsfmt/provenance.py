@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .errors import RwsError
+from .inputs import open_input
 
 TOOL = "rwsfmt"
 _CHUNK = 8 << 20
@@ -38,7 +39,7 @@ def base_provenance() -> dict[str, Any]:
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file, streamed in 8 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()

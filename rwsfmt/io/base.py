@@ -44,6 +44,54 @@ class Layout:
         return ", ".join(parts) or "plain"
 
 
+def refuse_unsupported(path: str, name: str, value: torch.Tensor | torch.dtype) -> None:
+    """Raise `RwsError` for a tensor (or a dtype, where the file gives only that) whose
+    values rwsfmt cannot read as plain numbers, or cannot patch without losing the patch."""
+    reason = _unsupported(value)
+    if reason:
+        problem, fix = reason
+        raise RwsError(f"tensor {name!r} {problem}; rwsfmt does not read it", path=path, fix=fix)
+
+
+def _unsupported(value: torch.Tensor | torch.dtype) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for an unsupported tensor or dtype, else None."""
+    dtype = value if isinstance(value, torch.dtype) else value.dtype
+    if isinstance(value, torch.Tensor):
+        if value.is_nested or value.layout != torch.strided:
+            if value.is_nested:
+                return "is a nested tensor", "save its members as separate, ordinary tensors"
+            kind = str(value.layout).removeprefix("torch.")
+            return f"is a {kind} tensor", "save it dense (tensor.to_dense())"
+        if value.is_meta:
+            return "has no data (a meta tensor)", (
+                "save the model once its weights are loaded, not as built on the meta device"
+            )
+        if value.is_quantized:
+            return f"is quantized ({_show(dtype)})", (
+                "save the float model, or tensor.dequantize() and save that"
+            )
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return (
+            f"is {_show(dtype)}, a float of 8 bits or fewer: such weights come with scales "
+            "kept elsewhere, and a patch of a few per cent rounds away in them",
+            "extract from and patch the model in bfloat16, float16 or float32",
+        )
+    return None
+
+
+def _show(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def refuse_nonfinite(tensor: torch.Tensor, name: str, path: str, what: str, fix: str) -> None:
+    """Raise `RwsError` when `tensor` holds NaN or an infinity: arithmetic would carry it into
+    every result, or (in a dot product) silently drop the tensor's direction."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise RwsError(
+            f"tensor {name!r} of the {what} holds NaN or infinite values", path=path, fix=fix
+        )
+
+
 class Checkpoint:
     """A lazily read model checkpoint.
 

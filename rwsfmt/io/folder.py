@@ -3,7 +3,6 @@ file (`model.safetensors`, `pytorch_model.bin`) or shards listed by an index JSO
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -13,12 +12,14 @@ import torch
 
 from ..atomic import atomic_path, current_umask
 from ..errors import RwsError
+from ..inputs import open_input, strict_json
 from ..names import natural_sorted
 from .base import Checkpoint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_INDEX = 100 << 20  # real indexes are a few hundred KB
 # Files holding weights in some format: never copied into a patched folder, where they would
 # sit unpatched beside the patched ones and could be loaded instead of them.
 WEIGHT_SUFFIXES = (
@@ -41,10 +42,10 @@ def find_weights(path: str) -> tuple[str, dict[str, str] | None]:
     """(the index or single weight file in folder `path`, its weight map or None)."""
     for index in (SAFETENSORS_INDEX, PYTORCH_INDEX):
         index_path = os.path.join(path, index)
-        if os.path.isfile(index_path):
+        if os.path.lexists(index_path):
             return index, _weight_map(index_path)
     for single in SINGLE_FILES:
-        if os.path.isfile(os.path.join(path, single)):
+        if os.path.lexists(os.path.join(path, single)):
             return single, None
     raise RwsError(
         "folder holds no checkpoint",
@@ -54,20 +55,35 @@ def find_weights(path: str) -> tuple[str, dict[str, str] | None]:
 
 
 def _weight_map(index_path: str) -> dict[str, str]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise RwsError(
-            "is not a valid index: expected a JSON object with a 'weight_map' object of "
-            "tensor name -> shard file name",
+    """The index's tensor name -> shard file name map, each shard a plain file name in the
+    folder (never a path leading out of it)."""
+
+    def bad(problem: str) -> RwsError:
+        return RwsError(
+            f"is not a valid index: {problem}",
             path=index_path,
             fix="re-download the folder or re-save it with save_pretrained",
-        ) from None
+        )
+
+    with open_input(index_path, "an index file") as f:
+        data = f.read(MAX_INDEX + 1)
+    if len(data) > MAX_INDEX:
+        raise bad(f"larger than {MAX_INDEX >> 20} MiB")
+    try:
+        doc = strict_json(data.decode("utf-8"))
+    except ValueError as exc:
+        raise bad(f"not JSON ({exc})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad("expected a JSON object whose 'weight_map' maps tensor names to shard files")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise bad(f"tensor {name!r} maps to {shard!r}, not a shard file name")
+        if shard in ("", ".", "..") or any(c in shard for c in "/\\\0"):
+            raise bad(
+                f"tensor {name!r} maps to {shard!r}, not the name of a file in the folder "
+                "(paths are refused: a shard outside the folder could be any file)"
+            )
     return weight_map
 
 
@@ -83,7 +99,7 @@ class FolderCheckpoint(Checkpoint):
         shard_files = sorted(set(weight_map.values())) if weight_map else [entry]
         where = os.path.join(path, entry)
         for shard in shard_files:
-            if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(path, shard)):
+            if not os.path.lexists(os.path.join(path, shard)):
                 raise RwsError(
                     f"the index names shard {shard!r}, which is not in the folder",
                     path=where,

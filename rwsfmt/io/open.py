@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import RwsError
+from ..inputs import open_input
 from .base import Checkpoint, Format
 from .folder import FolderCheckpoint
 from .pytorch import PyTorchCheckpoint, torch_load
@@ -71,14 +72,9 @@ def sniff(path: str) -> Format | None:
     safetensors is checked first: its 8-byte header length can start with 0x80, the first
     byte of a pickle, but only a safetensors file has '{' at byte 8 and a length that fits.
     """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
-    except IsADirectoryError:
-        raise RwsError("is a folder", path=path) from None
-    except OSError as exc:
-        raise RwsError(f"cannot be read ({exc.strerror})", path=path) from None
+    with open_input(path, "a checkpoint file") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return Format.SAFETENSORS
     if head[:4] == b"PK\x03\x04":  # torch.save's zip format

@@ -11,8 +11,9 @@ import torch
 
 from ..atomic import atomic_write
 from ..errors import RwsError
+from ..inputs import open_input
 from ..names import normalize_keys
-from .base import Checkpoint, Format, Layout
+from .base import Checkpoint, Format, Layout, refuse_unsupported
 from .layouts import RESAVE, SAFE_GLOBALS, locate_state_dict
 
 
@@ -23,9 +24,10 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
     object, since torch.load hands such names to the safetensors reader.
     """
     misnamed = path.endswith(".safetensors")
-    mmap = zipfile.is_zipfile(path) and not misnamed
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), open(path, "rb") as f:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), open_input(path) as f:
+            mmap = zipfile.is_zipfile(f) and not misnamed
+            f.seek(0)
             source = f if misnamed else path
             return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except Exception as exc:  # torch raises many types for damaged files
@@ -82,6 +84,8 @@ class PyTorchCheckpoint(Checkpoint):
         self._wrappers, self._state = found.keys, found.state
         self.alternatives = found.alternatives
         keys = [k for k, v in self._state.items() if isinstance(v, torch.Tensor)]
+        for key in keys:
+            refuse_unsupported(path, key, self._state[key])
         prefix, self._raw = normalize_keys(keys)  # normalized name -> key in the file
         by_key = {key: name for name, key in self._raw.items()}
         aliases = {by_key[a]: by_key[c] for a, c in tied_aliases(self._state, list(by_key)).items()}

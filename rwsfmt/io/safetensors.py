@@ -18,10 +18,13 @@ import torch
 
 from ..atomic import atomic_write
 from ..errors import RwsError
+from ..inputs import open_input, strict_json
 from ..names import natural_sorted, normalize_keys
-from .base import Checkpoint, Format, Layout
+from .base import Checkpoint, Format, Layout, refuse_unsupported
 
 MAX_HEADER = 100 << 20
+MAX_RANK = 64  # far beyond any real tensor; bounds the work a hostile shape can cause
+_MAX_BYTES = (1 << 63) - 1  # what torch can address
 _COPY_CHUNK = 16 << 20
 REDOWNLOAD = "the file is damaged; re-download or re-save it"
 
@@ -59,9 +62,11 @@ class SafetensorsCheckpoint(Checkpoint):
     streams_writes = True
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file = open_input(path, "a safetensors file")
         try:
             self._header_len, self._entries = read_header(self._file, path)
+            for key, (dtype, _, _) in self._entries.items():
+                refuse_unsupported(path, key, dtype)
         except BaseException:
             self._file.close()
             raise
@@ -119,7 +124,13 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry]]:
-    """Parse and validate a safetensors header: (its length, the tensor entries)."""
+    """Parse and validate a safetensors header: (its length, the tensor entries).
+
+    As strict as the safetensors library, and stricter where it is lenient: whole
+    non-negative numbers only, no key given twice, and the tensors, sorted by offset, must
+    cover the data section exactly (no gap, overlap or trailing bytes), so that a file we
+    accept is one every reader accepts, and a copy we write is one too.
+    """
     size = os.fstat(f.fileno()).st_size
 
     def bad(problem: str) -> RwsError:
@@ -131,31 +142,62 @@ def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry]]:
     if n > MAX_HEADER or 8 + n > size:
         raise bad(f"header length {n} does not fit the file ({size} bytes)")
     try:
-        doc = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not JSON ({exc})") from None
+        doc = strict_json(f.read(n).decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise bad("header is not a JSON object")
     metadata = doc.pop("__metadata__", None)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise bad("__metadata__ is not an object")
-    data_len = size - 8 - n
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise bad("__metadata__ is not an object of strings")
     entries = {}
     for name, e in doc.items():
         try:
-            dtype = DTYPES[e["dtype"]]
-            shape = tuple(int(d) for d in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {name!r} is malformed or has an unsupported dtype") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise bad(f"entry {name!r} has inconsistent shape, dtype and offsets")
-        entries[name] = (dtype, shape, (begin, end))
-    spans = sorted(e[2] for e in entries.values())
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
-        raise bad("tensor data overlap")
+            entries[name] = _entry(e)
+        except ValueError as exc:
+            raise bad(f"tensor {name!r}: {exc}") from None
+    end = 0
+    for name, (_, _, (begin, stop)) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+        if begin != end:
+            gap = "overlaps the tensor before it" if begin < end else f"leaves a gap at {end}"
+            raise bad(f"tensor {name!r} starts at byte {begin} of the data and {gap}")
+        end = stop
+    if end != size - 8 - n:
+        raise bad(f"the tensors cover {end} bytes, but the data section holds {size - 8 - n}")
     return n, entries
+
+
+def _entry(e: Any) -> Entry:
+    """One header entry as (dtype, shape, offsets); ValueError saying what is wrong."""
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        raise ValueError("expected an object with dtype, shape and data_offsets")
+    code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise ValueError(f"unknown dtype {json.dumps(code)}")
+    dtype = DTYPES[code]
+    if not _counts(shape) or len(shape) > MAX_RANK:
+        raise ValueError(
+            f"shape {json.dumps(shape)} is not a list of at most {MAX_RANK} whole numbers >= 0"
+        )
+    if not _counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise ValueError(f"data_offsets {json.dumps(offsets)} is not [begin, end], begin <= end")
+    # torch lays out strides as products of the dimensions: bound them, even past a zero
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_BYTES:
+        raise ValueError(f"shape {shape} is too large")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(
+            f"{code} {shape} takes {nbytes} bytes, but data_offsets {offsets} span "
+            f"{offsets[1] - offsets[0]}"
+        )
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _counts(value: Any) -> bool:
+    """A list of whole numbers >= 0 (JSON true and 2.0 are not)."""
+    return isinstance(value, list) and all(type(x) is int and x >= 0 for x in value)
 
 
 def write_file(
