@@ -16,6 +16,23 @@ from ..names import normalize_keys
 from .base import Checkpoint, Format, Layout, refuse_unsupported
 from .layouts import RESAVE, SAFE_GLOBALS, locate_state_dict
 
+SAFE_TORCH = (2, 6)  # weights_only=True could be bypassed before 2.6 (CVE-2025-32434)
+
+
+def require_safe_torch(version: str = torch.__version__) -> None:
+    """Refuse to unpickle on a torch whose `weights_only=True` is not a safety boundary (the
+    package requires torch>=2.6, but an environment can hold an older one anyway)."""
+    major, minor = (
+        int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2]
+    )
+    if (major, minor) < SAFE_TORCH:
+        raise RwsError(
+            f"torch {version} can run code hidden in a PyTorch file even with "
+            "weights_only=True (CVE-2025-32434), so rwsfmt does not read .pt files with it",
+            fix="upgrade torch (pip install -U 'torch>=2.6'), or convert the checkpoint to "
+            "safetensors on a machine with a current torch",
+        )
+
 
 def torch_load(path: str, trust_pickle: bool) -> Any:
     """torch.load on the CPU: memory-mapped for zip files, never unpickling code unless trusted.
@@ -23,6 +40,8 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
     A PyTorch file named `.safetensors` (rwsfmt 0.1.0 could write one) is read through a file
     object, since torch.load hands such names to the safetensors reader.
     """
+    if not trust_pickle:
+        require_safe_torch()
     misnamed = path.endswith(".safetensors")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), open_input(path) as f:
