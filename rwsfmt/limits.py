@@ -64,8 +64,8 @@ def check_decoded_size(
         return
     ratio = decoded_bytes / max(file_size, 1)
     raise RwsError(
-        f"its tensors decode to {_gib(decoded_bytes)} of float32, {ratio:,.0f}x the file's "
-        f"{file_size:,} bytes, over the limit of {_gib(limit)}; rwsfmt refuses this to "
+        f"its tensors decode to {_human(decoded_bytes)} of float32, {ratio:,.0f}x the file's "
+        f"{file_size:,} bytes, over the limit of {_human(limit)}; rwsfmt refuses this to "
         "guard against decompression bombs",
         path=path,
         fix=(
@@ -75,10 +75,14 @@ def check_decoded_size(
     )
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):,.2f} GiB"
+def _human(n: float) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):,.2f} GiB"
+    return f"{n / (1 << 20):,.1f} MiB"
 
 
 def _suggest(n: int) -> str:
-    """A limit just above `n`, in whole GiB."""
-    return f"{-(-n // (1 << 30))}GiB"
+    """A limit just above `n`, in whole MiB or GiB."""
+    if n >= 1 << 30:
+        return f"{-(-n // (1 << 30))}GiB"
+    return f"{-(-n // (1 << 20))}MiB"

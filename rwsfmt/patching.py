@@ -65,10 +65,10 @@ def compose(
     Target contributions are weighted by the `stats` rule first. Contributions whose
     weight is 0 are skipped, and with none left `base` itself is returned, so alpha 0 (and
     `keep` for a tensor holding only targets) gives the input back bit for bit. `reuse_base`
-    lets a float32/float64 `base` that the caller owns be overwritten with the result (one
-    large allocation less); `out` (a tensor of base's shape and dtype, not base) receives
-    the result instead. A result that is infinite or NaN where `base` was finite (the patch
-    overflows base's dtype) raises `RwsError` naming `name`.
+    lets a float32/float64 `base` that the caller owns (and holds finite) be overwritten with
+    the result (one large allocation less); `out` (a tensor of base's shape and dtype, not
+    base) receives the result instead. A result that is infinite or NaN where `base` was
+    finite (the patch overflows base's dtype) raises `RwsError` naming `name`.
     """
     active = [c for c in weighted(contributions, stats) if c.alpha != 0]
     work = torch.promote_types(base.dtype, torch.float32)
@@ -95,21 +95,23 @@ def compose(
         out = result.to(base.dtype)
     elif result is not out:
         out.copy_(result)
-    _check_finite(out, base, name, active)
+    _check_finite(out, None if target is start else base, name, active)
     return out
 
 
 def _check_finite(
-    result: torch.Tensor, base: torch.Tensor, name: str, active: list[Contribution]
+    result: torch.Tensor, base: torch.Tensor | None, name: str, active: list[Contribution]
 ) -> None:
     """Refuse a patched tensor that overflowed its dtype (a finite weight became inf or NaN);
-    values the model already held as inf or NaN are its own and stay as they were."""
-    if bool(torch.isfinite(result).all()) or bool(
-        (torch.isfinite(result) | ~torch.isfinite(base)).all()
+    values the model already held as inf or NaN are its own and stay as they were. `base`
+    None: it was overwritten by the result (`reuse_base`, whose callers refuse a non-finite
+    base), so every non-finite value is the patch's."""
+    if bool(torch.isfinite(result).all()) or (
+        base is not None and bool((torch.isfinite(result) | ~torch.isfinite(base)).all())
     ):
         return
     alphas = ", ".join(f"{c.alpha:g}" for c in active)
-    dtype = str(base.dtype).removeprefix("torch.")
+    dtype = str(result.dtype).removeprefix("torch.")
     raise RwsError(
         f"patching {name} at alpha {alphas} gives values beyond the {dtype} range "
         "(infinite or NaN where the model's weights were finite)",
