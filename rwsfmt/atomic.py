@@ -57,6 +57,7 @@ _FIXES = {
     errno.EROFS: "{folder} is on a read-only file system: write the output elsewhere",
     errno.EACCES: "you may not create files in {folder}: write the output elsewhere",
     errno.EPERM: "you may not create files in {folder}: write the output elsewhere",
+    errno.ENAMETOOLONG: "use a shorter file name: rwsfmt's temporary file adds 30 characters",
 }
 _held = threading.local()  # the targets whose lock this thread holds
 
@@ -76,16 +77,18 @@ def check_destination(path: str | os.PathLike, *, allow_folder: bool = False) ->
             ) from None
         st = None
     except OSError as exc:  # a symlink loop, a name too long, a folder we may not enter
-        raise RwsError(f"cannot be written: {_reason(exc)}", path=path) from None
+        raise RwsError(
+            f"cannot be written: {_reason(exc)}", path=path, fix="check the path"
+        ) from None
     if st is not None and stat.S_ISDIR(st.st_mode) and not allow_folder:
         raise RwsError("is a folder", path=path, fix="give a file path for the output")
-    for is_kind, kind in _SPECIAL_FILES:
-        if st is not None and is_kind(st.st_mode):
-            raise RwsError(
-                f"is {kind}, not a regular file (writing would replace it with one)",
-                path=path,
-                fix="give the path of a regular file, or of a new one",
-            )
+    special = [kind for is_kind, kind in _SPECIAL_FILES if st is not None and is_kind(st.st_mode)]
+    if special:
+        raise RwsError(
+            f"is {special[0]}, not a regular file (writing would replace it with one)",
+            path=path,
+            fix="give the path of a regular file, or of a new one",
+        )
     target = os.path.realpath(path)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
@@ -163,14 +166,17 @@ def remove_stale_temporaries(path: str | os.PathLike) -> None:
     target = os.path.realpath(path)
     folder, name = os.path.split(target)
     prefix = f".{name}{TEMPORARY_MARK}"
-    with os.scandir(folder) as entries:
-        stale = [
-            entry
-            for entry in entries
-            if entry.name.startswith(prefix)
-            and (tail := _TEMPORARY_TAIL.fullmatch(entry.name[len(prefix) :]))
-            and not _running(int(tail[1]))
-        ]
+    try:
+        with os.scandir(folder) as entries:
+            stale = [
+                entry
+                for entry in entries
+                if entry.name.startswith(prefix)
+                and (tail := _TEMPORARY_TAIL.fullmatch(entry.name[len(prefix) :]))
+                and not _running(int(tail[1]))
+            ]
+    except OSError:  # a folder we may write to but not list: nothing to sweep
+        return
     for entry in stale:
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -301,7 +307,7 @@ def _write_failure(
     another problem (an input that cannot be read, a bug), which stays as it is."""
     cause: OSError | None = tmp.error if tmp is not None else None
     if isinstance(exc, OSError) and cause is None:
-        ours = {target, _sidecar(target, LOCK_MARK), tmp.path if tmp else None}
+        ours = {target, _sidecar(target, LOCK_MARK), *([tmp.path] if tmp else [])}
         if exc.errno in _WRITE_ERRNOS or ours & {exc.filename, exc.filename2}:
             cause = exc
     if cause is None or isinstance(exc, RwsError):
@@ -327,9 +333,15 @@ def _sidecar(target: str, mark: str) -> str:
 
 def _acquire(lock: str) -> int | None:
     """Lock the file `lock` (created if missing), waiting for its holder; its descriptor, or
-    None where the file system has no locks (some network mounts)."""
+    None where there can be no lock: the file system has none (some network mounts), or the
+    folder takes no new file (a model folder updated in place inside a read-only one)."""
     while True:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EROFS):
+                return None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
