@@ -247,6 +247,7 @@ def test_a_second_writer_waits_for_the_first_and_writes_after_it(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock")
 def test_the_lock_is_reentrant_in_one_thread_and_leaves_no_file(tmp_path):
     with target_lock(tmp_path / "model.dat"):
         assert leftovers(tmp_path) == [".model.dat.rwsfmt-lock"]
