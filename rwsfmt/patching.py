@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .atomic import refuse_overwriting_inputs, same_file
+from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
 from .errors import RwsError
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
@@ -456,7 +456,9 @@ def apply_checkpoint(
     """Patch the checkpoint at `model_path` into `output`, in the format it was read.
 
     Unpatched tensors are kept byte for byte and the file is written atomically. Writing
-    over `model_path` needs `in_place=True`; `dry_run` measures the changes and writes nothing.
+    over `model_path` needs `in_place=True`, which reads and writes it under `target_lock`:
+    concurrent in-place runs take turns, each patching the other's result. `dry_run`
+    measures the changes and writes nothing.
     `stats` says how normalization statistics (target entries) compose (`StatsRule`).
     """
     rule = StatsRule.parse(stats)
@@ -465,8 +467,16 @@ def apply_checkpoint(
         raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
-    ckpt = open_checkpoint(model_path, trust_pickle=trust_pickle)
-    try:
+    if not dry_run:
+        check_destination(output, allow_folder=True)  # before any work
+    with contextlib.ExitStack() as stack:
+        if in_place and not dry_run:
+            # Read the model under the lock, so that a concurrent --in-place applies on top
+            # of the other's result instead of losing it.
+            stack.enter_context(target_lock(model_path))
+        ckpt = stack.enter_context(
+            contextlib.closing(open_checkpoint(model_path, trust_pickle=trust_pickle))
+        )
         if not dry_run:
             output = _check_output(ckpt, os.fspath(output), entries, in_place)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
@@ -496,8 +506,6 @@ def apply_checkpoint(
             output_format=written.target.format if written else None,
             notes=notes,
         )
-    finally:
-        ckpt.close()
 
 
 def _check_output(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_patch import assert_bit_equal, make_net, make_sig
 
 import rwsfmt
+from rwsfmt.atomic import target_lock
 from rwsfmt_cli.main import main
 
 PATCHED = [
@@ -378,3 +381,68 @@ def test_quiet_prints_nothing_and_module_entry_point_works(files):
     assert_bit_equal(
         load_file(tmp / "o.safetensors"), rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)])
     )
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_in_place_keeps_the_models_permissions(files, mode):
+    """A private checkpoint stays private: the replacement gets the model's mode, not 0644."""
+    tmp, sd = files
+    model = tmp / "std.safetensors"
+    os.chmod(model, mode)
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "--in-place")
+    assert code == 0, out
+    assert stat.S_IMODE(os.stat(model).st_mode) == mode
+    assert_bit_equal(load_file(model), rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)]))
+
+
+def test_in_place_through_a_symlink_patches_its_target_and_keeps_the_link(files):
+    tmp, sd = files
+    link = tmp / "current.safetensors"
+    link.symlink_to("std.safetensors")
+    code, out = run("apply", link, tmp / "fog.rws", "-a", 0.8, "--in-place")
+    assert code == 0, out
+    assert link.is_symlink() and os.readlink(link) == "std.safetensors"
+    expected = rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)])
+    assert_bit_equal(load_file(tmp / "std.safetensors"), expected)
+
+
+def lock_waiters() -> set[int]:
+    """PIDs blocked waiting for a flock, from /proc/locks (`N: -> FLOCK ... PID ...`)."""
+    with open("/proc/locks") as f:
+        return {int(line.split()[5]) for line in f if " -> FLOCK " in line}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="Linux: sees who waits for a lock")
+def test_concurrent_in_place_applies_both_land(files):
+    """Two `apply --in-place` runs started together on one model: the second waits for the
+    first and patches its result, so neither patch is lost."""
+    tmp, sd = files
+    model = tmp / "std.safetensors"
+    fog, snow = rwsfmt.load(tmp / "fog.rws"), rwsfmt.load(tmp / "snow.rws")
+    procs = []
+    with target_lock(model):  # both runs start, then wait here, neither has read the model
+        for sig, alpha in ((tmp / "fog.rws", 0.8), (tmp / "snow.rws", 0.3)):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "rwsfmt", "apply", model, sig, "-a", str(alpha)]
+                    + ["--in-place", "-q"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + 120
+        while not {p.pid for p in procs} <= lock_waiters():
+            assert time.monotonic() < deadline, "the runs never waited for the model's lock"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    got = load_file(model)
+    fog_first = rwsfmt.apply(rwsfmt.apply(sd, [(fog, 0.8)]), [(snow, 0.3)])
+    snow_first = rwsfmt.apply(rwsfmt.apply(sd, [(snow, 0.3)]), [(fog, 0.8)])
+    assert any(all(torch.equal(got[k], want[k]) for k in sd) for want in (fog_first, snow_first)), (
+        "the result is not both patches, one after the other"
+    )
+    assert [p.name for p in tmp.iterdir() if ".rwsfmt-" in p.name] == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_atomic import start_writer, temporaries
 from test_patch import assert_bit_equal, make_net, make_sig
 
 import rwsfmt
@@ -200,3 +203,118 @@ def test_a_patched_folder_leaves_out_stale_weights_of_other_formats(tmp_path):
         "config.json",
         "model.safetensors",
     ]
+
+
+def rwsfmt_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The `rwsfmt` command in a child process (a hang fails the test instead of stalling it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "rwsfmt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX named pipes")
+def test_outputs_onto_special_files_are_refused_without_hanging(trio):
+    """A named pipe or a device (as root, /dev/null would be replaced) is refused at once."""
+    d = trio
+    os.mkfifo(d / "pipe.pt")
+    commands = [
+        ["extract", d / "std.pt", d / "fog.pt", d / "init.pt", "-o"],
+        ["apply", d / "std.pt", d / "fog.rws", "-a", "1", "-o"],
+        ["merge", d / "fog.rws", d / "fog.rws", "-o"],
+    ]
+    for command in commands:
+        for out, kind in (
+            (d / "pipe.pt", "a named pipe (FIFO)"),
+            ("/dev/null", "a character device"),
+        ):
+            proc = rwsfmt_cli(*command, out)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.startswith(f"error: {out}: is {kind}, not a regular file"), (
+                proc.stderr
+            )
+            assert "fix:" in proc.stderr and "Traceback" not in proc.stderr
+    assert stat.S_ISFIFO(os.stat(d / "pipe.pt").st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert [n for n in os.listdir(d) if n.startswith(".")] == []
+
+
+def test_an_output_symlink_is_written_through(trio):
+    """-o LINK replaces the file the link points to, and the link stays (as cp does)."""
+    d = trio
+    (d / "models").mkdir()
+    (d / "models" / "patched.pt").write_bytes(b"an older patched model")
+    os.chmod(d / "models" / "patched.pt", 0o640)
+    (d / "latest.pt").symlink_to(os.path.join("models", "patched.pt"))
+    code, out = run("apply", d / "std.pt", d / "fog.rws", "-a", 0.8, "-o", d / "latest.pt")
+    assert code == 0, out
+    assert os.readlink(d / "latest.pt") == os.path.join("models", "patched.pt")
+    expected = rwsfmt.apply(
+        torch.load(d / "std.pt", weights_only=True), [(rwsfmt.load(d / "fog.rws"), 0.8)]
+    )
+    assert_bit_equal(torch.load(d / "models" / "patched.pt", weights_only=True), expected)
+    assert stat.S_IMODE(os.stat(d / "models" / "patched.pt").st_mode) == 0o640
+    assert [n for n in os.listdir(d / "models") if n.startswith(".")] == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_killed_writers_temporary_is_removed_by_the_next_apply(trio):
+    """What `kill -9` of an apply leaves (a multi-MB temporary) goes on the next run."""
+    d = trio
+    killed = start_writer(d / "patched.pt")
+    killed.kill()
+    killed.wait(timeout=60)
+    assert len(temporaries(d, "patched.pt", killed.pid)) == 1
+    code, out = run("apply", d / "std.pt", d / "fog.rws", "-a", 0.8, "-o", d / "patched.pt")
+    assert code == 0, out
+    assert [n for n in os.listdir(d) if n.startswith(".")] == []
+
+
+NO_SPACE = """
+set -e
+full=$1 ro=$2
+mount -t tmpfs -o size=256k tmpfs "$full"
+mkdir "$ro" && mount -t tmpfs -o ro tmpfs "$ro"
+shift 2
+for out in "$@"; do
+  rc=0; {python} -m rwsfmt apply {model} {sig} -a 1 -q -o "$out" || rc=$?
+  echo "rc=$rc"
+done
+ls -A "$full"
+echo "listed"
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_a_full_or_read_only_disk_is_a_clear_error_with_nothing_left(tmp_path):
+    """A real ENOSPC: a 256 KB tmpfs mounted in a private mount namespace (unprivileged,
+    through a user namespace) and a 1 MB model, for each output format; and a read-only
+    mount."""
+    d = tmp_path
+    g = torch.Generator().manual_seed(0)
+    torch.save({"w": torch.randn(512, 512, generator=g)}, d / "std.pt")
+    rwsfmt.save(
+        rwsfmt.from_tensors({"w": torch.randn(512, 512, generator=g)}, label="t"), d / "t.rws"
+    )
+    full, ro = d / "full", d / "ro"
+    full.mkdir()
+    outs = [full / "out.pt", full / "out.safetensors", ro / "out.pt"]
+    script = NO_SPACE.format(python=sys.executable, model=d / "std.pt", sig=d / "t.rws")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces unavailable: {probe.stderr.decode().strip()}")
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", full, ro, *outs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.stdout.splitlines() == ["rc=2", "rc=2", "rc=2", "listed"], proc.stderr
+    errors = proc.stderr.split("error: ")[1:]
+    for out, error in zip(outs[:2], errors, strict=False):
+        assert error.startswith(f"{out}: cannot be written: no space left on device\n  fix: ")
+        assert f"free space on the disk holding {full}" in error
+    assert errors[2].startswith(f"{ro / 'out.pt'}: cannot be written: read-only file system")
+    assert "Traceback" not in proc.stderr and len(errors) == 3

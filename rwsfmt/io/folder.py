@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 
 import torch
 
-from ..atomic import atomic_path, current_umask
+from ..atomic import atomic_folder, atomic_path
 from ..errors import RwsError
 from ..inputs import open_input, strict_json
 from ..names import natural_sorted
@@ -161,23 +160,23 @@ class FolderCheckpoint(Checkpoint):
                 fix="give a folder path for the output, or a file name ending in "
                 ".safetensors or .pt to convert",
             )
-        in_place = os.path.isdir(out) and os.path.samefile(out, self.path)
-        target = out if os.path.isdir(out) else _new_folder(out)
-        try:
-            for shard, ckpt in self._shards.items():
-                mine = {n: t for n, t in new.items() if self._where[n] == shard}
-                if mine:
-                    ckpt.write(os.path.join(target, shard), mine)
-                elif not in_place:
-                    _copy_file(ckpt.path, os.path.join(target, shard))
-            if not in_place:
-                self._copy_companions(target)
-            if target != out:
-                os.replace(target, out)
-        except BaseException:
-            if target != out:
-                shutil.rmtree(target, ignore_errors=True)
-            raise
+        if os.path.isdir(out):  # each file replaced atomically
+            self._write_files(out, new, in_place=os.path.samefile(out, self.path))
+        else:  # a new folder appears only once complete
+            with atomic_folder(out) as tmp:
+                self._write_files(tmp, new, in_place=False)
+
+    def _write_files(self, target: str, new: Mapping[str, torch.Tensor], in_place: bool) -> None:
+        """Write the touched weight files into folder `target` and, unless it is the model's
+        own folder, copy the others and the companion files."""
+        for shard, ckpt in self._shards.items():
+            mine = {n: t for n, t in new.items() if self._where[n] == shard}
+            if mine:
+                ckpt.write(os.path.join(target, shard), mine)
+            elif not in_place:
+                _copy_file(ckpt.path, os.path.join(target, shard))
+        if not in_place:
+            self._copy_companions(target)
 
     def skipped_files(self) -> list[str]:
         """Weight files of other formats in the folder, which a written copy leaves out."""
@@ -215,15 +214,6 @@ def _companions(folder: str) -> list[tuple[str, str]]:
 def _is_weight_file(rel: str) -> bool:
     name = os.path.basename(rel)
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEXES)
-
-
-def _new_folder(out: str) -> str:
-    """A temporary folder beside `out` (renamed to it once complete), with normal permissions."""
-    tmp = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(os.path.abspath(out))
-    )
-    os.chmod(tmp, 0o777 & ~current_umask())
-    return tmp
 
 
 def _copy_file(src: str, dst: str) -> None:
