@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 from .atomic import atomic_write
 from .errors import IntegrityError, RwsError
-from .inputs import open_input
+from .inputs import open_input, strict_json
 from .limits import check_decoded_size
 
 MAGIC = b"\x89RWS\r\n\x1a\n"
@@ -537,41 +537,12 @@ def _sniff(head: bytes) -> str:
 def _parse_json(body: bytes, path: str) -> dict[str, Any]:
     """The header as JSON, refusing what spec section 9, rule 9 forbids: duplicate keys,
     NaN/Infinity, numbers that overflow binary64 and unpaired surrogate escapes."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            raise ValueError("duplicate key")
-        return out
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not allowed")
-
-    def bounded_float(text: str) -> float:
-        value = float(text)
-        if math.isinf(value):
-            raise ValueError(f"number {text[:12]}... overflows binary64")
-        return value
-
-    def bounded_int(text: str) -> int:
-        # like 1e999, an integer that rounds to infinity as binary64 (309 digits or more) is
-        # refused; float() first also spares int() thousands of digits
-        if len(text) > 308 and math.isinf(float(text)):
-            raise ValueError(f"integer {text[:12]}... ({len(text)} digits) overflows binary64")
-        return int(text)
-
     try:
         text = body.decode("utf-8")
-        doc = json.loads(
-            text,
-            object_pairs_hook=no_duplicates,
-            parse_constant=no_constants,
-            parse_float=bounded_float,
-            parse_int=bounded_int,
-        )
+        doc = strict_json(text)
         if _SURROGATE_ESCAPE.search(text):  # rare: then check the pairs by encoding
             canonical_json(doc)
-    except (UnicodeError, ValueError, RecursionError) as exc:
+    except ValueError as exc:  # (UnicodeError is one)
         raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
     if not isinstance(doc, dict):
         raise IntegrityError("header is not a JSON object", path=path)

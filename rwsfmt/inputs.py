@@ -9,6 +9,7 @@ This module imports neither torch nor anything heavy, so `inspect` and `verify` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from typing import Any, BinaryIO
@@ -70,11 +71,18 @@ def _refuse_special(path: str, mode: int, expected: str) -> None:
 
 
 def strict_json(text: str | bytes) -> Any:
-    """Parse JSON as strictly as the formats we read require: no NaN or Infinity, no key
-    given twice in one object (two readers could pick different values), nesting bounded by
-    the interpreter's recursion limit. Raises `ValueError` saying what is wrong."""
+    """Parse JSON as strictly as the formats we read require: no NaN or Infinity and no
+    number that overflows binary64 (`1e999`, or an integer of 309 digits), no key given
+    twice in one object (two readers could pick different values), nesting bounded by the
+    interpreter's recursion limit. Raises `ValueError` saying what is wrong."""
     try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        return json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_bounded_float,
+            parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -83,10 +91,26 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:12]}... overflows binary64")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # float() first also spares int() thousands of digits
+    if len(text) > 308 and math.isinf(float(text)):
+        raise ValueError(f"integer {text[:12]}... ({len(text)} digits) overflows binary64")
+    return int(text)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the key to name it
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice in one object")
+            seen.add(key)
     return out
