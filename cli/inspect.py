@@ -39,7 +39,8 @@ def dumps(info: dict) -> str:
     text = json.dumps({**info, "tensors": None}, indent=2, sort_keys=True, ensure_ascii=False)
     # "tensors" sorts last among the top-level keys: its null is the last one in the text
     before, null, after = text.rpartition('"tensors": null')
-    rows = ",\n    ".join(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in tensors)
+    encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode  # one, reused
+    rows = ",\n    ".join(map(encode, tensors))
     return before + ('"tensors": [\n    ' + rows + "\n  ]" if tensors else '"tensors": []') + after
 
 

@@ -93,14 +93,7 @@ class TensorInfo:
     @property
     def n_scales(self) -> int:
         """Number of (scale, zero point) groups in the payload."""
-        g = self.granularity
-        if g == "tensor":
-            return 1
-        if g == "channel":
-            return self.shape[self.quant["axis"]]
-        if g == "group":
-            return -(-self.numel // self.quant["group_size"])
-        return 0
+        return _scale_groups(self.quant, self.shape, self.numel)
 
     @property
     def affine(self) -> bool:
@@ -109,12 +102,10 @@ class TensorInfo:
     @property
     def values_offset(self) -> int:
         """Byte offset of the packed values inside the decoded payload."""
-        return 4 * self.n_scales * (2 if self.affine else 1)
+        return _values_offset(self.quant, self.shape, self.numel)
 
     def expected_decoded_length(self) -> int:
-        n, bits = self.numel, self.bits
-        values = (n * bits + 7) // 8
-        return self.values_offset + values
+        return _payload_length(self.quant, self.shape, self.numel)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -133,6 +124,29 @@ class TensorInfo:
         if self.stats:
             out["stats"] = self.stats
         return out
+
+
+def _scale_groups(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
+    """Number of (scale, zero point) groups of a validated `quant` (spec section 3.1)."""
+    if quant["scheme"] != "linear":
+        return 0
+    granularity = quant["granularity"]
+    if granularity == "tensor":
+        return 1
+    if granularity == "channel":
+        return shape[quant["axis"]]
+    return -(-numel // quant["group_size"])
+
+
+def _values_offset(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
+    """Bytes of scales and zero points before the packed values (spec section 3.2)."""
+    affine = quant["scheme"] == "linear" and not quant["symmetric"]
+    return 4 * _scale_groups(quant, shape, numel) * (2 if affine else 1)
+
+
+def _payload_length(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
+    """Bytes of a tensor's decoded payload: scales, zero points, then packed values."""
+    return _values_offset(quant, shape, numel) + (numel * quant["bits"] + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -672,7 +686,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         sha256=sha,
         stats=stats,
     )
-    expected = info.expected_decoded_length()
+    expected = _payload_length(quant, shape, numel)
     if decoded_length != expected:
         raise bad(f"decoded_length {decoded_length} should be {expected} for its shape")
     if codec == "raw" and length != decoded_length:
