@@ -31,7 +31,7 @@ from .atomic import check_destination, refuse_overwriting_inputs, same_file, tar
 from .device import resolve_device
 from .errors import RwsError
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
-from .io.base import refuse_nonfinite
+from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .signature import Signature, load
@@ -106,7 +106,7 @@ def _check_finite(
     values the model already held as inf or NaN are its own and stay as they were. `base`
     None: it was overwritten by the result (`reuse_base`, whose callers refuse a non-finite
     base), so every non-finite value is the patch's."""
-    if bool(torch.isfinite(result).all()) or (
+    if all_finite(result) or (
         base is not None and bool((torch.isfinite(result) | ~torch.isfinite(base)).all())
     ):
         return

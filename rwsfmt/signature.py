@@ -19,6 +19,7 @@ from .container import RwsReader, TensorInfo, decode_blob, encode_blob, write_fi
 from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
+from .io.base import all_finite
 from .provenance import base_provenance
 from .quant import QuantConfig, decode, encode
 
@@ -181,7 +182,7 @@ class SignatureBuilder:
             raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
         if not torch.is_floating_point(tensor):
             raise RwsError(f"tensor {name!r} is not floating point ({tensor.dtype})")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise RwsError(
                 f"tensor {name!r} contains NaN or infinite values",
                 fix="check the checkpoints it was computed from",
