@@ -242,3 +242,22 @@ def test_inspect_shows_the_first_rows_and_json_shows_every_tensor(tmp_path):
     assert info["tensor_count"] == 150 and len(info["tensors"]) == 150
     assert info["provenance"]["meta"] == {"tensors": None}
     assert output.count("\n") < 200  # one line per tensor
+
+
+# --------------------------------------------------------------------------- pickle safety
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [("2.13.0+cpu", True), ("2.6.0", True), ("2.5.1+cu121", False), ("1.13.1", False)],
+)
+def test_pytorch_files_need_a_torch_whose_weights_only_holds(version, safe):
+    """Before torch 2.6, weights_only=True could be bypassed (CVE-2025-32434): rwsfmt refuses
+    to unpickle with such a torch, even one installed against the package's requirement."""
+    from rwsfmt.io.pytorch import require_safe_torch
+
+    if safe:
+        require_safe_torch(version)
+    else:
+        with pytest.raises(RwsError, match=r"(?s)CVE-2025-32434.*fix: upgrade torch"):
+            require_safe_torch(version)
