@@ -23,7 +23,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -174,13 +173,12 @@ def compare(
     signatures: Sequence[str | os.PathLike | Signature],
     *,
     layer: str | None = None,
-    threads: int | None = None,
     progress: Progress | None = None,
 ) -> Comparison:
     """Compare two or more signatures (paths or loaded `Signature`s) layer by layer.
 
     `layer` restricts the comparison to one layer (an `RwsError` lists the layers when there
-    is no such one); `threads` decode that many signatures at once (default: one per core).
+    is no such one); `progress(items, total, description)` may wrap the loop over tensors.
     Files given as paths are opened here and closed again.
     """
     if len(signatures) < 2:
@@ -192,7 +190,7 @@ def compare(
     try:
         for s in signatures:
             sources.append(_Source.of(s))
-        return _compare(sources, layer, threads, progress)
+        return _compare(sources, layer, progress)
     finally:
         for src in sources:
             src.close()
@@ -226,9 +224,7 @@ class _Source:
         return [n for n, i in self.infos.items() if i.kind == "delta"]
 
 
-def _compare(
-    sources: list[_Source], layer: str | None, threads: int | None, progress: Progress | None
-) -> Comparison:
+def _compare(sources: list[_Source], layer: str | None, progress: Progress | None) -> Comparison:
     import numpy as np
 
     shared = _shared(sources)
@@ -239,11 +235,12 @@ def _compare(
     n = len(sources)
     sums = {lname: _Sums(n) for lname in layers}
     track = progress or (lambda items, total, description: items)
-    with ThreadPoolExecutor(max_workers=min(n, threads or os.cpu_count() or 1)) as pool:
-        for name in track(names, len(names), "comparing"):
-            rows = np.stack(list(pool.map(_decode, sources, [name] * n)), dtype=float)
-            rel = [_rel_norm(src.infos[name]) for src in sources]
-            sums[layer_of(name)].add(rows @ rows.T, rel)
+    for name in track(names, len(names), "comparing"):
+        rows = np.empty((n, sources[0].infos[name].numel), dtype=np.float32)
+        for i, src in enumerate(sources):
+            rows[i] = _decode(src, name)
+        rel = [_rel_norm(src.infos[name]) for src in sources]
+        sums[layer_of(name)].add(_gram(rows), rel)
     results = [sums[lname].result(lname, members, sources[0]) for lname, members in layers.items()]
     total = _Sums(n)
     for part in sums.values():
@@ -258,6 +255,21 @@ def _compare(
     targets = sum(len(src.infos) - len(src.deltas()) for src in sources)
     overall = total.result(layer or OVERALL, names, sources[0])
     return Comparison(compared, tuple(results), overall, targets)
+
+
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """Every pairwise dot product of the rows, in float64, a slice of columns at a time (so
+    the float64 copy stays small)."""
+    import numpy as np
+
+    gram = np.zeros((len(rows), len(rows)))
+    for start in range(0, rows.shape[1], _COLUMNS):
+        part = rows[:, start : start + _COLUMNS].astype(np.float64)
+        gram += part @ part.T
+    return gram
+
+
+_COLUMNS = 1 << 16  # elements per slice: 512 KiB of float64 per signature
 
 
 def _decode(src: _Source, name: str) -> np.ndarray:
