@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from .console import console, plain, progress, say
 
-LABEL_WIDTH = 24  # widest row label before it folds
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from rwsfmt.comparison import Comparison
+
+LABEL_WIDTH = 24  # widest row label shown; longer ones are cut short (…) or folded
 
 
 @click.command()
@@ -65,10 +72,8 @@ def compare(
         say(f"wrote {plot}")
 
 
-def render(result) -> None:
+def render(result: Comparison) -> None:
     """The comparison as rich tables that fit the terminal (80 columns included)."""
-    import os
-
     from rich.table import Table
 
     out = console()
@@ -112,7 +117,7 @@ def render(result) -> None:
         out.print(plain(note))
 
 
-def _ranking(out, result) -> None:
+def _ranking(out: Console, result: Comparison) -> None:
     """Layers where the signatures differ most first, with their least and most alike pair."""
     from rich.table import Table
 
@@ -141,7 +146,9 @@ def _ranking(out, result) -> None:
     out.print(table)
 
 
-def _grid(out, title: str, rows: Sequence[str], columns: Sequence[str], cells) -> None:
+def _grid(
+    out: Console, title: str, rows: Sequence[str], columns: Sequence[str], cells: list[list[str]]
+) -> None:
     """A table of `cells` (rows x columns of short strings) under `title`, split into as
     many tables as it takes for its columns to fit the console's width."""
     from rich.table import Table
@@ -171,7 +178,7 @@ def _chunks(widths: Sequence[int], room: int) -> list[range]:
     return runs
 
 
-def _notes(result) -> list[str]:
+def _notes(result: Comparison) -> list[str]:
     """What was left out, and why the numbers are what they are."""
     notes = []
     if result.partial:
@@ -203,12 +210,15 @@ def _notes(result) -> list[str]:
 
 
 def _cos(value: float | None) -> str:
+    """A cosine in a table cell: two decimals, `-` where undefined."""
     return "-" if value is None else f"{value:.2f}"
 
 
 def _num(value: float | None) -> str:
+    """A norm in a table cell: three significant digits, `-` where unknown."""
     return "-" if value is None else f"{value:#.3g}"
 
 
 def _pair(pair: tuple[int, int, float] | None) -> str:
+    """A pair of signatures by their numbers in the matrix, with their cosine."""
     return "-" if pair is None else f"{pair[0] + 1}-{pair[1] + 1}: {pair[2]:.2f}"

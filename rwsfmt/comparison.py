@@ -87,28 +87,24 @@ class LayerResult:
 
     @property
     def least_similar(self) -> tuple[int, int, float] | None:
+        """(i, j, cosine) of the pair of signatures least alike in this layer."""
         return min(self.pairs(), key=lambda p: p[2], default=None)
 
     @property
     def most_similar(self) -> tuple[int, int, float] | None:
+        """(i, j, cosine) of the pair of signatures most alike in this layer."""
         return max(self.pairs(), key=lambda p: p[2], default=None)
 
     def to_json(self, labels: Sequence[str]) -> dict[str, Any]:
-        def pair(p: tuple[int, int, float] | None) -> dict[str, Any] | None:
-            return (
-                None
-                if p is None
-                else {"signatures": [labels[p[0]], labels[p[1]]], "cosine": _r(p[2])}
-            )
-
+        """JSON-ready data, pairs named by the signatures' `labels`."""
         return {
             "name": self.name,
             "tensors": list(self.tensors),
             "parameters": self.parameters,
             "cosine": [[_r(c) for c in row] for row in self.cosine],
             "mean_cosine": _r(self.mean_cosine),
-            "least_similar": pair(self.least_similar),
-            "most_similar": pair(self.most_similar),
+            "least_similar": _pair_json(self.least_similar, labels),
+            "most_similar": _pair_json(self.most_similar, labels),
             "norm": [_r(x) for x in self.norm],
             "rel_norm": [_r(x) for x in self.rel_norm],
         }
@@ -125,6 +121,7 @@ class Comparison:
 
     @property
     def labels(self) -> list[str]:
+        """The signatures' labels, in the order they were given."""
         return [s.label for s in self.signatures]
 
     @property
@@ -143,6 +140,7 @@ class Comparison:
         return sorted(self.layers, key=lambda layer: _sort_key(layer.mean_cosine))
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-ready data: what `rwsfmt compare --json` prints."""
         labels = self.labels
         return {
             "signatures": [
@@ -208,6 +206,7 @@ class _Source:
 
     @classmethod
     def of(cls, sig: str | os.PathLike | Signature) -> _Source:
+        """A path is opened (header read and validated); a `Signature` is read as it is."""
         if isinstance(sig, (str, os.PathLike)):
             reader = RwsReader(sig)
             h = reader.header
@@ -218,9 +217,11 @@ class _Source:
 
     @property
     def where(self) -> str:
+        """How error messages name the signature: its file name, else its label."""
         return os.path.basename(self.path) if self.path else repr(self.label)
 
     def deltas(self) -> list[str]:
+        """Names of its delta entries (the directions compared), in its order."""
         return [n for n, i in self.infos.items() if i.kind == "delta"]
 
 
@@ -273,6 +274,7 @@ _COLUMNS = 1 << 16  # elements per slice: 512 KiB of float64 per signature
 
 
 def _decode(src: _Source, name: str) -> np.ndarray:
+    """One tensor of one signature, flat float32 (checksum verified, payload checked)."""
     from .dequant import dequantize
 
     info = src.infos[name]
@@ -333,6 +335,7 @@ _LISTED = 20  # layers an error message lists
 
 
 def _some(names: list[str]) -> str:
+    """The first three names and how many more, for error messages."""
     shown = ", ".join(names[:3])
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else "none"
 
@@ -349,6 +352,7 @@ class _Sums:
         self.std_sq: list[float | None] = [0.0] * n
 
     def add(self, gram: np.ndarray, rel: list[float | None]) -> None:
+        """Add one tensor: its Gram matrix and each signature's recorded `rel_norm`."""
         self.gram += gram
         for i, r in enumerate(rel):
             s = self.std_sq[i]
@@ -356,6 +360,7 @@ class _Sums:
             self.std_sq[i] = None if s is None or not r else s + float(gram[i, i]) / (r * r)
 
     def merge(self, other: _Sums) -> None:
+        """Add another set of tensors' sums (a layer's, into the overall ones)."""
         self.gram += other.gram
         self.std_sq = [
             None if a is None or b is None else a + b
@@ -408,7 +413,15 @@ def _labels(sources: list[_Source]) -> list[str]:
     return out
 
 
+def _pair_json(pair: tuple[int, int, float] | None, labels: Sequence[str]) -> Any:
+    """A pair of signatures as JSON: their labels and their cosine."""
+    if pair is None:
+        return None
+    return {"signatures": [labels[pair[0]], labels[pair[1]]], "cosine": _r(pair[2])}
+
+
 def _sort_key(mean: float | None) -> tuple[bool, float]:
+    """Ranking order: defined means ascending, then layers without one."""
     return (mean is None, mean if mean is not None else 0.0)
 
 
