@@ -47,17 +47,18 @@ def _fail(message: str) -> None:
 @click.group(cls=RwsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwsfmt")
 def main() -> None:
-    """Robust Weight Signatures: extract, inspect, verify, merge and apply .rws patches."""
+    """Robust Weight Signatures: extract, inspect, verify, merge, compare and apply .rws patches."""
 
 
 def _register() -> None:
     from .apply import apply
+    from .compare import compare
     from .extract import extract
     from .inspect import inspect
     from .merge import merge
     from .verify import verify
 
-    for command in (extract, apply, inspect, verify, merge):
+    for command in (extract, apply, inspect, verify, merge, compare):
         main.add_command(command)
 
 

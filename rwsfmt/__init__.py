@@ -27,6 +27,8 @@ _LAZY = {
     "QuantConfig": "quant",
     "verify": "container",
     "merge": "merging",
+    "compare": "comparison",
+    "Comparison": "comparison",
     "architecture_fingerprint": "fingerprint",
     "apply": "patching",
     "apply_checkpoint": "patching",
