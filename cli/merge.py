@@ -51,8 +51,7 @@ def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float
 @click.option(
     "--density",
     type=click.FloatRange(0, 1, min_open=True),
-    help="ties and dare: share of each signature's entries kept, in (0, 1] "
-    "(default: 0.2 for ties, 0.5 for dare).",
+    help="ties, dare, dare_ties: share of each signature's entries kept, in (0, 1] (default 0.5).",
 )
 @click.option(
     "--lambda",
@@ -66,7 +65,7 @@ def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float
 @click.option(
     "--seed",
     type=click.IntRange(min=0),
-    help="dare: seed of the random drops (default 0); the same seed gives the same file.",
+    help="dare, dare_ties: seed of the random drops (default 0); one seed, one result.",
 )
 @click.option(
     "--name", "label", help="Label of the merged signature (default: labels joined by '+')."

@@ -111,12 +111,12 @@ def test_ties_by_hand():
         "lambda": 2.0,
         "targets": "weighted mean",
     }
-    # density 1 keeps everything; ties defaults to the TIES paper's 0.2
+    # density 1 keeps everything; the default is 0.5
     torch.testing.assert_close(
         rwsfmt.merge([a, b], method="ties", density=1.0, quant=EXACT).tensor("w"),
         torch.tensor([3.0, 2.0, 0.45, -2.5, 4.0, 0.15]),
     )
-    assert rwsfmt.merge([a, b], method="ties").provenance["merge"]["density"] == 0.2
+    assert rwsfmt.merge([a, b], method="ties").provenance["merge"]["density"] == 0.5
 
 
 def test_ties_agrees_with_peft():
@@ -224,6 +224,8 @@ def test_cli_merge_writes_file_with_provenance(files, tmp_path):
             assert component["sha256"] == hashlib.sha256(f.read()).hexdigest()
         assert merged.provenance["merge"]["density"] == 0.4
         assert rwsfmt.verify(out).ok
+    shown = runner.invoke(main, ["inspect", str(out)], terminal_width=200)
+    assert "merge-ties (density 0.4, lambda 1.5)" in shown.output
     quiet = runner.invoke(main, ["merge", *files, "-o", str(out), "--quiet"])
     assert quiet.exit_code == 0 and quiet.output == ""
 

@@ -14,10 +14,9 @@ import hashlib
 
 import torch
 
-from .base import MergeOptions, register, weighted_sum
+from .base import DEFAULT_DENSITY, MergeOptions, register, weighted_sum
 from .ties import disjoint_mean
 
-DEFAULT_DENSITY = 0.5
 DEFAULT_SEED = 0
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MergeOptions, broadcast, register
-
-DEFAULT_DENSITY = 0.2  # the TIES paper keeps the top 20% of each task vector
+from .base import DEFAULT_DENSITY, MergeOptions, broadcast, register
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
