@@ -176,6 +176,7 @@ def test_dare_drops_and_rescales_deterministically():
     [
         ({"weights": [1.0]}, "1 weights for 2 signatures"),
         ({"weights": [1.0, math.nan]}, "not all finite"),
+        ({"weights": [True, 1.0]}, "not all finite numbers"),
         ({"method": "slerp"}, "unknown merge method 'slerp'"),
         ({"method": "ties", "density": 0.0}, r"density=0.0 is outside \(0, 1\]"),
         ({"method": "ties", "density": 1.5}, r"density=1.5 is outside \(0, 1\]"),

@@ -11,6 +11,7 @@ re-quantizing and provenance belong to the engine (`rwsfmt.merging.engine`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -20,8 +21,8 @@ import torch
 from ..errors import RwsError
 
 OPTIONAL = ("density", "seed")  # the options only some methods read
-# ties and dare keep half of each delta by default: on digits the TIES paper's 0.2 lost most
-# of the gain at alpha 1, 0.5 kept it (benchmarks/results/merge_digits.md)
+# ties and dare keep half of each delta by default: on digits, at alpha 1, the TIES paper's
+# 0.2 gained about half as much as 0.5 (benchmarks/results/merge_digits.md)
 DEFAULT_DENSITY = 0.5
 
 
@@ -40,28 +41,36 @@ class MergeOptions:
 
     def __post_init__(self) -> None:
         d = self.density
-        if d is not None and not (_is_number(d) and 0 < d <= 1):
+        if d is not None and not (is_real(d) and 0 < d <= 1):
             raise RwsError(
                 f"density={d!r} is outside (0, 1]",
-                fix="pass the share of entries to keep, e.g. density=0.2",
+                fix="pass the share of entries to keep, e.g. density=0.5",
             )
-        if self.seed is not None and not (
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0
-        ):
-            raise RwsError(f"seed={self.seed!r} is not a whole number >= 0", fix="e.g. seed=0")
-        if not (_is_number(self.lambda_) and math.isfinite(self.lambda_)):
+        seed = self.seed
+        if seed is not None and not (_is_integer(seed) and seed >= 0):
+            raise RwsError(f"seed={seed!r} is not a whole number >= 0", fix="e.g. seed=0")
+        if not (is_real(self.lambda_) and math.isfinite(self.lambda_)):
             raise RwsError(f"lambda_={self.lambda_!r} is not a finite number", fix="e.g. 1.0")
+        # plain Python numbers (a NumPy scalar is accepted, and recorded as JSON)
+        object.__setattr__(self, "density", None if d is None else float(d))
+        object.__setattr__(self, "seed", None if seed is None else int(seed))
+        object.__setattr__(self, "lambda_", float(self.lambda_))
 
     def to_json(self) -> dict[str, Any]:
         """The options given or defaulted, as the provenance records them."""
         out: dict[str, Any] = {
             k: getattr(self, k) for k in OPTIONAL if getattr(self, k) is not None
         }
-        return {**out, "lambda": float(self.lambda_)}
+        return {**out, "lambda": self.lambda_}
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_real(value: object) -> bool:
+    """A real number (NumPy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class MergeFn(Protocol):

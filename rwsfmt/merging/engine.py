@@ -27,7 +27,7 @@ from ..errors import RwsError
 from ..provenance import input_record
 from ..quant import QuantConfig
 from ..signature import Signature, SignatureBuilder
-from .base import MergeMethod, MergeOptions, get_method
+from .base import MergeMethod, MergeOptions, get_method, is_real
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 _SHOWN = 10  # shape conflicts listed in an error
@@ -105,7 +105,7 @@ def _weights(n: int, weights: Sequence[float] | None, spec: MergeMethod) -> list
         raise RwsError(
             f"{len(w)} weights for {n} signatures", fix="give one weight per signature, in order"
         )
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in w):
+    if not all(is_real(x) and math.isfinite(x) for x in w):
         raise RwsError(f"weights={w!r} are not all finite numbers", fix="e.g. weights=[0.5, 0.5]")
     w = [float(x) for x in w]
     if spec.normalize:
