@@ -179,7 +179,9 @@ def _shares(
     return {i: x / total for i, x in positive.items() if x > 0}
 
 
-def _weighted_mean(signatures: Sequence[Signature], name: str, shares: dict[int, float]):
+def _weighted_mean(
+    signatures: Sequence[Signature], name: str, shares: dict[int, float]
+) -> torch.Tensor:
     """sum_i share_i * target_i, accumulated in float32."""
     total: torch.Tensor | None = None
     for i, share in shares.items():
