@@ -264,7 +264,7 @@ def main() -> None:
     )
     log(f"corrupted the digits in {time.perf_counter() - started:.0f} s")
     models = trained(args.models, train, labels, bad)
-    log(f"trained init, std and {len(corruptions)} robust models")
+    log(f"init, std and {len(corruptions)} robust models ready")
     with tempfile.TemporaryDirectory() as folder:
         sigs = {}
         for c in corruptions:
