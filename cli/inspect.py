@@ -165,7 +165,17 @@ def _method(prov: dict) -> str:
     if not method:
         return "-"
     layers = prov.get("layers")
-    return f"{method}" + (f", layers {layers}" if layers is not None else "")
+    merge = prov.get("merge")  # a merged file's parameters, e.g. density and lambda
+    params = [
+        f"{k} {v}"
+        for k, v in (merge.items() if isinstance(merge, dict) else ())
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return (
+        f"{method}"
+        + (f", layers {layers}" if layers is not None else "")
+        + (f" ({', '.join(params)})" if params else "")
+    )
 
 
 def _depth_order(selection: object) -> str:

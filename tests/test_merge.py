@@ -1,7 +1,11 @@
-"""`rwsfmt merge` and `rwsfmt.merge`: weighted sums of signatures, re-quantized."""
+"""`rwsfmt merge` and `rwsfmt.merge`: sum, mean, TIES and DARE of signatures, re-quantized."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import math
 import os
 
 import pytest
@@ -9,8 +13,10 @@ import torch
 from click.testing import CliRunner
 
 import rwsfmt
+from rwsfmt.merging import REGISTRY
 from rwsfmt.signature import from_tensors
 from rwsfmt_cli.main import main
+from rwsfmt_cli.merge import METHODS
 
 EXACT = rwsfmt.QuantConfig(bits=32)
 
@@ -24,6 +30,10 @@ def _sig(label: str, seed: int, extra: bool = False) -> rwsfmt.Signature:
     if extra:
         items.append(("head.weight", torch.randn(4, 8, generator=g), "delta"))
     return from_tensors(items, label=label, quant=EXACT, model_fingerprint="sha256:" + "0" * 64)
+
+
+def _deltas(label: str, **tensors: list[float]) -> rwsfmt.Signature:
+    return from_tensors({k: torch.tensor(v) for k, v in tensors.items()}, label=label, quant=EXACT)
 
 
 def test_weighted_sum_of_deltas_and_union_of_names():
@@ -41,39 +51,231 @@ def test_weighted_sum_of_deltas_and_union_of_names():
     assert merged.fingerprint["model"] == fog.fingerprint["model"]
     comps = merged.provenance["components"]
     assert [(c["label"], c["weight"]) for c in comps] == [("fog", 0.7), ("snow", 0.3)]
+    assert merged.provenance["merge"] == {
+        "method": "sum",
+        "lambda": 1.0,
+        "targets": "weighted mean",
+    }
 
 
-def test_sum_of_targets_is_refused_and_mean_accepted():
+def test_targets_are_weighted_means_of_the_positive_weights_whatever_the_method():
     fog, snow = _sig("fog", 1), _sig("snow", 2)
-    with pytest.raises(rwsfmt.RwsError, match="bn.running_mean.*sum to 1"):
-        rwsfmt.merge([fog, snow])
-    merged = rwsfmt.merge([fog, snow], mean=True)
+    t_fog, t_snow = fog.tensor("bn.running_mean"), snow.tensor("bn.running_mean")
+    for method in METHODS:
+        merged = rwsfmt.merge([fog, snow], [1.0, 3.0], method=method, lambda_=2.0, quant=EXACT)
+        torch.testing.assert_close(merged.tensor("bn.running_mean"), 0.25 * t_fog + 0.75 * t_snow)
+    # task negation: the negated signature's statistics are not moved toward
+    negated = rwsfmt.merge([fog, snow], [1.0, -1.0], quant=EXACT)
+    torch.testing.assert_close(negated.tensor("bn.running_mean"), t_fog)
+    torch.testing.assert_close(
+        negated.tensor("conv.weight"), fog.tensor("conv.weight") - snow.tensor("conv.weight")
+    )
+    with pytest.raises(rwsfmt.RwsError, match="'bn.running_mean'.*weights <= 0"):
+        rwsfmt.merge([fog, snow], [0.0, -1.0])
+
+
+def test_mean_true_is_method_mean():
+    fog, snow = _sig("fog", 1), _sig("snow", 2)
+    merged = rwsfmt.merge([fog, snow], [1.0, 3.0], mean=True, quant=EXACT)
     assert merged.provenance["method"] == "merge-mean"
+    assert [c["weight"] for c in merged.provenance["components"]] == [0.25, 0.75]
+    expected = 0.25 * fog.tensor("conv.weight") + 0.75 * snow.tensor("conv.weight")
+    torch.testing.assert_close(merged.tensor("conv.weight"), expected)
+    same = rwsfmt.merge([fog, snow], [1.0, 3.0], method="mean", quant=EXACT)
+    assert torch.equal(same.tensor("conv.weight"), merged.tensor("conv.weight"))
 
 
-def test_shape_conflict_names_the_tensor():
-    a = from_tensors({"w": torch.ones(2, 2)}, label="a", quant=EXACT)
-    b = from_tensors({"w": torch.ones(3, 2)}, label="b", quant=EXACT)
-    with pytest.raises(rwsfmt.RwsError, match="'w'"):
+def test_shape_conflicts_are_all_named():
+    a = _deltas("a", w=[[1.0, 2.0]], v=[1.0, 2.0], u=[1.0])
+    b = _deltas("b", w=[[1.0], [2.0]], v=[1.0], u=[2.0])
+    with pytest.raises(rwsfmt.RwsError, match=r"2 tensor\(s\): 'w' .*'v' ") as info:
         rwsfmt.merge([a, b])
+    assert "'u'" not in str(info.value)
 
 
-def test_cli_merge_writes_file_and_rejects_bad_weights(tmp_path):
+def test_ties_by_hand():
+    """Density 0.5 keeps 3 of 6 entries each; signs elected on the unweighted sum, so entry 4
+    is + (4 - 3.5) although the weighted sum (2 - 7) is negative; lambda 2 doubles."""
+    a = _deltas("a", w=[3.0, -1.0, 0.5, -2.0, 4.0, 0.1])
+    b = _deltas("b", w=[-1.0, 2.0, 0.4, -3.0, -3.5, 0.2])
+    # trimmed: a' = [3, 0, 0, -2, 4, 0], b' = [0, 2, 0, -3, -3.5, 0]; elected: + + + - + +
+    # weighted (0.5, 2) and agreeing: [1.5], [4], none, [-1, -6], [2], none
+    merged = rwsfmt.merge([a, b], [0.5, 2.0], method="ties", density=0.5, lambda_=2.0)
+    expected = torch.tensor([1.5, 4.0, 0.0, -3.5, 2.0, 0.0]) * 2
+    torch.testing.assert_close(merged.tensor("w"), expected, rtol=0, atol=0.02)
+    exact = rwsfmt.merge([a, b], [0.5, 2.0], method="ties", density=0.5, lambda_=2.0, quant=EXACT)
+    assert torch.equal(exact.tensor("w"), expected)
+    assert exact.provenance["merge"] == {
+        "method": "ties",
+        "density": 0.5,
+        "lambda": 2.0,
+        "targets": "weighted mean",
+    }
+    # density 1 keeps everything; the default is 0.5
+    torch.testing.assert_close(
+        rwsfmt.merge([a, b], method="ties", density=1.0, quant=EXACT).tensor("w"),
+        torch.tensor([3.0, 2.0, 0.45, -2.5, 4.0, 0.15]),
+    )
+    assert rwsfmt.merge([a, b], method="ties").provenance["merge"]["density"] == 0.5
+
+
+def test_ties_agrees_with_peft():
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"conv.weight": (16, 3, 3, 3), "conv.bias": (16,), "fc.weight": (10, 40)}
+    sigs = []
+    for i in range(3):
+        # the third signature lacks fc.weight: it counts as zero there
+        names = list(shapes) if i < 2 else ["conv.weight", "conv.bias"]
+        sigs.append(
+            from_tensors(
+                {n: torch.randn(shapes[n], generator=g) for n in names}, label=f"s{i}", quant=EXACT
+            )
+        )
+    weights = [0.7, 1.3, -0.4]
+    worst = 0.0
+    for density in (0.1, 0.2, 0.5, 0.9, 1.0):
+        merged = rwsfmt.merge(sigs, weights, method="ties", density=density, quant=EXACT)
+        for name, shape in shapes.items():
+            inputs = [s.tensor(name) if name in s else torch.zeros(shape) for s in sigs]
+            with pytest.warns(UserWarning) if density == 1 else contextlib.nullcontext():
+                ref = merge_utils.ties(inputs, torch.tensor(weights), density, "total")
+            worst = max(worst, float((merged.tensor(name) - ref).abs().max()))
+    assert worst <= 1e-6
+
+
+def test_dare_drops_and_rescales_deterministically():
+    g = torch.Generator().manual_seed(3)
+    a = from_tensors({"w": torch.randn(100, 100, generator=g), "b": torch.randn(5)}, label="a")
+    zero = from_tensors({"w": torch.zeros(100, 100)}, label="zero", quant=EXACT)
+    merged = rwsfmt.merge([a, zero], method="dare", density=0.3, seed=7, quant=EXACT)
+    out, original = merged.tensor("w"), a.tensor("w")
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.3) < 0.02
+    torch.testing.assert_close(out[kept], original[kept] / 0.3)
+    assert merged.provenance["merge"]["seed"] == 7
+    # the same seed gives the same values, whatever the order of the tensors; another differs
+    reordered = from_tensors({"b": a.tensor("b"), "w": original}, label="a", quant=EXACT)
+    again = rwsfmt.merge([reordered, zero], method="dare", density=0.3, seed=7, quant=EXACT)
+    assert torch.equal(again.tensor("w"), out)
+    other = rwsfmt.merge([a, zero], method="dare", density=0.3, seed=8, quant=EXACT)
+    assert not torch.equal(other.tensor("w"), out)
+    # density 1 drops nothing: dare is then the sum, dare_ties then ties
+    b = _sig("b", 4)
+    c = _sig("c", 5)
+    for dare, plain in (("dare", "sum"), ("dare_ties", "ties")):
+        x = rwsfmt.merge([b, c], method=dare, density=1.0, quant=EXACT)
+        y = rwsfmt.merge([b, c], method=plain, **({"density": 1.0} if plain == "ties" else {}))
+        torch.testing.assert_close(
+            x.tensor("conv.weight"), y.tensor("conv.weight"), atol=0.02, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": [1.0]}, "1 weights for 2 signatures"),
+        ({"weights": [1.0, math.nan]}, "not all finite"),
+        ({"weights": [True, 1.0]}, "not all finite numbers"),
+        ({"method": "slerp"}, "unknown merge method 'slerp'"),
+        ({"method": "ties", "density": 0.0}, r"density=0.0 is outside \(0, 1\]"),
+        ({"method": "ties", "density": 1.5}, r"density=1.5 is outside \(0, 1\]"),
+        ({"method": "dare", "density": math.nan}, "density=nan"),
+        ({"density": 0.5}, "(?s)density has no effect with method 'sum'.*ties, dare"),
+        ({"method": "ties", "seed": 1}, "seed has no effect with method 'ties'"),
+        ({"method": "dare", "seed": -1}, "seed=-1 is not a whole number"),
+        ({"lambda_": math.inf}, "lambda_=inf is not a finite number"),
+        ({"mean": True, "method": "ties"}, "mean=True asks for method 'mean'"),
+        ({"mean": True, "weights": [1.0, -1.0]}, "weights sum to 0"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(rwsfmt.RwsError, match=message):
+        rwsfmt.merge([_sig("fog", 1), _sig("snow", 2)], **kwargs)
+
+
+def test_too_few_signatures():
+    for sigs in ([], [_sig("fog", 1)]):
+        with pytest.raises(rwsfmt.RwsError, match="at least two signatures"):
+            rwsfmt.merge(sigs)
+
+
+@pytest.fixture
+def files(tmp_path) -> list[str]:
     paths = []
     for label, seed in (("fog", 1), ("snow", 2)):
         path = tmp_path / f"{label}.rws"
         rwsfmt.save(_sig(label, seed), path)
         paths.append(str(path))
+    return paths
+
+
+def test_cli_merge_writes_file_with_provenance(files, tmp_path):
     out = tmp_path / "both.rws"
     runner = CliRunner()
-    result = runner.invoke(main, ["merge", *paths, "-o", str(out), "--weights", "0.5,0.5"])
+    args = ["merge", *files, "-o", str(out), "--weights", "0.5,0.5", "-m", "ties"]
+    result = runner.invoke(main, [*args, "--density", "0.4", "--lambda", "1.5"])
     assert result.exit_code == 0, result.output
+    assert "ties (density 0.4, lambda 1.5)" in result.output
     with rwsfmt.load(out) as merged:
         assert merged.label == "fog+snow"
-        assert merged.provenance["components"][0]["name"] == "fog.rws"
+        component = merged.provenance["components"][0]
+        assert (component["name"], component["weight"]) == ("fog.rws", 0.5)
+        with open(files[0], "rb") as f:
+            assert component["sha256"] == hashlib.sha256(f.read()).hexdigest()
+        assert merged.provenance["merge"]["density"] == 0.4
         assert rwsfmt.verify(out).ok
+    shown = runner.invoke(main, ["inspect", str(out)], terminal_width=200)
+    assert "merge-ties (density 0.4, lambda 1.5)" in shown.output
+    quiet = runner.invoke(main, ["merge", *files, "-o", str(out), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_cli_json_summary(files, tmp_path):
+    out = tmp_path / "both.rws"
+    args = ["merge", *files, "-o", str(out), "--method", "dare", "--seed", "3", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["merge"] == {
+        "method": "dare",
+        "density": 0.5,
+        "seed": 3,
+        "lambda": 1.0,
+        "targets": "weighted mean",
+    }
+    assert [c["label"] for c in summary["components"]] == ["fog", "snow"]
+    assert summary["tensors"] == 2 and summary["bytes"] == os.path.getsize(out)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(files, tmp_path):
+    other = tmp_path / "other.rws"
+    rwsfmt.save(from_tensors({"conv.weight": torch.ones(4, 3, 3, 3)}, label="o"), other)
     bad = tmp_path / "bad.rws"
-    for args in (["--weights", "1"], ["--weights", "a,b"], []):
+    cases = [
+        ([files[0], str(tmp_path / "missing.rws")], [], "missing.rws: no such file"),
+        ([files[0], str(other)], [], "'conv.weight' is delta [4, 3, 3, 3]"),
+        ([files[0]], [], "at least two signatures"),
+        ([], [], "Missing argument"),
+        (files, ["--weights", "1"], "1 value(s) for 2 signatures"),
+        (files, ["--weights", "a,b"], "not a comma-separated list"),
+        (files, ["--weights", "1,nan"], "not finite"),
+        (files, ["-m", "ties", "--density", "0"], "--density"),
+        (files, ["-m", "ties", "--density", "1.5"], "--density"),
+        (files, ["-m", "slerp"], "'slerp' is not one of"),
+        (files, ["--density", "0.5"], "--density has no effect with --method sum"),
+        (files, ["-m", "ties", "--seed", "1"], "--seed has no effect with --method ties"),
+        (files, ["--mean", "-m", "ties"], "--mean is --method mean"),
+        (files, ["--lambda", "nan"], "not a finite number"),
+    ]
+    runner = CliRunner()
+    for paths, args, message in cases:
         result = runner.invoke(main, ["merge", *paths, "-o", str(bad), *args])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
         assert not os.path.exists(bad)
+
+
+def test_cli_methods_are_the_registry():
+    assert sorted(METHODS) == sorted(REGISTRY)
