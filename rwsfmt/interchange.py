@@ -92,7 +92,7 @@ def import_safetensors(
     fingerprints and provenance (plus an `imported` record); any other becomes `delta`
     entries in depth order (naming rules, as for extract), labelled with the file stem, its
     provenance naming the file. Integer and bool tensors (e.g. `num_batches_tracked`) are
-    skipped and listed under `skipped`; a file with no floating tensor is refused.
+    skipped and listed under the input's `skipped`; a file with no floating tensor is refused.
     """
     path = os.fspath(path)
     _refuse_other_formats(path)
@@ -140,6 +140,8 @@ def import_safetensors(
             except RwsError as exc:  # the builder's errors, with the file they are about
                 raise RwsError(exc.problem, path=path, fix=exc.fix) from None
     record = file_record(path)
+    if skipped:
+        record["skipped"] = skipped
     provenance: dict[str, Any]
     if fields:
         imported = {"from": fields["provenance"].get("quantization"), **record}
@@ -151,8 +153,6 @@ def import_safetensors(
         provenance = {"method": "import", "inputs": [{"role": "source", **record}]}
         provenance["selection"] = selection
         model = None
-    if skipped:
-        provenance["skipped"] = skipped
     return builder.build(provenance, model if isinstance(model, str) and model else None)
 
 
