@@ -267,3 +267,24 @@ def test_odd_header_values_travel_as_text_both_ways(tmp_path):
     assert back_sig.label == label
     assert back_sig.provenance["meta"] == provenance["meta"]
     assert back_sig.provenance["imported"]["from"] == 7
+
+
+def test_converted_and_imported_headers_match_the_schema(tmp_path, fog, task_vector):
+    import jsonschema
+    import reference_reader
+    from conftest import SPEC
+
+    schema = json.loads((SPEC / "header.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    exported = tmp_path / "fog.safetensors"
+    steps = [
+        ["convert", fog, "-o", tmp_path / "c.rws", "--bits", "4"],
+        ["import", task_vector, "-o", tmp_path / "tv.rws"],
+        ["export", fog, "-o", exported],
+        ["import", exported, "-o", tmp_path / "back.rws"],
+    ]
+    for args in steps:
+        assert _invoke(*args).exit_code == 0
+    for name in ("c.rws", "tv.rws", "back.rws"):
+        header, _ = reference_reader.read(str(tmp_path / name))
+        validator.validate(header)
