@@ -150,8 +150,11 @@ def import_safetensors(
         )
         model = fields["fingerprint"].get("model")
     else:
-        provenance = {"method": "import", "inputs": [{"role": "source", **record}]}
-        provenance["selection"] = selection
+        provenance = {
+            "method": "import",
+            "inputs": [{"role": "source", **record}],
+            "selection": selection,
+        }
         model = None
     return builder.build(provenance, model if isinstance(model, str) and model else None)
 
