@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -37,6 +38,16 @@ def plain(value: object):
 def say(line: str, err: bool = False) -> None:
     """Print one line that may hold names, labels or paths from files and users."""
     click.echo(printable(line), err=err)
+
+
+def report(summary: dict, line: str, *, quiet: bool, as_json: bool) -> None:
+    """What a command that wrote a file prints at the end: `summary` as JSON with --json
+    (ASCII, so no character from a file reaches the terminal raw), else `line` unless
+    --quiet."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    elif not quiet:
+        say(line)
 
 
 def console(stderr: bool = False):

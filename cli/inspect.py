@@ -63,7 +63,7 @@ def render(info: dict) -> None:
         ),
         ("method", _method(prov)),
         ("depth order", _depth_order(prov.get("selection"))),
-        ("quantization", _quant(prov.get("quantization"))),
+        ("quantization", describe_quant(prov.get("quantization"))),
         ("model fingerprint", short_hash(str(fp.get("model") or ""))),
         ("signature fingerprint", short_hash(str(fp.get("signature") or ""))),
         (
@@ -184,7 +184,8 @@ def _depth_order(selection: object) -> str:
     return describe_order(selection) if isinstance(selection, dict) else "-"
 
 
-def _quant(q: object) -> str:
+def describe_quant(q: object) -> str:
+    """Quantization settings (a provenance `quantization` object) in words."""
     if not isinstance(q, dict):
         return "-"
     if q.get("bits") == 32:

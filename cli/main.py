@@ -47,18 +47,21 @@ def _fail(message: str) -> None:
 @click.group(cls=RwsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwsfmt")
 def main() -> None:
-    """Robust Weight Signatures: extract, inspect, verify, merge, compare and apply .rws patches."""
+    """Robust Weight Signatures: extract, inspect, verify, merge, compare, convert and apply
+    .rws patches, and exchange them with safetensors files."""
 
 
 def _register() -> None:
     from .apply import apply
     from .compare import compare
+    from .convert import convert
     from .extract import extract
     from .inspect import inspect
+    from .interchange import export, import_
     from .merge import merge
     from .verify import verify
 
-    for command in (extract, apply, inspect, verify, merge, compare):
+    for command in (extract, apply, inspect, verify, merge, compare, convert, export, import_):
         main.add_command(command)
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from rwsfmt.quant import QuantConfig
 
 MAX_GROUP_SIZE = 1 << 31  # the format's limit (spec section 9), repeated here so that
 # --help does not import the library
@@ -29,23 +33,46 @@ class GroupedCommand(click.Command):
                     formatter.write_dl(rows)
 
 
-def rws_output_option(help: str) -> Callable:
-    """The required `-o/--output OUT.rws` of commands that write a signature file."""
+def rws_output_option(help: str, metavar: str = "OUT.rws") -> Callable:
+    """The required `-o/--output OUT.rws` of commands that write a file (a signature, unless
+    `metavar` says otherwise)."""
     return click.option(
         "-o",
         "--output",
         required=True,
         type=click.Path(dir_okay=False),
-        metavar="OUT.rws",
+        metavar=metavar,
         help=help,
     )
 
 
-def quant_options(default_bits: int | None = 8) -> Callable:
-    """Add --bits, --granularity, --group-size and --affine (how tensors are stored)."""
+def report_options(f: Callable) -> Callable:
+    """Add --quiet and --json (what a command that writes one file prints when done)."""
+    f = click.option(
+        "--json", "as_json", is_flag=True, help="Print a JSON summary instead of the line."
+    )(f)
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")(
+        f
+    )
+
+
+def quant_options(default_bits: int | None = 8, *, inherit: str | None = None) -> Callable:
+    """Add --bits, --granularity, --group-size and --affine/--symmetric (how tensors are
+    stored). With `inherit` (e.g. "the input"), options left out keep its settings (the
+    command calls `inherited_quant`), and --help says so."""
     bits_help = "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32)."
-    if default_bits is None:
+    if default_bits is None and inherit is None:
         bits_help += " Default: as the first input was stored."
+    helps = [
+        bits_help,
+        "One scale per output channel, per tensor, or per group of values.",
+        "Values per scale with --granularity group.",
+        "Affine (scale + zero point) or symmetric quantization.",
+    ]
+    if inherit is not None:
+        default_bits = None
+        helps = [f"{h} Default: as {inherit} is stored." for h in helps]
+    show = inherit is None
     options = [
         click.option(
             "--bits",
@@ -53,25 +80,23 @@ def quant_options(default_bits: int | None = 8) -> Callable:
             default=None if default_bits is None else str(default_bits),
             show_default=default_bits is not None,
             callback=lambda _ctx, _param, v: None if v is None else int(v),
-            help=bits_help,
+            help=helps[0],
         ),
         click.option(
             "--granularity",
             type=click.Choice(["channel", "tensor", "group"]),
             default="channel",
-            show_default=True,
-            help="One scale per output channel, per tensor, or per group of values.",
+            show_default=show,
+            help=helps[1],
         ),
         click.option(
             "--group-size",
             type=click.IntRange(min=1, max=MAX_GROUP_SIZE),
             default=128,
-            show_default=True,
-            help="Values per scale with --granularity group.",
+            show_default=show,
+            help=helps[2],
         ),
-        click.option(
-            "--affine", is_flag=True, help="Affine (scale + zero point) instead of symmetric."
-        ),
+        click.option("--affine/--symmetric", default=False, show_default=show, help=helps[3]),
     ]
 
     def decorate(f: Callable) -> Callable:
@@ -82,10 +107,30 @@ def quant_options(default_bits: int | None = 8) -> Callable:
     return decorate
 
 
-def quant_config(bits: int, granularity: str, group_size: int, affine: bool):
+def quant_config(bits: int, granularity: str, group_size: int, affine: bool) -> QuantConfig:
     """The library's QuantConfig for the parsed options (imports torch: call it late)."""
     from rwsfmt.quant import QuantConfig
 
     return QuantConfig(
         bits=bits, symmetric=not affine, granularity=granularity, group_size=group_size
+    )
+
+
+def inherited_quant(
+    base: QuantConfig, bits: int | None, granularity: str, group_size: int, affine: bool
+) -> QuantConfig:
+    """`base` changed by the storage options given on the command line;
+    those left out keep its settings."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+    return quant_config(
+        bits if given("bits") else base.bits,
+        granularity if given("granularity") else base.granularity,
+        group_size if given("group_size") else base.group_size,
+        affine if given("affine") else not base.symmetric,
     )

@@ -11,11 +11,21 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .container import RwsReader, TensorInfo, decode_blob, encode_blob, write_file
+from .container import (
+    MAX_NAME_BYTES,
+    MAX_RANK,
+    MAX_TENSORS,
+    RwsReader,
+    TensorInfo,
+    decode_blob,
+    encode_blob,
+    write_file,
+)
 from .device import resolve_device
 from .errors import RwsError
 from .fingerprint import architecture_fingerprint
@@ -144,6 +154,12 @@ class Signature:
         dev = resolve_device(device)
         return decode(self.payload(name), self.info(name), dev)
 
+    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor as float32 under its stored name, in file order: the signature as a
+        plain dict for code that knows state dicts (`torch.save`, `safetensors`)."""
+        dev = resolve_device(device)
+        return {name: self.tensor(name, dev) for name in self._infos}
+
     def close(self) -> None:
         if isinstance(self._blobs, RwsReader):
             self._blobs.close()
@@ -168,6 +184,10 @@ class SignatureBuilder:
         self._infos: list[TensorInfo] = []
         self._blobs: dict[str, bytes] = {}
 
+    def config_for(self, kind: str) -> QuantConfig:
+        """How a tensor of `kind` is stored: targets as exact float32 whatever the setting."""
+        return self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
+
     def add(
         self,
         name: str,
@@ -176,10 +196,15 @@ class SignatureBuilder:
         kind: str = "delta",
         dtype: torch.dtype | None = None,
         stats: Mapping[str, Any] | None = None,
+        prior_error: float = 0.0,
     ) -> TensorInfo:
-        """Encode one tensor; `dtype` is the source checkpoint's dtype (default: the tensor's)."""
-        if name in self._blobs:
-            raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
+        """Encode one tensor; `dtype` is the source checkpoint's dtype (default: the tensor's).
+
+        `prior_error` is the relative error `tensor` already carries (it was decoded from a
+        quantized file): the recorded `quant_rel_error` is then the bound
+        `prior + new * (1 + prior)` on the error against the tensor as first stored.
+        """
+        self._check_entry(name, tuple(tensor.shape))
         if not torch.is_floating_point(tensor):
             raise RwsError(f"tensor {name!r} is not floating point ({tensor.dtype})")
         if not all_finite(tensor):
@@ -187,9 +212,15 @@ class SignatureBuilder:
                 f"tensor {name!r} contains NaN or infinite values",
                 fix="check the checkpoints it was computed from",
             )
-        quant = self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
-        enc = encode(tensor, quant, name)
+        if tensor.dtype == torch.float64 and not all_finite(tensor.to(torch.float32)):
+            raise RwsError(
+                f"tensor {name!r} holds values beyond the float32 range (3.4e38), which "
+                "signatures store",
+                fix="scale the tensor down, or leave it out",
+            )
+        enc = encode(tensor, self.config_for(kind), name)
         codec, blob = encode_blob(enc.payload)
+        error = prior_error + enc.rel_error * (1 + prior_error)
         info = TensorInfo(
             name=name,
             kind=kind,
@@ -202,11 +233,52 @@ class SignatureBuilder:
             length=len(blob),
             decoded_length=len(enc.payload),
             sha256=hashlib.sha256(blob).hexdigest(),
-            stats={**(stats or {}), "quant_rel_error": enc.rel_error},
+            stats={**(stats or {}), "quant_rel_error": error},
         )
         self._infos.append(info)
         self._blobs[name] = blob
         return info
+
+    def copy(self, sig: Signature, name: str) -> TensorInfo:
+        """Add tensor `name` of `sig` exactly as stored, without re-encoding (no new error).
+
+        Its payload is checked first, as decoding it would be (checksum, decompression-bomb
+        limit, finite numbers), so a copy is never less safe than a re-encoding.
+        """
+        info = sig.info(name)
+        self._check_entry(name, info.shape)
+        sig.payload(name)
+        self._infos.append(replace(info, offset=0))
+        self._blobs[name] = bytes(sig.stored(name))
+        return info
+
+    def _check_entry(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse what the `.rws` format cannot hold (spec section 9), before any encoding."""
+        if name in self._blobs:
+            raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
+        if len(self._infos) >= MAX_TENSORS:
+            raise RwsError(
+                f"a signature holds at most {MAX_TENSORS:,} tensors; {name!r} is one too many",
+                fix="split the tensors over several signatures",
+            )
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise RwsError(
+                f"tensor name {name!r} is not valid Unicode (it holds a lone surrogate)"
+            ) from None
+        if not 1 <= size <= MAX_NAME_BYTES:
+            raise RwsError(
+                f"tensor name {name[:64]!r} is {size} bytes; a signature's tensor names "
+                f"are 1 to {MAX_NAME_BYTES:,} bytes (UTF-8)",
+                fix="rename the tensor",
+            )
+        if len(shape) > MAX_RANK:
+            raise RwsError(
+                f"tensor {name!r} has {len(shape)} dimensions; a signature holds at most "
+                f"{MAX_RANK}",
+                fix="reshape the tensor before storing it",
+            )
 
     def build(
         self,

@@ -56,7 +56,8 @@ Entry = tuple[torch.dtype, tuple[int, ...], tuple[int, int]]
 
 class SafetensorsCheckpoint(Checkpoint):
     """A safetensors file: the header is parsed and validated on opening; tensors are read
-    into fresh memory one at a time (not memory-mapped, so resident memory stays small)."""
+    into fresh memory one at a time (not memory-mapped, so resident memory stays small).
+    `metadata` holds the header's `__metadata__` strings."""
 
     owns_tensors = True
     streams_writes = True
@@ -64,7 +65,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: str) -> None:
         self._file = open_input(path, "a safetensors file")
         try:
-            self._header_len, self._entries = read_header(self._file, path)
+            self._header_len, self._entries, self.metadata = read_header(self._file, path)
             for key, (dtype, _, _) in self._entries.items():
                 refuse_unsupported(path, key, dtype)
         except BaseException:
@@ -123,8 +124,9 @@ class SafetensorsCheckpoint(Checkpoint):
         self._file.close()
 
 
-def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry]]:
-    """Parse and validate a safetensors header: (its length, the tensor entries).
+def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry], dict[str, str]]:
+    """Parse and validate a safetensors header: (its length, the tensor entries, the
+    `__metadata__` strings).
 
     As strict as the safetensors library, and stricter where it is lenient: whole
     non-negative numbers only, no key given twice, and the tensors, sorted by offset, must
@@ -166,7 +168,7 @@ def read_header(f: BinaryIO, path: str) -> tuple[int, dict[str, Entry]]:
         end = stop
     if end != size - 8 - n:
         raise bad(f"the tensors cover {end} bytes, but the data section holds {size - 8 - n}")
-    return n, entries
+    return n, entries, metadata or {}
 
 
 def _entry(e: Any) -> Entry:
