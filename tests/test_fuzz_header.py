@@ -743,9 +743,10 @@ def _model_for(data: bytes) -> dict[str, torch.Tensor]:
     return model
 
 
-def test_merge_and_apply_take_any_metadata_value(tmp_path, bases):
+def test_commands_take_any_metadata_value(tmp_path, bases):
     """The commands that act on a signature's metadata (merge copies labels, fingerprints and
-    quantization settings; apply compares fingerprints) take each weird value in every slot:
+    quantization settings; apply compares fingerprints; convert and export carry provenance
+    over) take each weird value in every slot:
     exit 0 with an output that verifies, or exit 2 with a message, never a traceback."""
     from safetensors.torch import save_file
 
@@ -755,7 +756,13 @@ def test_merge_and_apply_take_any_metadata_value(tmp_path, bases):
     other = tmp_path / "other.rws"
     other.write_bytes(bases[-1])
     runner = CliRunner()
-    path, merged, patched = tmp_path / "meta.rws", tmp_path / "m.rws", tmp_path / "p.safetensors"
+    path = tmp_path / "meta.rws"
+    outputs = {
+        "merge": tmp_path / "m.rws",
+        "apply": tmp_path / "p.safetensors",
+        "convert": tmp_path / "c.rws",
+        "export": tmp_path / "e.safetensors",
+    }
     outcomes: Counter[tuple[str, int]] = Counter()
     for value in WEIRD:
         for nested in (False, True):
@@ -764,11 +771,14 @@ def test_merge_and_apply_take_any_metadata_value(tmp_path, bases):
             path.write_bytes(assemble(case, b"".join(blobs), **fields))
             refused = str(HUGE) in json.dumps(value)
             commands = {
-                "merge": ["merge", str(path), str(other), "--mean", "-o", str(merged)],
-                "apply": ["apply", str(model), str(path), "-a", "0.5", "-o", str(patched)],
+                "merge": ["merge", str(path), str(other), "--mean"],
+                "apply": ["apply", str(model), str(path), "-a", "0.5"],
+                "convert": ["convert", str(path), "--bits", "4"],
+                "export": ["export", str(path)],
             }
             for what, args in commands.items():
-                output = merged if what == "merge" else patched
+                output = outputs[what]
+                args = [*args, "-o", str(output)]
                 output.unlink(missing_ok=True)
                 result = runner.invoke(cli, args)
                 assert isinstance(result.exception, (SystemExit, type(None))), (
@@ -782,5 +792,5 @@ def test_merge_and_apply_take_any_metadata_value(tmp_path, bases):
                 if "\x1b" in json.dumps(value, ensure_ascii=False):
                     assert "\x1b" not in result.output
             if not refused:
-                assert rwsfmt.verify(merged).ok
+                assert rwsfmt.verify(outputs["merge"]).ok and rwsfmt.verify(outputs["convert"]).ok
     assert outcomes["merge", 0] > len(WEIRD)  # most values are taken, not refused
