@@ -9,6 +9,7 @@ import click
 from .console import human_bytes, progress, report
 from .inspect import describe_quant
 from .options import (
+    STORAGE,
     GroupedCommand,
     inherited_quant,
     quant_options,
@@ -20,7 +21,7 @@ from .options import (
 @click.command(
     cls=GroupedCommand,
     groups={
-        "Storage": ["bits", "granularity", "group_size", "affine"],
+        "Storage": STORAGE,
         "Output": ["output", "label", "quiet", "as_json"],
     },
 )

@@ -9,11 +9,11 @@ import click
 from rwsfmt.errors import RwsError
 
 from .console import console, human_bytes, plain, progress
-from .options import GroupedCommand, quant_config, quant_options, rws_output_option
+from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
     "Output": ["output", "quiet"],
-    "Storage": ["bits", "granularity", "group_size", "affine"],
+    "Storage": STORAGE,
     "Tensor selection": ["layers", "include", "exclude", "energy", "order"],
     "Reading": ["state_key", "trust_pickle"],
     "Method": ["method", "device"],

@@ -10,7 +10,14 @@ from rwsfmt.errors import RwsError
 
 from .console import human_bytes, progress, report, say
 from .inspect import describe_quant
-from .options import GroupedCommand, quant_config, quant_options, report_options, rws_output_option
+from .options import (
+    STORAGE,
+    GroupedCommand,
+    quant_config,
+    quant_options,
+    report_options,
+    rws_output_option,
+)
 
 
 @click.command(cls=GroupedCommand, groups={"Output": ["output", "quiet", "as_json"]})
@@ -60,7 +67,7 @@ def export(signature: str, output: str, quiet: bool, as_json: bool) -> None:
     name="import",
     cls=GroupedCommand,
     groups={
-        "Storage": ["bits", "granularity", "group_size", "affine"],
+        "Storage": STORAGE,
         "Output": ["output", "label", "quiet", "as_json"],
     },
 )

@@ -10,7 +10,7 @@ import os
 import click
 
 from .console import human_bytes, progress, say
-from .options import GroupedCommand, quant_config, quant_options, rws_output_option
+from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 # the names of rwsfmt.merging.REGISTRY, repeated so that `rwsfmt --help` does not import torch
 # (tests/test_merge.py checks that they agree)
@@ -19,7 +19,7 @@ METHODS = ("sum", "mean", "ties", "dare", "dare_ties")
 _GROUPS = {
     "Combining": ["method", "weights", "mean", "density", "lambda_", "seed", "label"],
     "Output": ["output", "as_json", "quiet"],
-    "Storage": ["bits", "granularity", "group_size", "affine"],
+    "Storage": STORAGE,
 }
 
 

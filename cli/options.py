@@ -56,6 +56,9 @@ def report_options(f: Callable) -> Callable:
     )
 
 
+STORAGE = ["bits", "granularity", "group_size", "affine"]  # the --help group quant_options adds
+
+
 def quant_options(default_bits: int | None = 8, *, inherit: str | None = None) -> Callable:
     """Add --bits, --granularity, --group-size and --affine/--symmetric (how tensors are
     stored). With `inherit` (e.g. "the input"), options left out keep its settings (the
