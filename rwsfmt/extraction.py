@@ -27,7 +27,7 @@ from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
 from .order import OrderReference
-from .provenance import input_record
+from .provenance import as_text, input_record
 from .quant import QuantConfig
 from .select import Rule, checkpoint_order, energy_cut, entry_kind, select
 from .signature import Signature, SignatureBuilder
@@ -267,5 +267,5 @@ def _default_label(robust: Source) -> str:
     """The robust checkpoint's file stem (`fog.pt` -> `fog`), or folder name."""
     if isinstance(robust, (str, os.PathLike)):
         path = pathlib.Path(os.path.normpath(os.fspath(robust)))
-        return path.name if path.is_dir() else path.stem
+        return as_text(path.name if path.is_dir() else path.stem)
     return "signature"

@@ -26,7 +26,7 @@ from .inputs import strict_json
 from .io.base import Format
 from .io.open import sniff
 from .io.safetensors import SafetensorsCheckpoint, write_file
-from .provenance import base_provenance
+from .provenance import as_text, base_provenance
 from .quant import QuantConfig
 from .select import checkpoint_order
 from .signature import Signature, SignatureBuilder
@@ -121,7 +121,7 @@ def import_safetensors(
             order, selection = depth.names, depth.to_json()
         names = [n for n in order if n in floating]
         kinds, dtypes, stats = (fields.get(key, {}) for key in ("kinds", "dtypes", "stats"))
-        stem = pathlib.Path(path).stem
+        stem = as_text(pathlib.Path(path).stem)
         builder = SignatureBuilder(
             label if label is not None else fields.get("label") or stem, quant or QuantConfig()
         )

@@ -36,6 +36,12 @@ def base_provenance() -> dict[str, Any]:
     return {"tool": TOOL, "tool_version": __version__, "created": created_at()}
 
 
+def as_text(name: str) -> str:
+    """A file name as valid UTF-8 text for a header: bytes that are not UTF-8, which Python
+    keeps in `str` paths as lone surrogates (PEP 383), become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file, streamed in 8 MiB chunks."""
     h = hashlib.sha256()
@@ -57,13 +63,13 @@ def input_record(role: str, path: str | os.PathLike) -> dict[str, Any]:
             full = os.path.join(path, name)
             if os.path.isfile(full):
                 size += os.path.getsize(full)
-                h.update(f"{name}\0{file_sha256(full)}\n".encode())
+                h.update(os.fsencode(name) + f"\0{file_sha256(full)}\n".encode())
         digest = h.hexdigest()
     else:
         size, digest = os.path.getsize(path), file_sha256(path)
     return {
         "role": role,
-        "name": os.path.basename(os.path.normpath(path)),
+        "name": as_text(os.path.basename(os.path.normpath(path))),
         "size": size,
         "sha256": digest,
     }

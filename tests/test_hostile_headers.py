@@ -261,3 +261,20 @@ def test_pytorch_files_need_a_torch_whose_weights_only_holds(version, safe):
     else:
         with pytest.raises(RwsError, match=r"(?s)CVE-2025-32434.*fix: upgrade torch"):
             require_safe_torch(version)
+
+
+def test_file_names_that_are_not_utf8_become_text(tmp_path):
+    """A name holding bytes that are not UTF-8 (Python keeps them as lone surrogates) cannot
+    go into a JSON header as it is: labels and provenance names get U+FFFD instead."""
+    sd = {"features.0.weight": torch.randn(4, 3, 3, 3)}
+    odd = os.fsdecode(bytes(tmp_path) + b"/\xff.safetensors")
+    for i, path in enumerate((tmp_path / "std.safetensors", odd, tmp_path / "init.safetensors")):
+        save_file({k: v + i for k, v in sd.items()}, path)
+    out = tmp_path / "sig.rws"
+    code, output = run("extract", tmp_path / "std.safetensors", odd, tmp_path / "init.safetensors",
+                       "-o", out, "--layers", "all")  # fmt: skip
+    assert code == 0, output
+    with rwsfmt.load(out) as sig:
+        assert sig.label == "\ufffd"
+        assert sig.provenance["inputs"][1]["name"] == "\ufffd.safetensors"
+    assert run("import", odd, "-o", tmp_path / "imported.rws")[0] == 0
