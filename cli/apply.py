@@ -12,8 +12,8 @@ from .console import progress, say
 from .options import GroupedCommand
 
 OPTION_GROUPS = {
-    "Patching": ["alphas", "stats", "maps", "strict"],
-    "Output": ["output", "in_place", "dry_run"],
+    "Patching": ["alphas", "stats", "maps", "strict", "force"],
+    "Output": ["output", "in_place", "dry_run", "save_undo"],
     "Running": ["device", "trust_pickle", "quiet"],
 }
 
@@ -63,6 +63,18 @@ OPTION_GROUPS = {
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL itself (atomically).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
 @click.option(
+    "--save-undo",
+    type=click.Path(dir_okay=False),
+    metavar="UNDO.rws",
+    help="Also write an undo file: applying it (--alpha 1) to the output restores MODEL's "
+    "tensors bit for bit.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Apply a signature that MODEL's record says was already applied (with a warning).",
+)
+@click.option(
     "--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda or cuda:N."
 )
 @click.option(
@@ -84,6 +96,8 @@ def apply(
     device: str,
     trust_pickle: bool,
     quiet: bool,
+    save_undo: str | None,
+    force: bool,
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
@@ -122,11 +136,14 @@ def apply(
         dry_run=dry_run,
         trust_pickle=trust_pickle,
         progress=bar,
+        force=force,
+        save_undo=save_undo,
     )
     if dry_run:
         _print_changes(report)
     if not quiet:
         _print_summary(report, pairs, stats)
+    _print_record(report, quiet)
 
 
 def _print_summary(report, pairs, stats: str) -> None:
@@ -162,6 +179,18 @@ def _print_summary(report, pairs, stats: str) -> None:
     say(f"wrote {report.output}" + (f" ({report.output_format})" if converted else ""))
     for note in report.notes:
         say(f"  note: {note}")
+
+
+def _print_record(report, quiet: bool) -> None:
+    """Warnings (always, on stderr), then what the record and the undo file say."""
+    for warning in report.warnings:
+        say(f"warning: {warning}", err=True)
+    if quiet:
+        return
+    if report.undone:
+        say("  undo: the tensors are back to the model's before that patch, bit for bit")
+    if report.undo:
+        say(f"wrote undo file {report.undo} (apply it with --alpha 1 to restore the model)")
 
 
 def _print_changes(report) -> None:

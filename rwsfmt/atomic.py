@@ -115,11 +115,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike, *, readable: bool = False) -> Iterator[BinaryIO]:
     """Open a binary file that appears at `path` only once the block succeeds (see
     `atomic_path`); a write error is reported even when the caller turned it into another
-    exception, as `torch.save` does."""
-    with _replacing(path, folder=False) as tmp, tmp.open() as f:
+    exception, as `torch.save` does. `readable` opens it for reading too."""
+    with _replacing(path, folder=False) as tmp, tmp.open(readable) as f:
         yield f
 
 
@@ -234,10 +234,13 @@ class _Temporary:
             except FileExistsError:
                 continue
 
-    def open(self) -> BinaryIO:
-        """The temporary file, opened for writing; its write errors are kept in `error`."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
-        return io.BufferedWriter(_RecordingFile(fd, self))
+    def open(self, readable: bool = False) -> BinaryIO:
+        """The temporary file, opened for writing (and reading); its write errors are kept
+        in `error`."""
+        access = os.O_RDWR if readable else os.O_WRONLY
+        fd = os.open(self.path, access | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+        raw = _RecordingFile(fd, self, "r+b" if readable else "wb")
+        return io.BufferedRandom(raw) if readable else io.BufferedWriter(raw)
 
     def commit(self) -> None:
         """Make the data durable, give it the replaced file's owner and mode, rename it."""
@@ -264,8 +267,8 @@ class _RecordingFile(io.FileIO):
     """A raw file that keeps its first write error on its `_Temporary`: torch.save reports a
     full disk as a RuntimeError that has lost the cause."""
 
-    def __init__(self, fd: int, owner: _Temporary) -> None:
-        super().__init__(fd, "wb")
+    def __init__(self, fd: int, owner: _Temporary, mode: str = "wb") -> None:
+        super().__init__(fd, mode)
         self._owner = owner
 
     def write(self, data) -> int | None:  # type: ignore[override]

@@ -114,3 +114,25 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"key {key!r} appears twice in one object")
             seen.add(key)
     return out
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """'safetensors' or 'pytorch' for a checkpoint file at `path`, from its first bytes
+    (extensions lie), or None.
+
+    safetensors is checked first: its 8-byte header length can start with 0x80, the first
+    byte of a pickle, but only a safetensors file has '{' at byte 8 and a length that fits.
+    """
+    path = os.fspath(path)
+    with open_input(path, "a checkpoint file") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
+        return "pytorch"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy pickle
+        return "pytorch"
+    if path.endswith(".safetensors"):  # damaged: let the safetensors reader say what is wrong
+        return "safetensors"
+    return None

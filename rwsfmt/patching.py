@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
 from .errors import RwsError
@@ -34,8 +35,10 @@ from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkp
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
+from .provenance import file_sha256
 from .signature import Signature, load
 from .statsrule import DEFAULT_STATS, StatsRule
+from .undo import UndoRecorder, check_undoable, is_undo, restored, undo_plan
 
 DEFAULT_ALPHA = 0.8
 
@@ -183,6 +186,15 @@ def _plan(
     return ordered, matches
 
 
+def _undoing(entries: Sequence[tuple[Signature, float]]) -> tuple[Record, dict[str, str]] | None:
+    """For an undo file (applied alone, at alpha 1): the record entries it removes and the
+    digest each tensor must have; None for ordinary signatures."""
+    for sig, alpha in entries:
+        if is_undo(sig):
+            return undo_plan(sig, alpha, len(entries))
+    return None
+
+
 def _contributions(
     items: Sequence[tuple[Signature, str, float]], device: torch.device
 ) -> list[Contribution]:
@@ -219,15 +231,21 @@ def apply(
     others are the input's tensor objects. `stats` says how normalization statistics
     (target entries) compose (`StatsRule`). Raises `RwsError` when a signature tensor is
     missing or has another shape (`strict`: also when the whole architecture differs).
+    An undo file (`rwsfmt.undo`), alone at alpha 1, restores the exact original tensors.
     """
     rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
+    undoing = _undoing(entries)
     ckpt = _state_dict_view(state_dict, "state dict")
     plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict")
     out = dict(state_dict)
     for name, items in plan.items():
         base = ckpt.tensor(name)
-        new = compose(base, _contributions(items, base.device), stats=rule, name=repr(name))
+        contributions = _contributions(items, base.device)
+        if undoing:
+            new = restored(base, contributions[0].values, undoing[1][items[0][1]], repr(name))
+        else:
+            new = compose(base, contributions, stats=rule, name=repr(name))
         for key in ckpt.keys_of(name):  # tied keys stay one tensor
             out[key] = new
     return out
@@ -327,6 +345,11 @@ def patch(
     """
     rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
+    if any(is_undo(sig) for sig, _ in entries):
+        raise RwsError(
+            "an undo file restores a checkpoint file, not a live model",
+            fix="take a live patch off with handle.remove(), which restores it bit for bit",
+        )
     live = _state_dict_view(model.state_dict(keep_vars=True), "model")
     plan, matches = _plan(entries, live, parse_map(map), strict, type(model).__name__)
     targets = [(name, *_owner(model, live.key(name), live.tensor(name))) for name in plan]
@@ -436,6 +459,10 @@ class ApplyReport:
     written: bool
     output_format: Format | None = None  # None for a dry run or in place (the model's format)
     notes: list[str] = field(default_factory=list)  # what a conversion left behind
+    applied: Record = field(default_factory=list)  # the output's record of applied signatures
+    warnings: list[str] = field(default_factory=list)  # e.g. a signature applied again (force)
+    undo: str | None = None  # the undo file written (save_undo)
+    undone: bool = False  # the signatures were an undo file: the model was restored
 
 
 def apply_checkpoint(
@@ -452,6 +479,8 @@ def apply_checkpoint(
     dry_run: bool = False,
     trust_pickle: bool = False,
     progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None,
+    force: bool = False,
+    save_undo: str | os.PathLike | None = None,
 ) -> ApplyReport:
     """Patch the checkpoint at `model_path` into `output`, in the format it was read.
 
@@ -460,6 +489,11 @@ def apply_checkpoint(
     concurrent in-place runs take turns, each patching the other's result. `dry_run`
     measures the changes and writes nothing.
     `stats` says how normalization statistics (target entries) compose (`StatsRule`).
+
+    The output records the signatures applied (`rwsfmt.applied`: label, file SHA-256, alpha,
+    stats rule); a signature the model's record already lists is refused unless `force`.
+    `save_undo` writes an undo file that restores the model bit for bit (`rwsfmt.undo`);
+    applying an undo file restores the tensors and removes its entries from the record.
     """
     rule = StatsRule.parse(stats)
     model_path = os.fspath(model_path)
@@ -467,6 +501,9 @@ def apply_checkpoint(
         raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
+    undoing = _undoing(entries)
+    if save_undo is not None:
+        save_undo = _check_save_undo(os.fspath(save_undo), dry_run, undoing is not None)
     if not dry_run:
         check_destination(output, allow_folder=True)  # before any work
     with contextlib.ExitStack() as stack:
@@ -478,19 +515,46 @@ def apply_checkpoint(
             contextlib.closing(open_checkpoint(model_path, trust_pickle=trust_pickle))
         )
         if not dry_run:
-            output = _check_output(ckpt, os.fspath(output), entries, in_place)
+            output = _check_output(ckpt, os.fspath(output), entries, in_place, save_undo)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
+        if undoing:
+            record, added, warnings = without(ckpt.applied, undoing[0]), [], []
+            if len(record) + len(undoing[0]) != len(ckpt.applied):
+                warnings.append(
+                    "the model's record of applied signatures does not list the "
+                    "patch this undo file takes off; its tensors are restored"
+                )
+        else:
+            record, added, warnings = _record(ckpt, entries, rule, force)
+        recorder = None
+        if save_undo is not None:
+            check_undoable(list(plan), ckpt.dtype, model_path)
+            recorder = UndoRecorder(save_undo, os.fspath(output), list(plan), added)
         written = None
-        with _PatchedTensors(
-            ckpt, plan, dev, stats=rule, measure=dry_run, progress=progress
-        ) as patched:
-            if dry_run:
-                for name in patched:
-                    patched[name]  # computes and measures the change, writes nothing
-            elif in_place:
-                ckpt.write(model_path, patched)
-            else:
-                written = write_checkpoint(ckpt, output, patched)
+        try:
+            with _PatchedTensors(
+                ckpt,
+                plan,
+                dev,
+                stats=rule,
+                measure=dry_run,
+                progress=progress,
+                undo=recorder,
+                restore=undoing[1] if undoing else None,
+            ) as patched:
+                if dry_run:
+                    for name in patched:
+                        patched[name]  # computes and measures the change, writes nothing
+                elif in_place:
+                    ckpt.write(model_path, patched, record)
+                else:
+                    written = write_checkpoint(ckpt, output, patched, record)
+            if recorder is not None:
+                recorder.save()  # already saved, unless the plan was empty
+        except BaseException:
+            if recorder is not None:
+                recorder.discard()
+            raise
         notes = written.notes if written else []
         skipped = ckpt.skipped_files() if written and written.target.folder else []
         if skipped:
@@ -505,17 +569,81 @@ def apply_checkpoint(
             written=not dry_run,
             output_format=written.target.format if written else None,
             notes=notes,
+            applied=record,
+            warnings=warnings,
+            undo=save_undo,
+            undone=undoing is not None,
         )
 
 
+def _check_save_undo(path: str, dry_run: bool, undoing: bool) -> str:
+    """Refuse an undo file that cannot be written or would make no sense, before any work."""
+    if dry_run:
+        raise RwsError(
+            "a dry run writes nothing, not even an undo file",
+            fix="drop --save-undo (save_undo=) or --dry-run",
+        )
+    if undoing:
+        raise RwsError(
+            "the signature is itself an undo file: restoring needs no undo file",
+            path=path,
+            fix="drop --save-undo (save_undo=); to patch again, apply the signatures again",
+        )
+    check_destination(path)
+    return path
+
+
+def _record(
+    ckpt: Checkpoint, entries: Sequence[tuple[Signature, float]], rule: StatsRule, force: bool
+) -> tuple[Record, Record, list[str]]:
+    """(the output's record, the entries this apply adds, warnings): the model's record plus
+    one entry per signature; a signature already applied is refused unless `force`."""
+    before = ckpt.applied
+    seen = {e.get("sha256"): e for e in before if isinstance(e.get("sha256"), str)}
+    added, warnings = [], []
+    for sig, alpha in entries:
+        digest = file_sha256(sig.path) if sig.path else None
+        new = entry(sig.label, sig.path, digest, alpha, rule.value)
+        earlier = seen.get(digest) if digest else None
+        if earlier is not None:
+            when = earlier.get("created")
+            what = (
+                f"signature {sig.label or os.path.basename(sig.path or '')!r} (sha256 "
+                f"{digest[:12]}…) was already applied to this model at alpha "
+                f"{earlier.get('alpha')}" + (f" ({when})" if isinstance(when, str) else "")
+            )
+            if not force:
+                raise RwsError(
+                    what,
+                    path=ckpt.path,
+                    fix="pass --force (force=True) to apply it again, or apply the undo file "
+                    "of that patch first",
+                )
+            warnings.append(f"{what}; applied again (--force)")
+        if digest:
+            seen[digest] = new
+        added.append(new)
+    return [*before, *added], added, warnings
+
+
 def _check_output(
-    ckpt: Checkpoint, output: str, entries: Sequence[tuple[Signature, float]], in_place: bool
+    ckpt: Checkpoint,
+    output: str,
+    entries: Sequence[tuple[Signature, float]],
+    in_place: bool,
+    save_undo: str | None = None,
 ) -> str:
-    """Refuse an output that would overwrite a signature, or the model without `in_place`;
-    check that its name says which format to write."""
+    """Refuse an output (or undo file) that would overwrite a signature, or the model without
+    `in_place`; check that its name says which format to write."""
     sigs = [("signature", sig.path) for sig, _ in entries if sig.path]
     refuse_overwriting_inputs(output, sigs, fix="choose another -o path")
     model = [("input model", f) for f in [ckpt.path, *ckpt.files]]
+    if save_undo is not None:
+        refuse_overwriting_inputs(
+            save_undo,
+            [*sigs, *model, ("patched model", output)],
+            fix="choose another --save-undo path",
+        )
     if in_place:
         if not any(same_file(output, path) for _, path in model):
             raise RwsError(
@@ -551,12 +679,14 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
         stats: StatsRule,
         measure: bool,
         progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None,
+        undo: UndoRecorder | None = None,
+        restore: Mapping[str, str] | None = None,
         ahead: int = 2,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._ckpt, self._plan, self._device, self._measure = ckpt, plan, device, measure
-        self._stats = stats
+        self._stats, self._undo, self._restore = stats, undo, restore
         self._order = [n for n in ckpt.write_order if n in plan]
         self._position = {n: i for i, n in enumerate(self._order)}
         self._ahead = ahead
@@ -587,15 +717,25 @@ class _PatchedTensors(Mapping[str, torch.Tensor]):
             "patch cannot repair it: use an earlier checkpoint or re-download it",
         )
         on_dev = base.to(self._device)
-        owned = self._ckpt.owns_tensors and not self._measure
-        new = compose(on_dev, contributions, stats=self._stats, reuse_base=owned, name=repr(name))
         items = self._plan[name]
+        if self._restore is not None:  # an undo file: the exact original values
+            expected = self._restore[items[0][1]]
+            new = restored(on_dev, contributions[0].values, expected, repr(name), self._ckpt.path)
+        else:
+            if self._undo is not None:
+                self._undo.keep(name, on_dev)  # before compose, which may overwrite it
+            owned = self._ckpt.owns_tensors and not self._measure
+            new = compose(
+                on_dev, contributions, stats=self._stats, reuse_base=owned, name=repr(name)
+            )
+            if self._undo is not None:
+                self._undo.patched(name, new)
         change = TensorChange(
             name,
             tuple(base.shape),
             str(base.dtype).removeprefix("torch."),
             [sig.label or os.path.basename(sig.path or "") for sig, _, _ in items],
-            statistics=any(c.kind == "target" for c in contributions),
+            statistics=self._restore is None and any(c.kind == "target" for c in contributions),
         )
         if self._measure:
             diff = new.to(torch.float64) - on_dev.to(torch.float64)

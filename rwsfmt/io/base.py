@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -157,11 +158,22 @@ class Checkpoint:
         """Names in the order `write()` stores them (and fetches their replacements)."""
         return self.names
 
-    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+    @property
+    def applied(self) -> list[dict[str, Any]]:
+        """The record of signatures applied to this checkpoint (`rwsfmt.applied`), [] if none."""
+        return []
+
+    def write(
+        self,
+        out_path: str | os.PathLike,
+        replacements: Mapping[str, torch.Tensor],
+        applied: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Write this checkpoint in its own format with the named tensors replaced.
 
         Every other tensor, wrapper entry, prefix and metadata is kept as it was; each file is
-        written atomically, and `out_path` may be this checkpoint's own path.
+        written atomically, and `out_path` may be this checkpoint's own path. `applied`
+        replaces the record of applied signatures (an empty one removes it); None keeps it.
         """
         raise NotImplementedError
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..applied import METADATA_KEY, encode
 from ..errors import RwsError
 from ..names import natural_sorted
 from . import safetensors
@@ -67,19 +69,24 @@ def output_format(ckpt: Checkpoint, out: str | os.PathLike) -> Target:
 
 
 def write_checkpoint(
-    ckpt: Checkpoint, out: str | os.PathLike, replacements: Mapping[str, torch.Tensor]
+    ckpt: Checkpoint,
+    out: str | os.PathLike,
+    replacements: Mapping[str, torch.Tensor],
+    applied: Sequence[Mapping[str, Any]] | None = None,
 ) -> Written:
     """Write `ckpt` with `replacements` at `out`, in the format `out` names.
 
     In the checkpoint's own format everything else is kept as it was (wrappers, prefixes,
     metadata, other files of a folder). Converting keeps every tensor, under its normalized
-    name; the notes say what else was left behind.
+    name, and the record of applied signatures; the notes say what else was left behind.
+    `applied` replaces that record (an empty one removes it); None keeps the input's.
     """
     target = output_format(ckpt, out)
     own = ckpt.format if ckpt.format != Format.STATE_DICT else Format.PYTORCH
     if target.folder or (target.format == own and not ckpt.folder):
-        ckpt.write(target.path, replacements)
+        ckpt.write(target.path, replacements, applied)
         return Written(target)
+    record = ckpt.applied if applied is None else applied
     notes = []
     if not ckpt.layout.plain:
         notes.append(f"the input's layout ({ckpt.layout}) is not kept: tensors only, plain names")
@@ -89,9 +96,9 @@ def write_checkpoint(
         tied = ", ".join(f"{a} = {c}" for a, c in sorted(ckpt.aliases.items()))
         notes.append(f"tied tensors stored as separate copies: {tied}")
     if target.format == Format.SAFETENSORS:
-        _write_safetensors(ckpt, target.path, replacements)
+        _write_safetensors(ckpt, target.path, replacements, record)
     else:
-        _write_pytorch(ckpt, target.path, replacements)
+        _write_pytorch(ckpt, target.path, replacements, record)
         if ckpt.format == Format.SAFETENSORS:
             notes.append("safetensors metadata is not carried into a PyTorch file")
     return Written(target, notes)
@@ -107,19 +114,28 @@ def _value(ckpt: Checkpoint, replacements: Mapping[str, torch.Tensor], name: str
 
 
 def _write_safetensors(
-    ckpt: Checkpoint, out: str, replacements: Mapping[str, torch.Tensor]
+    ckpt: Checkpoint,
+    out: str,
+    replacements: Mapping[str, torch.Tensor],
+    applied: Sequence[Mapping[str, Any]],
 ) -> None:
     names = natural_sorted(_all_names(ckpt))
     specs = [(n, ckpt.dtype(n), ckpt.shape(n)) for n in names]
-    safetensors.write_file(
-        out, specs, lambda n: _value(ckpt, replacements, n), metadata={"format": "pt"}
-    )
+    metadata = {"format": "pt"}
+    if applied:
+        metadata[METADATA_KEY] = encode(applied)
+    safetensors.write_file(out, specs, lambda n: _value(ckpt, replacements, n), metadata)
 
 
-def _write_pytorch(ckpt: Checkpoint, out: str, replacements: Mapping[str, torch.Tensor]) -> None:
+def _write_pytorch(
+    ckpt: Checkpoint,
+    out: str,
+    replacements: Mapping[str, torch.Tensor],
+    applied: Sequence[Mapping[str, Any]],
+) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in ckpt.names:  # replacements may share one reused buffer: keep copies
         state[name] = replacements[name].clone() if name in replacements else ckpt.tensor(name)
     for alias, canonical in ckpt.aliases.items():
         state[alias] = state[canonical]
-    torch_save(state, out)
+    torch_save(state, out, applied)

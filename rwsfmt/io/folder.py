@@ -3,13 +3,17 @@ file (`model.safetensors`, `pytorch_model.bin`) or shards listed by an index JSO
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
 
 import torch
 
-from ..atomic import atomic_folder, atomic_path
+from ..applied import RECORD_FILE, encode, read_folder_record
+from ..atomic import atomic_folder, atomic_path, atomic_write
 from ..errors import RwsError
 from ..inputs import open_input, strict_json
 from ..names import natural_sorted
@@ -146,11 +150,21 @@ class FolderCheckpoint(Checkpoint):
     def tensor(self, name: str) -> torch.Tensor:
         return self._shard(name).tensor(name)
 
-    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+    @cached_property
+    def applied(self) -> list[dict[str, Any]]:
+        return read_folder_record(self.path)
+
+    def write(
+        self,
+        out_path: str | os.PathLike,
+        replacements: Mapping[str, torch.Tensor],
+        applied: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Write the folder: touched weight files rewritten, others copied, the index and every
         other file (config, tokenizer, subfolders) kept, stray weight files of other formats
-        left out. A new folder appears only once complete; in an existing folder each file is
-        replaced atomically."""
+        left out; the record of applied signatures is the file `rwsfmt_applied.json`. A new
+        folder appears only once complete; in an existing folder each file is replaced
+        atomically."""
         out = os.fspath(out_path)
         new = self._checked_replacements(replacements)
         if os.path.exists(out) and not os.path.isdir(out):
@@ -161,14 +175,20 @@ class FolderCheckpoint(Checkpoint):
                 ".safetensors or .pt to convert",
             )
         if os.path.isdir(out):  # each file replaced atomically
-            self._write_files(out, new, in_place=os.path.samefile(out, self.path))
+            self._write_files(out, new, applied, in_place=os.path.samefile(out, self.path))
         else:  # a new folder appears only once complete
             with atomic_folder(out) as tmp:
-                self._write_files(tmp, new, in_place=False)
+                self._write_files(tmp, new, applied, in_place=False)
 
-    def _write_files(self, target: str, new: Mapping[str, torch.Tensor], in_place: bool) -> None:
+    def _write_files(
+        self,
+        target: str,
+        new: Mapping[str, torch.Tensor],
+        applied: Sequence[Mapping[str, Any]] | None,
+        in_place: bool,
+    ) -> None:
         """Write the touched weight files into folder `target` and, unless it is the model's
-        own folder, copy the others and the companion files."""
+        own folder, copy the others and the companion files; then the record, if new."""
         for shard, ckpt in self._shards.items():
             mine = {n: t for n, t in new.items() if self._where[n] == shard}
             if mine:
@@ -177,6 +197,13 @@ class FolderCheckpoint(Checkpoint):
                 _copy_file(ckpt.path, os.path.join(target, shard))
         if not in_place:
             self._copy_companions(target)
+        record = os.path.join(target, RECORD_FILE)
+        if applied:
+            with atomic_write(record) as f:
+                f.write(encode(applied).encode("utf-8"))
+        elif applied is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)
 
     def skipped_files(self) -> list[str]:
         """Weight files of other formats in the folder, which a written copy leaves out."""

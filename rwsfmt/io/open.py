@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import RwsError
-from ..inputs import open_input
+from ..inputs import sniff as sniff_kind
 from .base import Checkpoint, Format
 from .folder import FolderCheckpoint
 from .pytorch import PyTorchCheckpoint, torch_load
@@ -67,20 +66,6 @@ def _open_file(path: str, trust_pickle: bool, state_key: str | None) -> Checkpoi
 
 
 def sniff(path: str) -> Format | None:
-    """The format of the file at `path` from its first bytes (extensions lie), or None.
-
-    safetensors is checked first: its 8-byte header length can start with 0x80, the first
-    byte of a pickle, but only a safetensors file has '{' at byte 8 and a length that fits.
-    """
-    with open_input(path, "a checkpoint file") as f:
-        head = f.read(9)
-        size = os.fstat(f.fileno()).st_size
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return Format.SAFETENSORS
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
-        return Format.PYTORCH
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy pickle
-        return Format.PYTORCH
-    if path.endswith(".safetensors"):  # damaged: let the safetensors reader say what is wrong
-        return Format.SAFETENSORS
-    return None
+    """The format of the file at `path` from its first bytes (extensions lie), or None."""
+    kind = sniff_kind(path)
+    return Format(kind) if kind else None

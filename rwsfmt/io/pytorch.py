@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
 
+from ..applied import append_zip_record, read_zip_record
 from ..atomic import atomic_write
 from ..errors import RwsError
 from ..inputs import open_input
@@ -68,11 +70,16 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
         ) from None
 
 
-def torch_save(obj: Any, path: str | os.PathLike) -> None:
+def torch_save(
+    obj: Any, path: str | os.PathLike, applied: Sequence[Mapping[str, Any]] = ()
+) -> None:
     """torch.save, atomically and deterministically: through a file object, so the zip's
-    inner folder is always named `archive` rather than after a temporary file."""
-    with atomic_write(path) as f:
+    inner folder is always named `archive` rather than after a temporary file. A record of
+    applied signatures becomes an extra zip entry, which torch.load ignores."""
+    with atomic_write(path, readable=bool(applied)) as f:
         torch.save(obj, f)
+        if applied:
+            append_zip_record(f, applied)
 
 
 def tied_aliases(state: Mapping[str, Any], keys: list[str]) -> dict[str, str]:
@@ -131,7 +138,16 @@ class PyTorchCheckpoint(Checkpoint):
         name = self.resolve(name)
         return [self._raw[name]] + [self._raw[a] for a, c in self.aliases.items() if c == name]
 
-    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+    @cached_property
+    def applied(self) -> list[dict[str, Any]]:
+        return read_zip_record(self.path) if self.format == Format.PYTORCH else []
+
+    def write(
+        self,
+        out_path: str | os.PathLike,
+        replacements: Mapping[str, torch.Tensor],
+        applied: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         new = {self._raw[n]: t for n, t in self._checked_replacements(replacements).items()}
         for alias, canonical in self.aliases.items():  # tied keys stay one tensor
             if self._raw[canonical] in new:
@@ -149,7 +165,7 @@ class PyTorchCheckpoint(Checkpoint):
             outer = type(outer)(outer) if isinstance(outer, dict) else dict(outer)
             outer[self._wrappers[depth]] = obj
             obj = outer
-        torch_save(obj, out_path)
+        torch_save(obj, out_path, self.applied if applied is None else applied)
 
     def close(self) -> None:
         self._obj = self._state = None  # type: ignore[assignment]

@@ -11,11 +11,13 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cached_property
 from typing import Any, BinaryIO
 
 import torch
 
+from ..applied import METADATA_KEY, decode, encode
 from ..atomic import atomic_write
 from ..errors import RwsError
 from ..inputs import open_input, strict_json
@@ -57,7 +59,8 @@ Entry = tuple[torch.dtype, tuple[int, ...], tuple[int, int]]
 class SafetensorsCheckpoint(Checkpoint):
     """A safetensors file: the header is parsed and validated on opening; tensors are read
     into fresh memory one at a time (not memory-mapped, so resident memory stays small).
-    `metadata` holds the header's `__metadata__` strings."""
+    `metadata` holds the header's `__metadata__` strings; the record of applied signatures
+    is the string under `rwsfmt.applied`."""
 
     owns_tensors = True
     streams_writes = True
@@ -102,12 +105,25 @@ class SafetensorsCheckpoint(Checkpoint):
     def write_order(self) -> list[str]:
         return [self._normal[raw] for raw, _ in self._by_offset()]
 
-    def write(self, out_path: str | os.PathLike, replacements: Mapping[str, torch.Tensor]) -> None:
+    @cached_property
+    def applied(self) -> list[dict[str, Any]]:
+        return decode(self.metadata.get(METADATA_KEY), self.path)
+
+    def write(
+        self,
+        out_path: str | os.PathLike,
+        replacements: Mapping[str, torch.Tensor],
+        applied: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         for name in replacements:  # names only: values are fetched as they are written
             self.resolve(name)
+        header = None if applied is None else self._header_with(applied)
         with atomic_write(out_path) as out:
             self._file.seek(0)
-            copy_bytes(self._file, out, 8 + self._header_len)  # the header, verbatim
+            if header is None:
+                copy_bytes(self._file, out, 8 + self._header_len)  # the header, verbatim
+            else:
+                out.write(struct.pack("<Q", len(header)) + header)
             for raw, (_, _, (begin, end)) in self._by_offset():
                 self._file.seek(8 + self._header_len + begin)
                 name = self._normal[raw]
@@ -116,6 +132,27 @@ class SafetensorsCheckpoint(Checkpoint):
                     out.write(value.view(-1).view(torch.uint8).numpy().data)
                 else:
                     copy_bytes(self._file, out, end - begin)
+
+    def _header_with(self, applied: Sequence[Mapping[str, Any]]) -> bytes:
+        """This file's header with `applied` as its record (none when empty). Everything else
+        keeps its place: compact JSON in the file's own key order, padded with spaces to 8
+        bytes, as the safetensors library writes it, so that a header gets back its very
+        bytes when the record returns to what it was."""
+        self._file.seek(8)
+        doc = strict_json(self._file.read(self._header_len).decode("utf-8"))
+        metadata = dict(doc.get("__metadata__") or {})
+        if applied:
+            metadata[METADATA_KEY] = encode(applied)
+        else:
+            metadata.pop(METADATA_KEY, None)
+        if "__metadata__" in doc and metadata:
+            doc["__metadata__"] = metadata  # in its place
+        elif metadata:
+            doc = {"__metadata__": metadata, **doc}  # first, where safetensors puts it
+        else:
+            doc.pop("__metadata__", None)
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return body + b" " * (-len(body) % 8)
 
     def _by_offset(self) -> list[tuple[str, Entry]]:
         return sorted(self._entries.items(), key=lambda kv: kv[1][2][0])
