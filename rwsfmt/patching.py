@@ -597,11 +597,14 @@ def _record(
     ckpt: Checkpoint, entries: Sequence[tuple[Signature, float]], rule: StatsRule, force: bool
 ) -> tuple[Record, Record, list[str]]:
     """(the output's record, the entries this apply adds, warnings): the model's record plus
-    one entry per signature; a signature already applied is refused unless `force`."""
+    one entry per signature applied at an alpha other than 0 (which changes nothing); a
+    signature already applied is refused unless `force`."""
     before = ckpt.applied
     seen = {e.get("sha256"): e for e in before if isinstance(e.get("sha256"), str)}
     added, warnings = [], []
     for sig, alpha in entries:
+        if alpha == 0:
+            continue
         digest = file_sha256(sig.path) if sig.path else None
         new = entry(sig.label, sig.path, digest, alpha, rule.value)
         earlier = seen.get(digest) if digest else None

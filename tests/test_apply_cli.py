@@ -66,7 +66,10 @@ def test_safetensors_output_patches_only_the_signature_tensors(files):
     assert_bit_equal(load_file(tmp / "o.safetensors"), expected)
     head_in, spans_in = safetensors_spans(tmp / "std.safetensors")
     head_out, spans_out = safetensors_spans(tmp / "o.safetensors")
-    assert head_in == head_out  # names, dtypes, offsets and metadata kept
+    doc_in, doc_out = json.loads(head_in), json.loads(head_out)
+    record = json.loads(doc_out["__metadata__"].pop("rwsfmt.applied"))
+    assert doc_in == doc_out  # names, dtypes, offsets and metadata kept, the record added
+    assert [(e["label"], e["alpha"]) for e in record] == [("fog", 0.8)]
     for name in spans_in:
         assert (spans_in[name] == spans_out[name]) == (name not in PATCHED), name
 
@@ -205,7 +208,7 @@ def test_sharded_safetensors_folder(tmp_path):
     code, out = run("apply", folder, tmp_path / "deep.rws", "-a", 0.5, "-o", tmp_path / "out")
     assert code == 0, out
     out_dir = tmp_path / "out"
-    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(folder))
+    assert sorted(os.listdir(out_dir)) == sorted([*os.listdir(folder), "rwsfmt_applied.json"])
     for name in ("model-00001-of-00002.safetensors", "config.json", "model.safetensors.index.json"):
         assert (out_dir / name).read_bytes() == (folder / name).read_bytes(), name
     merged = {

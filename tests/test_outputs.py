@@ -202,6 +202,7 @@ def test_a_patched_folder_leaves_out_stale_weights_of_other_formats(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
         "config.json",
         "model.safetensors",
+        "rwsfmt_applied.json",  # the record of applied signatures
     ]
 
 
