@@ -1,4 +1,5 @@
-"""`rwsfmt inspect`: show what a .rws file holds, reading only its header."""
+"""`rwsfmt inspect`: show what a .rws file holds, reading only its header; or what a model
+checkpoint is and which signatures were applied to it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import click
 
+from rwsfmt.applied import is_model
 from rwsfmt.summary import describe
 
 from .console import console, human_bytes, plain, short_hash
@@ -14,22 +16,89 @@ ROWS = 100  # tensor rows shown without --all
 
 
 @click.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
     "--all", "show_all", is_flag=True, help=f"List every tensor (default: the first {ROWS})."
 )
-def inspect(file: str, as_json: bool, show_all: bool) -> None:
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow arbitrary pickled objects in a PyTorch model (only for files you trust).",
+)
+def inspect(file: str, as_json: bool, show_all: bool, trust_pickle: bool) -> None:
     """Show FILE's label, fingerprints, provenance and per-tensor table.
 
     Reads the header only: fast on a file of any size, and works on a file whose data
     section is damaged (use `rwsfmt verify` to check the data).
+
+    FILE may also be a model checkpoint (a PyTorch or safetensors file, or a Hugging Face
+    folder): then its format, tensors and the signatures `rwsfmt apply` applied to it.
     """
+    if is_model(file):
+        _inspect_model(file, as_json, trust_pickle)
+        return
     info = describe(file, max_tensors=None if as_json or show_all else ROWS)
     if as_json:
         click.echo(dumps(info))
         return
     render(info)
+
+
+def _inspect_model(path: str, as_json: bool, trust_pickle: bool) -> None:
+    """A checkpoint's format, tensors, and its record of applied signatures."""
+    from rich import box
+    from rich.table import Table
+
+    from rwsfmt.applied import describe_model
+
+    info = describe_model(path, trust_pickle=trust_pickle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    out = console()
+    kind = info["format"] + (" folder" if info["folder"] else "")
+    kind += ", sharded" if info["sharded"] else ""
+    dtypes = ", ".join(f"{count} {dtype}" for dtype, count in info["dtypes"].items())
+    tensors = f"{info['tensor_count']:,} ({dtypes or 'none'}), {info['parameters']:,} values"
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key, value in [
+        ("model", info["path"]),
+        ("format", kind),
+        ("layout", info["layout"]),
+        ("tensors", tensors),
+        ("applied", f"{len(info['applied'])} signature(s) recorded" if info["applied"] else "none"),
+    ]:
+        summary.add_row(plain(key), plain(value))
+    out.print(summary)
+    if not info["applied"]:
+        return
+    table = Table(
+        title="applied signatures, in order",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("#", no_wrap=True)
+    for col in ("label", "file"):
+        table.add_column(col, overflow="fold", min_width=8)
+    for col in ("alpha", "stats", "sha256", "created"):
+        table.add_column(col, no_wrap=True)
+    for i, e in enumerate(info["applied"], 1):
+        digest, created = e.get("sha256"), e.get("created")
+        row = [
+            str(i),
+            e.get("label") or "-",
+            e.get("file") or "-",
+            _num(e.get("alpha")),
+            e.get("stats") or "-",
+            f"{digest[:12]}…" if isinstance(digest, str) else "-",
+            created[:16].replace("T", " ") if isinstance(created, str) else "-",
+        ]
+        table.add_row(*map(plain, row))
+    out.print(table)
 
 
 def dumps(info: dict) -> str:

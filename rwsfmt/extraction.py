@@ -22,7 +22,6 @@ import torch
 
 from .device import resolve_device
 from .errors import RwsError
-from .fingerprint import architecture_fingerprint
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
@@ -134,10 +133,7 @@ def extract(
             provenance["meta"] = dict(meta)
         if ref.aliases:
             provenance["tied"] = dict(sorted(ref.aliases.items()))
-        model_fp = architecture_fingerprint(
-            (n, ref.shape(n)) for n in ref.names if ref.dtype(n).is_floating_point
-        )
-        return builder.build(provenance=provenance, model_fingerprint=model_fp)
+        return builder.build(provenance=provenance, model_fingerprint=ref.fingerprint())
 
 
 class _Compute:

@@ -529,7 +529,9 @@ def apply_checkpoint(
         recorder = None
         if save_undo is not None:
             check_undoable(list(plan), ckpt.dtype, model_path)
-            recorder = UndoRecorder(save_undo, os.fspath(output), list(plan), added)
+            recorder = UndoRecorder(
+                save_undo, os.fspath(output), list(plan), added, ckpt.fingerprint()
+            )
         written = None
         try:
             with _PatchedTensors(

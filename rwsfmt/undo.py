@@ -65,9 +65,14 @@ class UndoRecorder:
     once every patched tensor has been seen (before the patched output is committed)."""
 
     def __init__(
-        self, path: str, output: str, names: Sequence[str], applied: Sequence[Mapping[str, Any]]
+        self,
+        path: str,
+        output: str,
+        names: Sequence[str],
+        applied: Sequence[Mapping[str, Any]],
+        model_fingerprint: str,
     ) -> None:
-        self.path, self._output = path, output
+        self.path, self._output, self._fingerprint = path, output, model_fingerprint
         self.saved = False
         self._pending = set(names)
         self._applied = [dict(e) for e in applied]
@@ -102,7 +107,7 @@ class UndoRecorder:
                 "patched_sha256": self._patched,
             },
         }
-        save(self._builder.build(provenance), self.path)
+        save(self._builder.build(provenance, self._fingerprint), self.path)
         self.saved = True
 
     def discard(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import RwsError
+from ..fingerprint import architecture_fingerprint
 
 
 class Format(str, enum.Enum):
@@ -157,6 +158,12 @@ class Checkpoint:
     def write_order(self) -> list[str]:
         """Names in the order `write()` stores them (and fetches their replacements)."""
         return self.names
+
+    def fingerprint(self) -> str:
+        """The architecture fingerprint over this checkpoint's floating tensors."""
+        return architecture_fingerprint(
+            (n, self.shape(n)) for n in self.names if self.dtype(n).is_floating_point
+        )
 
     @property
     def applied(self) -> list[dict[str, Any]]:
