@@ -518,12 +518,7 @@ def apply_checkpoint(
             output = _check_output(ckpt, os.fspath(output), entries, in_place, save_undo)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
         if undoing:
-            record, added, warnings = without(ckpt.applied, undoing[0]), [], []
-            if len(record) + len(undoing[0]) != len(ckpt.applied):
-                warnings.append(
-                    "the model's record of applied signatures does not list the "
-                    "patch this undo file takes off; its tensors are restored"
-                )
+            record, added, warnings = _record_undone(ckpt, undoing[0])
         else:
             record, added, warnings = _record(ckpt, entries, rule, force)
         recorder = None
@@ -629,6 +624,19 @@ def _record(
             seen[digest] = new
         added.append(new)
     return [*before, *added], added, warnings
+
+
+def _record_undone(ckpt: Checkpoint, removed: Record) -> tuple[Record, Record, list[str]]:
+    """(the output's record, no new entries, warnings) for an undo file: the model's record
+    without the entries of the patch it takes off."""
+    record = without(ckpt.applied, removed)
+    warnings = []
+    if len(record) + len(removed) != len(ckpt.applied):
+        warnings.append(
+            "the model's record of applied signatures does not list the patch this undo file "
+            "takes off; its tensors are restored all the same"
+        )
+    return record, [], warnings
 
 
 def _check_output(

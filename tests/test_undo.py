@@ -335,3 +335,25 @@ def test_live_patches_refuse_undo_files(tmp_path):
     )
     with pytest.raises(RwsError, match="handle.remove"):
         rwsfmt.patch(model, rwsfmt.load(tmp_path / "u.rws"), 1.0)
+
+
+def test_an_undo_on_a_file_whose_record_was_stripped_warns_and_restores(tmp_path):
+    model = make_net()
+    sd = model.state_dict()
+    save_model(sd, tmp_path / "std.safetensors")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    rwsfmt.apply_checkpoint(
+        tmp_path / "std.safetensors",
+        [(tmp_path / "fog.rws", 1.0)],
+        tmp_path / "p.safetensors",
+        save_undo=tmp_path / "u.rws",
+    )
+    save_file(load_file(tmp_path / "p.safetensors"), tmp_path / "stripped.safetensors")
+    report = rwsfmt.apply_checkpoint(
+        tmp_path / "stripped.safetensors", [(tmp_path / "u.rws", 1.0)], tmp_path / "b.safetensors"
+    )
+    assert report.warnings == [
+        "the model's record of applied signatures does not list the patch this undo file "
+        "takes off; its tensors are restored all the same"
+    ]
+    assert_bit_equal(load_model(tmp_path / "b.safetensors"), sd)
