@@ -19,6 +19,7 @@ Undoing a patch removes its entries again (`rwsfmt.undo`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -163,11 +164,7 @@ def describe_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> di
         for name in ckpt.names:
             dtype = str(ckpt.dtype(name)).removeprefix("torch.")
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
-            shape = ckpt.shape(name)
-            count = 1
-            for d in shape:
-                count *= d
-            parameters += count
+            parameters += math.prod(ckpt.shape(name))
         return {
             "path": os.fspath(path),
             "format": str(ckpt.format),
