@@ -13,6 +13,7 @@ T = TypeVar("T")
 
 # exit codes of every command
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 # C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)

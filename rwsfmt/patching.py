@@ -29,15 +29,16 @@ import torch
 
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError
+from .errors import RwsError, spell, warn
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
-from .signature import Signature, load
+from .signature import Signature, load, warn_repeated
 from .statsrule import DEFAULT_STATS, StatsRule
 
 DEFAULT_ALPHA = 0.8
+MAX_USUAL_ALPHA = 2.0  # a larger |alpha| is warned about (RwsWarning)
 
 SignatureLike = Signature | str | os.PathLike
 Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
@@ -157,7 +158,16 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
             raise RwsError(
                 f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}"
             )
+        if abs(a) > MAX_USUAL_ALPHA:
+            warn(
+                f"alpha {a:g} for {sig.label or sig.path!r} lies outside "
+                f"[-{MAX_USUAL_ALPHA:g}, {MAX_USUAL_ALPHA:g}]: the patch adds the signature "
+                f"{a:g} times, far past where its robust model was",
+                fix=f"use {spell('--alpha', 'an alpha')} between -{MAX_USUAL_ALPHA:g} and "
+                f"{MAX_USUAL_ALPHA:g} (alpha multiplies once; the paper uses 0.5 to 1)",
+            )
         out.append((sig, float(a)))
+    warn_repeated([s for s, _ in out], "it is applied twice, its alphas added")
     return out
 
 

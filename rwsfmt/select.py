@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .errors import RwsError
+from .errors import RwsError, spell, warn
 from .io import Checkpoint
 from .order import DepthOrder, OrderReference, depth_order
 
@@ -74,6 +74,7 @@ class Rule:
     include: str | None = None
     exclude: str | None = None
     energy: float | None = None
+    chosen: bool = field(default=True, compare=False)  # layers given, not the default
 
     @classmethod
     def make(
@@ -85,6 +86,7 @@ class Rule:
     ) -> Rule:
         """Validate options. `layers=None` means the paper's 5 shallowest layers, or all layers
         when `include` or `energy` already narrow the selection."""
+        chosen = layers is not None
         if layers is None:
             layers = "all" if include is not None or energy is not None else DEFAULT_LAYERS
         if isinstance(layers, str) and layers != "all":
@@ -109,7 +111,7 @@ class Rule:
                     raise RwsError(
                         f"{flag} {pattern!r} is not a regular expression: {exc}"
                     ) from None
-        return cls(layers, include, exclude, energy)
+        return cls(layers, include, exclude, energy, chosen)
 
     def to_json(self) -> dict:
         out: dict = {"layers": self.layers}
@@ -123,6 +125,13 @@ def select(ckpt: Checkpoint, rule: Rule, order: DepthOrder) -> list[list[str]]:
     """The layers (lists of tensor names, depth order) the rule keeps before any energy cut."""
     segments = layer_segments(ckpt, order)
     if rule.layers != "all":
+        if rule.chosen and int(rule.layers) > len(segments):
+            warn(
+                f"{spell(f'--layers {rule.layers}', f'layers={rule.layers}')} asks for more "
+                f"layers than the model has ({len(segments)}): all {len(segments)} are kept",
+                path=ckpt.path,
+                fix=spell("use --layers all", "use layers='all'") + f", or at most {len(segments)}",
+            )
         segments = segments[: int(rule.layers)]
     inc = re.compile(rule.include) if rule.include is not None else None
     exc = re.compile(rule.exclude) if rule.exclude is not None else None
