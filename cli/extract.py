@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes, plain, progress
+from .console import console, human_bytes, plain, print_table, progress
 from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
@@ -161,8 +161,6 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 def _summary(sig, output: str) -> None:
     """The per-tensor table and the size line; names, labels and paths come from files and
     users, so nothing printed is read as rich markup."""
-    from rich.table import Table
-
     from rwsfmt.order import describe_order
 
     selection = sig.provenance.get("selection", {})
@@ -170,21 +168,18 @@ def _summary(sig, output: str) -> None:
         f"{sig.label}: {len(sig)} tensors in {selection.get('layer_count', '?')} layers, "
         f"depth order from {describe_order(selection)}"
     )
-    table = Table(title=plain(title), title_justify="left")
-    for col in ("name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"):
-        table.add_column(col, justify="left" if col in ("name", "shape", "kind") else "right")
-    float32 = 0
-    for info in sig.infos:
-        s = info.stats
-        float32 += 4 * info.numel
-        table.add_row(
-            plain(info.name),
+    float32 = sum(4 * info.numel for info in sig.infos)
+    rows = [
+        [
+            info.name,
             "x".join(map(str, info.shape)) or "scalar",
             info.kind,
-            *(_num(s.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
-        )
+            *(_num(info.stats.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
+        ]
+        for info in sig.infos
+    ]
     out = console()
-    out.print(table)
+    print_table(out, title, _COLUMNS, rows, right=_COLUMNS[3:])
     size = os.path.getsize(output)
     ratio = f" ({size / float32:.3f}x)" if float32 else ""
     out.print(
@@ -201,6 +196,9 @@ def _summary(sig, output: str) -> None:
                     f"(--state-key {key} extracts from those)"
                 )
             )
+
+
+_COLUMNS = ["name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"]
 
 
 def _num(value: object) -> str:

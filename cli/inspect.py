@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.summary import describe
 
-from .console import console, human_bytes, plain, short_hash
+from .console import console, human_bytes, plain, print_table, short_hash
 
 ROWS = 100  # tensor rows shown without --all
 
@@ -52,7 +52,7 @@ def render(info: dict) -> None:
     fp = info["fingerprint"]
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(overflow="fold")
     rows = [
         ("file", info["path"]),
         ("format", f"rws {info['format_version']}"),
@@ -94,47 +94,26 @@ def render(info: dict) -> None:
     tensors = info["tensors"]
     stats = [(key, title) for key, title in _STATS if any(key in t["stats"] for t in tensors)]
     count = info["tensor_count"]
+    header = ["name", "shape", "kind", "quant", "stored", "x f32", *(t for _, t in stats)]
+    rows = [
+        [
+            t["name"],
+            "x".join(map(str, t["shape"])) or "scalar",
+            t["kind"],
+            _bits(t),
+            human_bytes(t["stored_bytes"]),
+            f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
+            *(_num(t["stats"].get(key)) for key, _ in stats),
+        ]
+        for t in tensors
+    ]
     title = f"{count:,} tensor" + ("" if count == 1 else "s")
-    table = _tensor_table(title, tensors, stats)
-    wide = out.options.update_width(1 << 16)
-    if stats and table.__rich_measure__(out, wide).maximum > out.width:  # statistics apart
-        out.print(_tensor_table(title, tensors, []))
-        table = _tensor_table("statistics", tensors, stats, layout=False)
-    out.print(table)
+    print_table(out, title, header, rows, right=header[4:])
     if len(tensors) < count:
         out.print(f"the first {len(tensors):,} of {count:,} tensors: --all lists every one")
 
 
 _STATS = [("rel_norm", "rel. norm"), ("cos_base", "cos(v_c,v_base)"), ("quant_rel_error", "q. err")]
-
-
-def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]], layout=True):
-    """One row per tensor: the name always shows in full (folded), other columns stay short."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    longest = max((len(t["name"]) for t in tensors), default=4)
-    table.add_column("name", overflow="fold", min_width=min(longest, 24))
-    columns = [("shape", "left"), ("kind", "left"), ("quant", "left"), ("stored", "right")]
-    columns += [("x f32", "right")]
-    columns = columns if layout else []
-    columns += [(title, "right") for _, title in stats]
-    for col, justify in columns:
-        table.add_column(col, justify=justify, no_wrap=True)
-    for t in tensors:
-        row = [t["name"]]
-        if layout:
-            row += [
-                "x".join(map(str, t["shape"])) or "scalar",
-                t["kind"],
-                _bits(t),
-                human_bytes(t["stored_bytes"]),
-                f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
-            ]
-        row += [_num(t["stats"].get(key)) for key, _ in stats]
-        table.add_row(*map(plain, row))
-    return table
 
 
 def _bits(t: dict) -> str:
