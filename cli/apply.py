@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import click
@@ -14,7 +16,7 @@ from .options import GroupedCommand
 OPTION_GROUPS = {
     "Patching": ["alphas", "stats", "maps", "strict"],
     "Output": ["output", "in_place", "dry_run"],
-    "Running": ["device", "trust_pickle", "quiet"],
+    "Running": ["device", "trust_pickle", "quiet", "as_json"],
 }
 
 
@@ -71,6 +73,7 @@ OPTION_GROUPS = {
     help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def apply(
     model: str,
     signatures: tuple[str, ...],
@@ -84,6 +87,7 @@ def apply(
     device: str,
     trust_pickle: bool,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
@@ -123,6 +127,9 @@ def apply(
         trust_pickle=trust_pickle,
         progress=bar,
     )
+    if as_json:
+        click.echo(json.dumps(_report_json(report, pairs, stats), indent=2, sort_keys=True))
+        return
     if dry_run:
         _print_changes(report)
     if not quiet:
@@ -174,3 +181,30 @@ def _print_changes(report) -> None:
             f"{shape:>16}  {c.dtype:<9} {c.change_norm:>10.4g} {rel:>9}  "
             f"{c.name} ({', '.join(c.signatures)})"
         )
+
+
+def _report_json(report, pairs, stats: str) -> dict:
+    """What --json prints: the run's parameters, every tensor changed, every match."""
+    matches = [
+        {
+            "source": m.source,
+            "label": m.label,
+            "architecture": m.architecture,
+            "aligned": list(m.aligned) if m.aligned else None,
+            "tied": list(m.tied),
+        }
+        for m in report.matches
+    ]
+    return {
+        "model": report.model,
+        "output": report.output,
+        "written": report.written,
+        "format": report.format,
+        "output_format": report.output_format,
+        "signatures": [{"path": path, "alpha": alpha} for path, alpha in pairs],
+        "stats": StatsRule.parse(stats).value,
+        "tensors_in_model": report.tensors_in_model,
+        "changes": [dataclasses.asdict(c) for c in report.changes],
+        "matches": matches,
+        "notes": report.notes,
+    }

@@ -35,6 +35,11 @@ def printable(value: object, newlines: bool = False) -> str:
     return str(value).translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
 
 
+def print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr (a message's `fix:` line keeps its own line)."""
+    click.echo(f"error: {printable(message, newlines=True)}", err=True)
+
+
 def plain(value: object):
     """`printable` text as a rich `Text`, which rich never reads as markup (a tensor named
     `a[/x]` must print as it is, not crash the command)."""

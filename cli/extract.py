@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import click
@@ -12,7 +13,7 @@ from .console import console, human_bytes, plain, print_table, progress
 from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
-    "Output": ["output", "quiet"],
+    "Output": ["output", "quiet", "as_json"],
     "Storage": STORAGE,
     "Tensor selection": ["layers", "include", "exclude", "energy", "order"],
     "Reading": ["state_key", "trust_pickle"],
@@ -28,6 +29,7 @@ _GROUPS = {
 @rws_output_option("The signature file to write (atomically).")
 @quant_options()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
 @click.option(
     "--layers",
     metavar="N|all",
@@ -93,6 +95,7 @@ def extract(
     group_size: int,
     affine: bool,
     quiet: bool,
+    as_json: bool,
     layers: str | None,
     include: str | None,
     exclude: str | None,
@@ -144,8 +147,25 @@ def extract(
         progress=lambda items, total, what: progress(items, total, what, quiet),
     )
     rwsfmt.save(sig, output)
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps(_summary_json(sig, output), indent=2, sort_keys=True))
+    elif not quiet:
         _summary(sig, output)
+
+
+def _summary_json(sig, output: str) -> dict:
+    """What --json prints: the file, its label and size, and every tensor with its stats."""
+    return {
+        "output": output,
+        "label": sig.label,
+        "bytes": os.path.getsize(output),
+        "float32_bytes": sum(4 * info.numel for info in sig.infos),
+        "layers": sig.provenance.get("selection", {}).get("layer_count"),
+        "tensors": [
+            {"name": i.name, "shape": list(i.shape), "kind": i.kind, "stats": i.stats}
+            for i in sig.infos
+        ],
+    }
 
 
 def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -3,33 +3,73 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
+from rwsfmt.errors import RwsError
 from rwsfmt.summary import describe
 
-from .console import console, human_bytes, plain, print_table, short_hash
+from .console import (
+    EXIT_OK,
+    EXIT_USAGE,
+    console,
+    human_bytes,
+    plain,
+    print_error,
+    print_table,
+    short_hash,
+)
 
 ROWS = 100  # tensor rows shown without --all
 
 
 @click.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON instead of tables: one object for one FILE, a list for several.",
+)
 @click.option(
     "--all", "show_all", is_flag=True, help=f"List every tensor (default: the first {ROWS})."
 )
-def inspect(file: str, as_json: bool, show_all: bool) -> None:
-    """Show FILE's label, fingerprints, provenance and per-tensor table.
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print nothing: the exit code tells whether all are .rws files.",
+)
+def inspect(files: tuple[str, ...], as_json: bool, show_all: bool, quiet: bool) -> None:
+    """Show each FILE's label, fingerprints, provenance and per-tensor table.
 
-    Reads the header only: fast on a file of any size, and works on a file whose data
-    section is damaged (use `rwsfmt verify` to check the data).
+    Reads the headers only: fast on files of any size, and works on a file whose data
+    section is damaged (use `rwsfmt verify` to check the data). Exit code 0 when every FILE
+    is a readable .rws file, 2 when any is not (the others are still shown).
     """
-    info = describe(file, max_tensors=None if as_json or show_all else ROWS)
-    if as_json:
-        click.echo(dumps(info))
-        return
-    render(info)
+    worst, infos = EXIT_OK, []
+    for path in files:
+        try:
+            infos.append(describe(path, max_tensors=None if as_json or show_all else ROWS))
+        except RwsError as exc:
+            if len(files) == 1:
+                raise
+            worst = EXIT_USAGE
+            infos.append({"path": path, "error": exc.problem, "fix": exc.fix})
+            if not as_json and not quiet:
+                print_error(str(exc))
+    if as_json and len(files) == 1:
+        click.echo(dumps(infos[0]))
+    elif as_json:
+        items = [dumps(i) if "tensors" in i else json.dumps(i, sort_keys=True) for i in infos]
+        click.echo("[\n" + ",\n".join(items) + "\n]")
+    elif not quiet:
+        for n, info in enumerate(i for i in infos if "error" not in i):
+            if n:
+                click.echo()
+            render(info)
+    sys.exit(worst)
 
 
 def dumps(info: dict) -> str:

@@ -13,7 +13,7 @@ import click
 from rwsfmt import __version__
 from rwsfmt.errors import RwsError, RwsWarning, cli_spelling
 
-from .console import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, printable
+from .console import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, printable
 
 
 class RwsGroup(click.Group):
@@ -36,7 +36,7 @@ class RwsGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rwsfmt"
-            click.echo(f"error: {printable(exc.format_message(), newlines=True)}", err=True)
+            print_error(exc.format_message())
             click.echo(f"  fix: see {command} --help", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:  # Ctrl-C while click reads a prompt or a file
@@ -84,7 +84,7 @@ def _interrupted() -> None:
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {printable(message, newlines=True)}", err=True)
+    print_error(message)
     sys.exit(EXIT_USAGE)
 
 

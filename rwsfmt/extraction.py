@@ -74,12 +74,19 @@ def extract(
     'state_dict_ema'). Returns an in-memory signature; `rwsfmt.save` writes it.
     """
     if method not in METHODS:
-        raise RwsError(f"unknown method {method!r}", fix="use --method project or subtract")
+        raise RwsError(
+            f"unknown method {method!r}",
+            fix=spell("use --method project or subtract", "use method='project' or 'subtract'"),
+        )
     if method == "project" and init is None:
         raise RwsError(
-            "the projection (Eq. 1) needs INIT, the checkpoint std and robust were trained from",
-            fix="pass INIT as the third checkpoint, or use --method subtract (robust - std), "
-            "the only method possible without INIT",
+            f"the projection (Eq. 1) needs {spell('INIT', 'init')}, the checkpoint std and "
+            "robust were trained from",
+            fix=spell(
+                "pass INIT as the third checkpoint, or use --method subtract",
+                "pass init=, or use method='subtract'",
+            )
+            + " (robust - std), the only method possible without it",
         )
     rule = Rule.make(layers, include, exclude, energy)
     quant = quant or QuantConfig(bits=bits)
@@ -171,7 +178,7 @@ class _Compute:
             f"{role} checkpoint",
             fix="the training run diverged or the file is damaged: use an earlier checkpoint "
             "or re-download it; if the tensor is a constant buffer, not a weight, leave it out "
-            "with --exclude RE (exclude=...)",
+            f"with {spell('--exclude RE', 'exclude=RE')}",
         )
         return out.clone() if out is t and not ckpt.owns_tensors else out
 

@@ -474,7 +474,10 @@ def apply_checkpoint(
     rule = StatsRule.parse(stats)
     model_path = os.fspath(model_path)
     if output is None and not dry_run:
-        raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
+        raise RwsError(
+            "no output path given",
+            fix=spell("pass -o OUT (or --dry-run)", "pass output= (or dry_run=True)"),
+        )
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
     if not dry_run:
@@ -531,13 +534,19 @@ def _check_output(
             raise RwsError(
                 "in place means writing over the model itself, not another path",
                 path=output,
-                fix="drop -o with --in-place (in_place=True), or drop --in-place",
+                fix=spell(
+                    "drop -o with --in-place, or drop --in-place",
+                    "pass the model's own path as output with in_place=True, or in_place=False",
+                ),
             )
         return ckpt.path
     refuse_overwriting_inputs(
         output,
         model,
-        fix="pass --in-place (in_place=True) to overwrite it, or choose another -o path",
+        fix=spell(
+            "pass --in-place to overwrite it, or choose another -o path",
+            "pass in_place=True to overwrite it, or choose another output",
+        ),
     )
     output_format(ckpt, output)
     return output
