@@ -129,7 +129,7 @@ def extract(
         _warn_same_inputs(sources, inputs)
         if zero and any(entry_kind(n) == "delta" for n in names):
             warn(
-                f"the signature is all zero: every one of its {len(names)} tensors is",
+                f"the signature is all zero: every value of its {len(names)} tensor(s) is 0",
                 fix=f"check that {spell('ROBUST', 'robust')} is the robust model, not a copy "
                 f"of {spell('STD', 'std')} or {spell('INIT', 'init')}",
             )
