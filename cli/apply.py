@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import click
@@ -14,7 +16,7 @@ from .options import GroupedCommand
 OPTION_GROUPS = {
     "Patching": ["alphas", "stats", "maps", "strict", "force"],
     "Output": ["output", "in_place", "dry_run", "save_undo"],
-    "Running": ["device", "trust_pickle", "quiet"],
+    "Running": ["device", "trust_pickle", "quiet", "as_json"],
 }
 
 
@@ -83,6 +85,7 @@ OPTION_GROUPS = {
     help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def apply(
     model: str,
     signatures: tuple[str, ...],
@@ -98,6 +101,7 @@ def apply(
     quiet: bool,
     save_undo: str | None,
     force: bool,
+    as_json: bool,
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
@@ -139,6 +143,9 @@ def apply(
         force=force,
         save_undo=save_undo,
     )
+    if as_json:
+        click.echo(json.dumps(_report_json(report, pairs, stats), indent=2, sort_keys=True))
+        return
     if dry_run:
         _print_changes(report)
     if not quiet:
@@ -182,9 +189,7 @@ def _print_summary(report, pairs, stats: str) -> None:
 
 
 def _print_record(report, quiet: bool) -> None:
-    """Warnings (always, on stderr), then what the record and the undo file say."""
-    for warning in report.warnings:
-        say(f"warning: {warning}", err=True)
+    """What the record and the undo file say."""
     if quiet:
         return
     if report.undone:
@@ -203,3 +208,30 @@ def _print_changes(report) -> None:
             f"{shape:>16}  {c.dtype:<9} {c.change_norm:>10.4g} {rel:>9}  "
             f"{c.name} ({', '.join(c.signatures)})"
         )
+
+
+def _report_json(report, pairs, stats: str) -> dict:
+    """What --json prints: the run's parameters, every tensor changed, every match."""
+    matches = [
+        {
+            "source": m.source,
+            "label": m.label,
+            "architecture": m.architecture,
+            "aligned": list(m.aligned) if m.aligned else None,
+            "tied": list(m.tied),
+        }
+        for m in report.matches
+    ]
+    return {
+        "model": report.model,
+        "output": report.output,
+        "written": report.written,
+        "format": report.format,
+        "output_format": report.output_format,
+        "signatures": [{"path": path, "alpha": alpha} for path, alpha in pairs],
+        "stats": StatsRule.parse(stats).value,
+        "tensors_in_model": report.tensors_in_model,
+        "changes": [dataclasses.asdict(c) for c in report.changes],
+        "matches": matches,
+        "notes": report.notes,
+    }

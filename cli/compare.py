@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import click
 
-from .console import console, plain, progress, say
+from .console import console, plain, print_table, progress, say
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from rwsfmt.comparison import Comparison
-
-LABEL_WIDTH = 24  # widest row label shown; longer ones are cut short (…) or folded
 
 
 @click.command()
@@ -99,83 +96,48 @@ def render(result: Comparison) -> None:
 
     digits = len(str(len(labels)))
     rows = [f"{i:>{digits}} {label}" for i, label in enumerate(labels, 1)]
-    columns = [str(i) for i in range(1, len(labels) + 1)]
-    matrix = [[_cos(c) for c in row] for row in overall.cosine]
+    numbers = [str(i) for i in range(1, len(labels) + 1)]
     title = "cosine similarity, " + (f"layer {overall.name}" if single else "all layers")
-    _grid(out, title + " (1: same direction, 0: unrelated, -1: opposite)", rows, columns, matrix)
-
+    print_table(
+        out,
+        title + " (1: same direction, 0: unrelated, -1: opposite)",
+        ["signature", *numbers],
+        [[name, *map(_cos, row)] for name, row in zip(rows, overall.cosine, strict=True)],
+        right=numbers,
+    )
     if not single:
         _ranking(out, result)
     if result.relative:
         title = "norm relative to the std weight per layer, ||RWS|| / ||std||"
-        cells = [[_num(layer.rel_norm[i]) for layer in layers] for i in range(len(labels))]
+        norms = [layer.rel_norm for layer in layers]
     else:
         title = "norm ||RWS|| per layer (absolute: not every file records the std weight's norm)"
-        cells = [[_num(layer.norm[i]) for layer in layers] for i in range(len(labels))]
-    _grid(out, title, rows, [layer.name for layer in layers], cells)
+        norms = [layer.norm for layer in layers]
+    cells = [[layer.name, *map(_num, norm)] for layer, norm in zip(layers, norms, strict=True)]
+    print_table(out, title + "; columns: the signatures above", ["layer", *numbers], cells, numbers)
     for note in _notes(result):
         out.print(plain(note))
 
 
 def _ranking(out: Console, result: Comparison) -> None:
     """Layers where the signatures differ most first, with their least and most alike pair."""
-    from rich.table import Table
-
-    table = Table(
-        title="layers where the signatures differ most first (lowest mean cosine between "
-        "different signatures)",
-        title_justify="left",
-        box=None,
-        pad_edge=False,
-    )
-    table.add_column("rank", justify="right")
-    table.add_column("layer", overflow="fold", max_width=LABEL_WIDTH)
-    table.add_column("params", justify="right")
-    table.add_column("mean cos", justify="right")
-    table.add_column("least alike", justify="right")
-    table.add_column("most alike", justify="right")
-    for rank, layer in enumerate(result.ranking(), 1):
-        table.add_row(
+    header = ["layer", "rank", "params", "mean cos", "least alike", "most alike"]
+    rows = [
+        [
+            layer.name,
             str(rank),
-            plain(layer.name),
             f"{layer.parameters:,}",
             _cos(layer.mean_cosine),
             _pair(layer.least_similar),
             _pair(layer.most_similar),
-        )
-    out.print(table)
-
-
-def _grid(
-    out: Console, title: str, rows: Sequence[str], columns: Sequence[str], cells: list[list[str]]
-) -> None:
-    """A table of `cells` (rows x columns of short strings) under `title`, split into as
-    many tables as it takes for its columns to fit the console's width."""
-    from rich.table import Table
-
-    label = min(LABEL_WIDTH, max(map(len, rows)))
-    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(columns)]
-    out.print(plain(title))
-    for chunk in _chunks(widths, out.width - label):
-        table = Table(box=None, pad_edge=False, padding=(0, 0, 0, 1))
-        table.add_column("", overflow="ellipsis", no_wrap=True, max_width=label)
-        for j in chunk:
-            table.add_column(plain(columns[j]), justify="right", no_wrap=True)
-        for name, row in zip(rows, cells, strict=True):
-            table.add_row(plain(name), *(row[j] for j in chunk))
-        out.print(table)
-
-
-def _chunks(widths: Sequence[int], room: int) -> list[range]:
-    """Consecutive runs of columns whose widths (plus one space each) fit in `room`."""
-    runs, start, used = [], 0, 0
-    for j, w in enumerate(widths):
-        if used + w + 1 > room and j > start:
-            runs.append(range(start, j))
-            start, used = j, 0
-        used += w + 1
-    runs.append(range(start, len(widths)))
-    return runs
+        ]
+        for rank, layer in enumerate(result.ranking(), 1)
+    ]
+    title = (
+        "layers where the signatures differ most first (lowest mean cosine between "
+        "different signatures)"
+    )
+    print_table(out, title, header, rows, right=header[1:])
 
 
 def _notes(result: Comparison) -> list[str]:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
 # exit codes of every command
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+PIPE_WIDTH = 1 << 12  # the width of a console in a pipe: as wide as the lines
+MIN_NAME_WIDTH = 12  # a name column narrower than this is not worth the folding
 
 
 # C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
@@ -25,6 +33,11 @@ def printable(value: object, newlines: bool = False) -> str:
     """Text from files and users made safe for a terminal: control characters escaped (an
     ESC in a label must not drive the terminal, a newline not break a row or a line)."""
     return str(value).translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
+
+
+def print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr (a message's `fix:` line keeps its own line)."""
+    click.echo(f"error: {printable(message, newlines=True)}", err=True)
 
 
 def plain(value: object):
@@ -50,11 +63,64 @@ def report(summary: dict, line: str, *, quiet: bool, as_json: bool) -> None:
         say(line)
 
 
-def console(stderr: bool = False):
-    """A rich console (imported lazily: rich costs time at start-up)."""
+def console(stderr: bool = False) -> Console:
+    """A rich console (imported lazily: rich costs time at start-up). On a terminal, or
+    where COLUMNS is set, it is as wide as they say; in a pipe it is as wide as the lines
+    (PIPE_WIDTH), so that every table row stays on one line for grep and awk."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, highlight=False, width=PIPE_WIDTH if wide else None)
+
+
+def print_table(
+    out: Console,
+    title: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    right: Sequence[str] = (),
+) -> None:
+    """Print a table whose first column (names) folds onto more lines rather than being cut,
+    and whose other columns (numbers, short words) never wrap: where they do not fit the
+    console's width side by side, they are split into several tables, each repeating the
+    names. Nothing is ever cut short. `right`: the columns aligned right (numbers)."""
+    from rich import box
+    from rich.table import Table
+
+    rows = [[printable(cell) for cell in row] for row in rows]
+    longest = max((len(row[0]) for row in rows), default=0)
+    key = max(len(header[0]), longest)
+    widths = [max(len(h), *(len(row[j]) for row in rows)) + 2 for j, h in enumerate(header)]
+    widths = widths[1:]
+    if key + sum(widths) <= out.width:
+        chunks = [range(len(widths))]
+    else:  # the names take a third of the width (or what they need), the columns the rest
+        chunks = _chunks(widths, out.width - min(key, max(MIN_NAME_WIDTH, out.width // 3)))
+    for n, chunk in enumerate(chunks):
+        name_width = max(MIN_NAME_WIDTH, out.width - sum(widths[j] for j in chunk))
+        out.print(plain(title + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else "")))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column(plain(header[0]), overflow="fold", max_width=min(key, name_width))
+        for j in chunk:
+            justify = "right" if header[j + 1] in right else "left"
+            table.add_column(plain(header[j + 1]), justify=justify, no_wrap=True)
+        for row in rows:
+            table.add_row(*map(plain, [row[0], *(row[j + 1] for j in chunk)]))
+        out.print(table)
+
+
+def _chunks(widths: Sequence[int], room: int) -> list[range]:
+    """Consecutive runs of columns whose `widths` add up to at most `room` (a column wider
+    than `room` stands alone)."""
+    runs, start, used = [], 0, 0
+    for j, w in enumerate(widths):
+        if used + w > room and j > start:
+            runs.append(range(start, j))
+            start, used = j, 0
+        used += w
+    runs.append(range(start, len(widths)))
+    return runs
 
 
 def progress(items: Iterable[T], total: int, description: str, quiet: bool) -> Iterator[T]:

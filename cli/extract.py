@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import click
 
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes, plain, progress
+from .console import console, human_bytes, plain, print_table, progress
 from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
-    "Output": ["output", "quiet"],
+    "Output": ["output", "quiet", "as_json"],
     "Storage": STORAGE,
     "Tensor selection": ["layers", "include", "exclude", "energy", "order"],
     "Reading": ["state_key", "trust_pickle"],
@@ -28,6 +29,7 @@ _GROUPS = {
 @rws_output_option("The signature file to write (atomically).")
 @quant_options()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
 @click.option(
     "--layers",
     metavar="N|all",
@@ -93,6 +95,7 @@ def extract(
     group_size: int,
     affine: bool,
     quiet: bool,
+    as_json: bool,
     layers: str | None,
     include: str | None,
     exclude: str | None,
@@ -144,8 +147,25 @@ def extract(
         progress=lambda items, total, what: progress(items, total, what, quiet),
     )
     rwsfmt.save(sig, output)
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps(_summary_json(sig, output), indent=2, sort_keys=True))
+    elif not quiet:
         _summary(sig, output)
+
+
+def _summary_json(sig, output: str) -> dict:
+    """What --json prints: the file, its label and size, and every tensor with its stats."""
+    return {
+        "output": output,
+        "label": sig.label,
+        "bytes": os.path.getsize(output),
+        "float32_bytes": sum(4 * info.numel for info in sig.infos),
+        "layers": sig.provenance.get("selection", {}).get("layer_count"),
+        "tensors": [
+            {"name": i.name, "shape": list(i.shape), "kind": i.kind, "stats": i.stats}
+            for i in sig.infos
+        ],
+    }
 
 
 def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -161,8 +181,6 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 def _summary(sig, output: str) -> None:
     """The per-tensor table and the size line; names, labels and paths come from files and
     users, so nothing printed is read as rich markup."""
-    from rich.table import Table
-
     from rwsfmt.order import describe_order
 
     selection = sig.provenance.get("selection", {})
@@ -170,21 +188,18 @@ def _summary(sig, output: str) -> None:
         f"{sig.label}: {len(sig)} tensors in {selection.get('layer_count', '?')} layers, "
         f"depth order from {describe_order(selection)}"
     )
-    table = Table(title=plain(title), title_justify="left")
-    for col in ("name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"):
-        table.add_column(col, justify="left" if col in ("name", "shape", "kind") else "right")
-    float32 = 0
-    for info in sig.infos:
-        s = info.stats
-        float32 += 4 * info.numel
-        table.add_row(
-            plain(info.name),
+    float32 = sum(4 * info.numel for info in sig.infos)
+    rows = [
+        [
+            info.name,
             "x".join(map(str, info.shape)) or "scalar",
             info.kind,
-            *(_num(s.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
-        )
+            *(_num(info.stats.get(k)) for k in ("rel_norm", "cos_base", "quant_rel_error")),
+        ]
+        for info in sig.infos
+    ]
     out = console()
-    out.print(table)
+    print_table(out, title, _COLUMNS, rows, right=_COLUMNS[3:])
     size = os.path.getsize(output)
     ratio = f" ({size / float32:.3f}x)" if float32 else ""
     out.print(
@@ -201,6 +216,9 @@ def _summary(sig, output: str) -> None:
                     f"(--state-key {key} extracts from those)"
                 )
             )
+
+
+_COLUMNS = ["name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"]
 
 
 def _num(value: object) -> str:

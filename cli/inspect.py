@@ -1,23 +1,39 @@
-"""`rwsfmt inspect`: show what a .rws file holds, reading only its header; or what a model
+"""`rwsfmt inspect`: show what a .rws file holds, reading only its header, or what a model
 checkpoint is and which signatures were applied to it."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from rwsfmt.applied import is_model
+from rwsfmt.errors import RwsError
 from rwsfmt.summary import describe
 
-from .console import console, human_bytes, plain, short_hash
+from .console import (
+    EXIT_OK,
+    EXIT_USAGE,
+    console,
+    human_bytes,
+    plain,
+    print_error,
+    print_table,
+    short_hash,
+)
 
 ROWS = 100  # tensor rows shown without --all
 
 
 @click.command()
-@click.argument("file", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON instead of tables: one object for one FILE, a list for several.",
+)
 @click.option(
     "--all", "show_all", is_flag=True, help=f"List every tensor (default: the first {ROWS})."
 )
@@ -26,36 +42,66 @@ ROWS = 100  # tensor rows shown without --all
     is_flag=True,
     help="Allow arbitrary pickled objects in a PyTorch model (only for files you trust).",
 )
-def inspect(file: str, as_json: bool, show_all: bool, trust_pickle: bool) -> None:
-    """Show FILE's label, fingerprints, provenance and per-tensor table.
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print nothing: the exit code tells whether every FILE could be read.",
+)
+def inspect(
+    files: tuple[str, ...], as_json: bool, show_all: bool, trust_pickle: bool, quiet: bool
+) -> None:
+    """Show each FILE's label, fingerprints, provenance and per-tensor table.
 
-    Reads the header only: fast on a file of any size, and works on a file whose data
-    section is damaged (use `rwsfmt verify` to check the data).
-
-    FILE may also be a model checkpoint (a PyTorch or safetensors file, or a Hugging Face
-    folder): then its format, tensors and the signatures `rwsfmt apply` applied to it.
+    Reads the headers only: fast on files of any size, and works on a file whose data
+    section is damaged (use `rwsfmt verify` to check the data). A FILE may also be a model
+    checkpoint (a PyTorch or safetensors file, or a Hugging Face folder): then its format,
+    tensors and the signatures `rwsfmt apply` applied to it. Exit code 0 when every FILE
+    could be read, 2 when any could not (the others are still shown).
     """
-    if is_model(file):
-        _inspect_model(file, as_json, trust_pickle)
-        return
-    info = describe(file, max_tensors=None if as_json or show_all else ROWS)
-    if as_json:
-        click.echo(dumps(info))
-        return
-    render(info)
+    worst, infos = EXIT_OK, []
+    for path in files:
+        try:
+            infos.append(_describe(path, as_json or show_all, trust_pickle))
+        except RwsError as exc:
+            if len(files) == 1:
+                raise
+            worst = EXIT_USAGE
+            infos.append({"path": path, "error": exc.problem, "fix": exc.fix})
+            if not as_json and not quiet:
+                print_error(str(exc))
+    if as_json and len(files) == 1:
+        click.echo(_json(infos[0]))
+    elif as_json:
+        click.echo("[\n" + ",\n".join(map(_json, infos)) + "\n]")
+    elif not quiet:
+        for n, info in enumerate(i for i in infos if "error" not in i):
+            if n:
+                click.echo()
+            (render if "tensors" in info else _render_model)(info)
+    sys.exit(worst)
 
 
-def _inspect_model(path: str, as_json: bool, trust_pickle: bool) -> None:
+def _describe(path: str, every_tensor: bool, trust_pickle: bool) -> dict:
+    """A `.rws` file's description (its first ROWS tensors unless `every_tensor`), or a
+    model checkpoint's (`rwsfmt.applied.describe_model`, which may import torch)."""
+    if is_model(path):
+        from rwsfmt.applied import describe_model
+
+        return describe_model(path, trust_pickle=trust_pickle)
+    return describe(path, max_tensors=None if every_tensor else ROWS)
+
+
+def _json(info: dict) -> str:
+    if "tensors" in info:
+        return dumps(info)
+    return json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _render_model(info: dict) -> None:
     """A checkpoint's format, tensors, and its record of applied signatures."""
-    from rich import box
     from rich.table import Table
 
-    from rwsfmt.applied import describe_model
-
-    info = describe_model(path, trust_pickle=trust_pickle)
-    if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False))
-        return
     out = console()
     kind = info["format"] + (" folder" if info["folder"] else "")
     kind += ", sharded" if info["sharded"] else ""
@@ -63,7 +109,7 @@ def _inspect_model(path: str, as_json: bool, trust_pickle: bool) -> None:
     tensors = f"{info['tensor_count']:,} ({dtypes or 'none'}), {info['parameters']:,} values"
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(overflow="fold")
     for key, value in [
         ("model", info["path"]),
         ("format", kind),
@@ -75,30 +121,21 @@ def _inspect_model(path: str, as_json: bool, trust_pickle: bool) -> None:
     out.print(summary)
     if not info["applied"]:
         return
-    table = Table(
-        title="applied signatures, in order",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    table.add_column("#", no_wrap=True)
-    for col in ("label", "file"):
-        table.add_column(col, overflow="fold", min_width=8)
-    for col in ("alpha", "stats", "sha256", "created"):
-        table.add_column(col, no_wrap=True)
-    for i, e in enumerate(info["applied"], 1):
+    header = ["label", "file", "alpha", "stats", "sha256", "created"]
+    rows = []
+    for e in info["applied"]:
         digest, created = e.get("sha256"), e.get("created")
-        row = [
-            str(i),
-            e.get("label") or "-",
-            e.get("file") or "-",
-            _num(e.get("alpha")),
-            e.get("stats") or "-",
-            f"{digest[:12]}…" if isinstance(digest, str) else "-",
-            created[:16].replace("T", " ") if isinstance(created, str) else "-",
-        ]
-        table.add_row(*map(plain, row))
-    out.print(table)
+        rows.append(
+            [
+                e.get("label") or "-",
+                e.get("file") or "-",
+                _num(e.get("alpha")),
+                e.get("stats") or "-",
+                f"{digest[:12]}…" if isinstance(digest, str) else "-",
+                created[:16].replace("T", " ") if isinstance(created, str) else "-",
+            ]
+        )
+    print_table(out, "applied signatures, in order", header, rows, right=["alpha"])
 
 
 def dumps(info: dict) -> str:
@@ -121,7 +158,7 @@ def render(info: dict) -> None:
     fp = info["fingerprint"]
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(overflow="fold")
     rows = [
         ("file", info["path"]),
         ("format", f"rws {info['format_version']}"),
@@ -163,47 +200,26 @@ def render(info: dict) -> None:
     tensors = info["tensors"]
     stats = [(key, title) for key, title in _STATS if any(key in t["stats"] for t in tensors)]
     count = info["tensor_count"]
+    header = ["name", "shape", "kind", "quant", "stored", "x f32", *(t for _, t in stats)]
+    rows = [
+        [
+            t["name"],
+            "x".join(map(str, t["shape"])) or "scalar",
+            t["kind"],
+            _bits(t),
+            human_bytes(t["stored_bytes"]),
+            f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
+            *(_num(t["stats"].get(key)) for key, _ in stats),
+        ]
+        for t in tensors
+    ]
     title = f"{count:,} tensor" + ("" if count == 1 else "s")
-    table = _tensor_table(title, tensors, stats)
-    wide = out.options.update_width(1 << 16)
-    if stats and table.__rich_measure__(out, wide).maximum > out.width:  # statistics apart
-        out.print(_tensor_table(title, tensors, []))
-        table = _tensor_table("statistics", tensors, stats, layout=False)
-    out.print(table)
+    print_table(out, title, header, rows, right=header[4:])
     if len(tensors) < count:
         out.print(f"the first {len(tensors):,} of {count:,} tensors: --all lists every one")
 
 
 _STATS = [("rel_norm", "rel. norm"), ("cos_base", "cos(v_c,v_base)"), ("quant_rel_error", "q. err")]
-
-
-def _tensor_table(title: str, tensors: list[dict], stats: list[tuple[str, str]], layout=True):
-    """One row per tensor: the name always shows in full (folded), other columns stay short."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    longest = max((len(t["name"]) for t in tensors), default=4)
-    table.add_column("name", overflow="fold", min_width=min(longest, 24))
-    columns = [("shape", "left"), ("kind", "left"), ("quant", "left"), ("stored", "right")]
-    columns += [("x f32", "right")]
-    columns = columns if layout else []
-    columns += [(title, "right") for _, title in stats]
-    for col, justify in columns:
-        table.add_column(col, justify=justify, no_wrap=True)
-    for t in tensors:
-        row = [t["name"]]
-        if layout:
-            row += [
-                "x".join(map(str, t["shape"])) or "scalar",
-                t["kind"],
-                _bits(t),
-                human_bytes(t["stored_bytes"]),
-                f"{t['ratio_to_float32']:.3f}" if t["ratio_to_float32"] is not None else "-",
-            ]
-        row += [_num(t["stats"].get(key)) for key, _ in stats]
-        table.add_row(*map(plain, row))
-    return table
 
 
 def _bits(t: dict) -> str:

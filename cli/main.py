@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 
 import click
 
 from rwsfmt import __version__
-from rwsfmt.errors import RwsError
+from rwsfmt.errors import RwsError, RwsWarning, cli_spelling
 
-from .console import EXIT_OK, EXIT_USAGE, printable
+from .console import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, printable
 
 
 class RwsGroup(click.Group):
@@ -22,9 +25,28 @@ class RwsGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's main, with usage errors in rwsfmt's style: `error: ...` and `fix: ...`."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `rwsfmt` alone: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rwsfmt"
+            print_error(exc.format_message())
+            click.echo(f"  fix: see {command} --help", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:  # Ctrl-C while click reads a prompt or a file
+            _interrupted()
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with cli_spelling(), _printed_warnings():
+                return super().invoke(ctx)
         except RwsError as exc:
             _fail(str(exc))
         except BrokenPipeError:  # e.g. `rwsfmt inspect f.rws | head`: the reader has enough
@@ -35,12 +57,34 @@ class RwsGroup(click.Group):
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+            _interrupted()
+
+
+@contextlib.contextmanager
+def _printed_warnings() -> Iterator[None]:
+    """Print every `RwsWarning` (each time it occurs) as `warning: ...` on stderr; the exit
+    code stays what it would be without."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, RwsWarning):
+            click.echo(f"warning: {printable(message, newlines=True)}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RwsWarning)
+        original = warnings.showwarning
+        warnings.showwarning = show
+        yield
+
+
+def _interrupted() -> None:
+    click.echo("interrupted; nothing was written", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {printable(message, newlines=True)}", err=True)
+    print_error(message)
     sys.exit(EXIT_USAGE)
 
 

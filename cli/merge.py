@@ -10,7 +10,7 @@ import os
 import click
 
 from .console import human_bytes, progress, say
-from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
+from .options import STORAGE, GroupedCommand, inherited_quant, quant_options, rws_output_option
 
 # the names of rwsfmt.merging.REGISTRY, repeated so that `rwsfmt --help` does not import torch
 # (tests/test_merge.py checks that they agree)
@@ -72,7 +72,7 @@ def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-@quant_options(default_bits=None)
+@quant_options(inherit="the first signature")
 def merge(
     signatures: tuple[str, ...],
     output: str,
@@ -95,7 +95,7 @@ def merge(
     Delta tensors merge with --method over the union of the files' tensors (a tensor a file
     lacks counts as zero there), then are scaled by --lambda. Normalization-statistic
     targets are always the weighted mean of the targets (negative weights count as 0). The
-    result is re-quantized (by default as the first file was) and records its components
+    result is re-quantized (by default as the first file was stored) and records its components
     (label, weight, file SHA-256), the method and its parameters in its provenance.
     """
     import rwsfmt
@@ -112,9 +112,10 @@ def merge(
     refuse_overwriting_inputs(
         output, [("input signature", p) for p in signatures], fix="choose another -o path"
     )
-    quant = quant_config(bits, granularity, group_size, affine) if bits else None
     with contextlib.ExitStack() as stack:
         loaded = [stack.enter_context(rwsfmt.load(p)) for p in signatures]
+        base = loaded[0].quant or rwsfmt.QuantConfig()
+        quant = inherited_quant(base, bits, granularity, group_size, affine)
         merged = rwsfmt.merge(
             loaded,
             parsed,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from rwsfmt.errors import warn
+
 if TYPE_CHECKING:
     from rwsfmt.quant import QuantConfig
 
@@ -59,15 +61,13 @@ def report_options(f: Callable) -> Callable:
 STORAGE = ["bits", "granularity", "group_size", "affine"]  # the --help group quant_options adds
 
 
-def quant_options(default_bits: int | None = 8, *, inherit: str | None = None) -> Callable:
+def quant_options(*, inherit: str | None = None) -> Callable:
     """Add --bits, --granularity, --group-size and --affine/--symmetric (how tensors are
-    stored). With `inherit` (e.g. "the input"), options left out keep its settings (the
-    command calls `inherited_quant`), and --help says so."""
-    bits_help = "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32)."
-    if default_bits is None and inherit is None:
-        bits_help += " Default: as the first input was stored."
+    stored; default 8-bit symmetric per channel). With `inherit` (e.g. "the input"), options
+    left out keep its settings (the command calls `inherited_quant`), and --help says so."""
+    default_bits: int | None = 8
     helps = [
-        bits_help,
+        "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32).",
         "One scale per output channel, per tensor, or per group of values.",
         "Values per scale with --granularity group.",
         "Affine (scale + zero point) or symmetric quantization.",
@@ -111,12 +111,30 @@ def quant_options(default_bits: int | None = 8, *, inherit: str | None = None) -
 
 
 def quant_config(bits: int, granularity: str, group_size: int, affine: bool) -> QuantConfig:
-    """The library's QuantConfig for the parsed options (imports torch: call it late)."""
+    """The library's QuantConfig for the parsed options (imports torch: call it late); warns
+    about storage options given on the command line that it does not use."""
     from rwsfmt.quant import QuantConfig
 
+    if bits == 32:
+        unused = [o for o in ("granularity", "group_size", "affine") if _given(o)]
+        reason = "--bits 32 stores exact float32, without scales"
+    else:
+        unused = ["group_size"] if _given("group_size") and granularity != "group" else []
+        reason = f"it sets the group size of --granularity group, not {granularity}"
+    for name in unused:
+        flag = "--affine/--symmetric" if name == "affine" else f"--{name.replace('_', '-')}"
+        warn(f"{flag} has no effect: {reason}", fix=f"drop {flag}, or see --help")
     return QuantConfig(
         bits=bits, symmetric=not affine, granularity=granularity, group_size=group_size
     )
+
+
+def _given(name: str) -> bool:
+    """Whether the option `name` of the running command was given (not its default)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (ParameterSource.DEFAULT, None)
 
 
 def inherited_quant(
@@ -124,16 +142,9 @@ def inherited_quant(
 ) -> QuantConfig:
     """`base` changed by the storage options given on the command line;
     those left out keep its settings."""
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-
-    def given(name: str) -> bool:
-        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
-
     return quant_config(
-        bits if given("bits") else base.bits,
-        granularity if given("granularity") else base.granularity,
-        group_size if given("group_size") else base.group_size,
-        affine if given("affine") else not base.symmetric,
+        bits if _given("bits") else base.bits,
+        granularity if _given("granularity") else base.granularity,
+        group_size if _given("group_size") else base.group_size,
+        affine if _given("affine") else not base.symmetric,
     )

@@ -10,20 +10,31 @@ import click
 from rwsfmt.container import verify as verify_file
 from rwsfmt.errors import RwsError
 
-from .console import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, console, human_bytes, plain
+from .console import (
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+    console,
+    human_bytes,
+    plain,
+    progress,
+)
 
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def verify(files: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--quiet", "-q", is_flag=True, help="Print nothing and show no progress: the exit code only."
+)
+def verify(files: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Check that every byte of each FILE is intact.
 
     Exit code 0 when all files pass, 1 when any is damaged, 2 when any is not a .rws
     file at all (or cannot be read).
     """
     results, worst = [], EXIT_OK
-    for path in files:
+    for path in progress(files, len(files), "verifying", quiet or len(files) == 1):
         try:
             report = verify_file(path).to_json()
             worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
@@ -35,7 +46,7 @@ def verify(files: tuple[str, ...], as_json: bool) -> None:
         results.append(report)
     if as_json:
         click.echo(json.dumps({"ok": worst == EXIT_OK, "files": results}, indent=2, sort_keys=True))
-    else:
+    elif not quiet:
         from rich.text import Text
 
         out = console()

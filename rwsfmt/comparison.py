@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .container import RwsReader, TensorInfo
-from .errors import RwsError
+from .errors import RwsError, spell
 
 if TYPE_CHECKING:
     import numpy as np
@@ -327,7 +327,7 @@ def _pick(layer: str, layers: dict[str, list[str]]) -> list[str]:
     listing = ", ".join(shown) + (f" and {more} more" if more else "")
     raise RwsError(
         f"no layer {layer!r} among the tensors the signatures share{hint}",
-        fix=f"give --layer one of: {listing}",
+        fix=f"give {spell('--layer', 'layer=')} one of: {listing}",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import RwsError
+from .errors import RwsError, spell
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -12,10 +12,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device or "cpu")
     except (RuntimeError, TypeError):
-        raise RwsError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N") from None
+        raise RwsError(
+            f"unknown device {device!r}",
+            fix=f"use {spell('--device', 'device=')} cpu, cuda or cuda:N",
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RwsError(
             f"device {str(device)!r} was asked for, but CUDA is not available on this machine",
-            fix="use the CPU: --device cpu, the default (device='cpu' in Python)",
+            fix="use the CPU: " + spell("--device cpu", "device='cpu'") + ", the default",
         )
     return dev

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class RwsError(ValueError):
@@ -18,10 +20,7 @@ class RwsError(ValueError):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         self.fix = fix
-        message = problem if self.path is None else f"{self.path}: {problem}"
-        if fix:
-            message += f"\n  fix: {fix}"
-        super().__init__(message)
+        super().__init__(_message(problem, path, fix))
 
 
 class IntegrityError(RwsError):
@@ -29,3 +28,45 @@ class IntegrityError(RwsError):
 
     Raised for damaged or truncated files; `rwsfmt verify` reports these with exit code 1.
     """
+
+
+class RwsWarning(UserWarning):
+    """A likely mistake that does not stop the work: the same file given twice, a signature
+    that is all zero, an option that has no effect, an unusual strength.
+
+    Issued with `warnings.warn`; the command line prints each as `warning: ...` on stderr.
+    Turn them into errors with `warnings.simplefilter("error", rwsfmt.RwsWarning)`.
+    """
+
+
+def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None) -> None:
+    """Issue an `RwsWarning` worded as an `RwsError` is (file, problem, fix)."""
+    import warnings
+
+    warnings.warn(_message(problem, path, fix), RwsWarning, stacklevel=3)
+
+
+def _message(problem: str, path: str | os.PathLike | None, fix: str | None) -> str:
+    """`PATH: problem` and an indented `fix: ...` line."""
+    message = problem if path is None else f"{os.fspath(path)}: {problem}"
+    return message + (f"\n  fix: {fix}" if fix else "")
+
+
+_spelling = {"cli": False}  # True in the command line: messages name its flags
+
+
+def spell(cli: str, python: str) -> str:
+    """An option as a message names it: `cli` (`--layers 5`) in the command line, `python`
+    (`layers=5`) everywhere else."""
+    return cli if _spelling["cli"] else python
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within the block, messages name command-line flags and arguments (the command line
+    runs its commands so)."""
+    before, _spelling["cli"] = _spelling["cli"], True
+    try:
+        yield
+    finally:
+        _spelling["cli"] = before

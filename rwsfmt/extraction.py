@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from .atomic import same_file
 from .device import resolve_device
-from .errors import RwsError
+from .errors import RwsError, spell, warn
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
@@ -72,12 +73,19 @@ def extract(
     'state_dict_ema'). Returns an in-memory signature; `rwsfmt.save` writes it.
     """
     if method not in METHODS:
-        raise RwsError(f"unknown method {method!r}", fix="use --method project or subtract")
+        raise RwsError(
+            f"unknown method {method!r}",
+            fix=spell("use --method project or subtract", "use method='project' or 'subtract'"),
+        )
     if method == "project" and init is None:
         raise RwsError(
-            "the projection (Eq. 1) needs INIT, the checkpoint std and robust were trained from",
-            fix="pass INIT as the third checkpoint, or use --method subtract (robust - std), "
-            "the only method possible without INIT",
+            f"the projection (Eq. 1) needs {spell('INIT', 'init')}, the checkpoint std and "
+            "robust were trained from",
+            fix=spell(
+                "pass INIT as the third checkpoint, or use --method subtract",
+                "pass init=, or use method='subtract'",
+            )
+            + " (robust - std), the only method possible without it",
         )
     rule = Rule.make(layers, include, exclude, energy)
     quant = quant or QuantConfig(bits=bits)
@@ -108,19 +116,29 @@ def extract(
         names = [n for seg in segments for n in seg]
 
         builder = SignatureBuilder(label or _default_label(robust), quant)
+        zero = True  # every delta entry so far is all zero
         for name in track(names, len(names), "extracting"):
             kind = entry_kind(name)
             value, stats = compute.target(name) if kind == "target" else compute.delta(name)
             stats.pop("norm", None)
+            zero = zero and (kind == "target" or not bool(value.any()))
             builder.add(name, value, kind=kind, dtype=ref.dtype(name), stats=stats)
             del value
+        inputs = {role: records[role].result() for role in sources}
+        _warn_same_inputs(sources, inputs)
+        if zero and any(entry_kind(n) == "delta" for n in names):
+            warn(
+                f"the signature is all zero: every value of its {len(names)} tensor(s) is 0",
+                fix=f"check that {spell('ROBUST', 'robust')} is the robust model, not a copy "
+                f"of {spell('STD', 'std')} or {spell('INIT', 'init')}",
+            )
 
         provenance: dict[str, Any] = {
             "method": method,
             "layers": rule.layers if rule.energy is None else len(segments),
             "selection": {**rule.to_json(), **depth.to_json(), "layer_count": len(segments)},
             "tensors": names,
-            "inputs": [_with_layout(records[role].result(), ckpts[role]) for role in sources],
+            "inputs": [_with_layout(inputs[role], ckpts[role]) for role in sources],
         }
         for key, value in (
             ("corruption", corruption),
@@ -156,7 +174,7 @@ class _Compute:
             f"{role} checkpoint",
             fix="the training run diverged or the file is damaged: use an earlier checkpoint "
             "or re-download it; if the tensor is a constant buffer, not a weight, leave it out "
-            "with --exclude RE (exclude=...)",
+            f"with {spell('--exclude RE', 'exclude=RE')}",
         )
         return out.clone() if out is t and not ckpt.owns_tensors else out
 
@@ -237,6 +255,34 @@ def _check_agreement(ckpts: Mapping[str, Checkpoint]) -> None:
                         fix="std, robust and init must be checkpoints of one architecture "
                         "saved in the same dtype",
                     )
+
+
+_SAME_INPUTS = {  # what giving the same checkpoint twice makes of the signature
+    ("std", "robust"): "the signature is zero",
+    ("std", "init"): "std - init is zero, so nothing is projected off: the signature is "
+    "robust - init",
+    ("robust", "init"): "robust - init is zero, so the signature is zero",
+}
+
+
+def _warn_same_inputs(sources: Mapping[str, Source], records: Mapping[str, dict]) -> None:
+    """Warn when two of std, robust and init are one file, or files with the same bytes."""
+    for (a, b), consequence in _SAME_INPUTS.items():
+        if a not in sources or b not in sources:
+            continue
+        if isinstance(sources[a], (str, os.PathLike)) and same_file(sources[a], sources[b]):
+            how = "are the same file"
+        elif records[a].get("sha256") and records[a].get("sha256") == records[b].get("sha256"):
+            how = "hold the same bytes"
+        else:
+            continue
+        names = f"{spell(a.upper(), a)} and {spell(b.upper(), b)}"
+        warn(
+            f"{names} {how}: {consequence}",
+            path=sources[b] if isinstance(sources[b], (str, os.PathLike)) else None,
+            fix="check the checkpoints and their order: "
+            + spell("STD ROBUST [INIT]", "extract(std, robust, init)"),
+        )
 
 
 def _show(value: Any) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import RwsError
+from .errors import RwsError, spell
 from .fingerprint import architecture_fingerprint
 from .names import strip_wrappers
 from .signature import Signature
@@ -41,8 +41,11 @@ def parse_map(spec: MapLike) -> list[tuple[str, str]]:
             old, sep, new = item.partition("=")
             if not sep or not old:
                 raise RwsError(
-                    f"--map {item!r} is not OLD_PREFIX=NEW_PREFIX",
-                    fix="write e.g. --map features.=backbone.features.",
+                    f"{spell('--map', 'map=')} {item!r} is not OLD_PREFIX=NEW_PREFIX",
+                    fix=spell(
+                        "write e.g. --map features.=backbone.features.",
+                        "write e.g. map={'features.': 'backbone.features.'}",
+                    ),
                 )
             item = (old, new)
         old, new = item
@@ -165,16 +168,19 @@ def require(matches: Sequence[Match], *, strict: bool, model: str) -> None:
             why = "was made on a different architecture"
             if m.architecture == "unknown":
                 why = "records no model fingerprint to compare"
-            lines.append(f"{m.source}: --strict: the signature {why}")
+            lines.append(f"{m.source}: {spell('--strict', 'strict=True')}: the signature {why}")
     if not lines:
         return
     shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
     fix = (
-        "pass --map OLD_PREFIX=NEW_PREFIX (map=...) if the model names its layers differently, "
+        f"pass {spell('--map OLD_PREFIX=NEW_PREFIX', 'map={OLD_PREFIX: NEW_PREFIX}')} if the "
+        "model names its layers differently, "
         "or use a signature extracted from this architecture"
     )
     if strict and all(not m.missing and not m.mismatched for m in matches):
-        fix = "drop --strict (strict=False) to patch a model that shares only these tensors"
+        fix = spell("drop --strict", "pass strict=False") + (
+            " to patch a model that shares only these tensors"
+        )
     raise RwsError(
         "the signature does not fit the model:\n  " + "\n  ".join(shown), path=model, fix=fix
     )

@@ -30,17 +30,18 @@ import torch
 from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError
+from .errors import RwsError, spell, warn
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .provenance import file_sha256
-from .signature import Signature, load
+from .signature import Signature, load, warn_repeated
 from .statsrule import DEFAULT_STATS, StatsRule
 from .undo import UndoRecorder, check_undoable, is_undo, restored, undo_plan
 
 DEFAULT_ALPHA = 0.8
+MAX_USUAL_ALPHA = 2.0  # a larger |alpha| is warned about (RwsWarning)
 
 SignatureLike = Signature | str | os.PathLike
 Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
@@ -160,7 +161,16 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
             raise RwsError(
                 f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}"
             )
+        if abs(a) > MAX_USUAL_ALPHA:
+            warn(
+                f"alpha {a:g} for {sig.label or sig.path!r} lies outside "
+                f"[-{MAX_USUAL_ALPHA:g}, {MAX_USUAL_ALPHA:g}]: the patch adds the signature "
+                f"{a:g} times, far past where its robust model was",
+                fix=f"use {spell('--alpha', 'an alpha')} between -{MAX_USUAL_ALPHA:g} and "
+                f"{MAX_USUAL_ALPHA:g} (alpha multiplies once; the paper uses 0.5 to 1)",
+            )
         out.append((sig, float(a)))
+    warn_repeated([s for s, _ in out], "it is applied twice, its alphas added")
     return out
 
 
@@ -460,7 +470,6 @@ class ApplyReport:
     output_format: Format | None = None  # None for a dry run or in place (the model's format)
     notes: list[str] = field(default_factory=list)  # what a conversion left behind
     applied: Record = field(default_factory=list)  # the output's record of applied signatures
-    warnings: list[str] = field(default_factory=list)  # e.g. a signature applied again (force)
     undo: str | None = None  # the undo file written (save_undo)
     undone: bool = False  # the signatures were an undo file: the model was restored
 
@@ -498,7 +507,10 @@ def apply_checkpoint(
     rule = StatsRule.parse(stats)
     model_path = os.fspath(model_path)
     if output is None and not dry_run:
-        raise RwsError("no output path given", fix="pass -o OUT (or --dry-run)")
+        raise RwsError(
+            "no output path given",
+            fix=spell("pass -o OUT (or --dry-run)", "pass output= (or dry_run=True)"),
+        )
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
     undoing = _undoing(entries)
@@ -518,9 +530,9 @@ def apply_checkpoint(
             output = _check_output(ckpt, os.fspath(output), entries, in_place, save_undo)
         plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
         if undoing:
-            record, added, warnings = _record_undone(ckpt, undoing[0])
+            record, added = _record_undone(ckpt, undoing[0])
         else:
-            record, added, warnings = _record(ckpt, entries, rule, force)
+            record, added = _record(ckpt, entries, rule, force)
         recorder = None
         if save_undo is not None:
             check_undoable(list(plan), ckpt.dtype, model_path)
@@ -567,7 +579,6 @@ def apply_checkpoint(
             output_format=written.target.format if written else None,
             notes=notes,
             applied=record,
-            warnings=warnings,
             undo=save_undo,
             undone=undoing is not None,
         )
@@ -592,13 +603,13 @@ def _check_save_undo(path: str, dry_run: bool, undoing: bool) -> str:
 
 def _record(
     ckpt: Checkpoint, entries: Sequence[tuple[Signature, float]], rule: StatsRule, force: bool
-) -> tuple[Record, Record, list[str]]:
-    """(the output's record, the entries this apply adds, warnings): the model's record plus
-    one entry per signature applied at an alpha other than 0 (which changes nothing); a
-    signature already applied is refused unless `force`."""
+) -> tuple[Record, Record]:
+    """(the output's record, the entries this apply adds): the model's record plus one entry
+    per signature applied at an alpha other than 0 (which changes nothing); a signature
+    already applied is refused unless `force` (then an `RwsWarning`)."""
     before = ckpt.applied
     seen = {e.get("sha256"): e for e in before if isinstance(e.get("sha256"), str)}
-    added, warnings = [], []
+    added = []
     for sig, alpha in entries:
         if alpha == 0:
             continue
@@ -616,27 +627,27 @@ def _record(
                 raise RwsError(
                     what,
                     path=ckpt.path,
-                    fix="pass --force (force=True) to apply it again, or apply the undo file "
-                    "of that patch first",
+                    fix=f"pass {spell('--force', 'force=True')} to apply it again, or apply "
+                    "the undo file of that patch first",
                 )
-            warnings.append(f"{what}; applied again (--force)")
+            warn(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
         if digest:
             seen[digest] = new
         added.append(new)
-    return [*before, *added], added, warnings
+    return [*before, *added], added
 
 
-def _record_undone(ckpt: Checkpoint, removed: Record) -> tuple[Record, Record, list[str]]:
-    """(the output's record, no new entries, warnings) for an undo file: the model's record
-    without the entries of the patch it takes off."""
+def _record_undone(ckpt: Checkpoint, removed: Record) -> tuple[Record, Record]:
+    """(the output's record, no new entries) for an undo file: the model's record without
+    the entries of the patch it takes off (an `RwsWarning` when it does not list them)."""
     record = without(ckpt.applied, removed)
-    warnings = []
     if len(record) + len(removed) != len(ckpt.applied):
-        warnings.append(
+        warn(
             "the model's record of applied signatures does not list the patch this undo file "
-            "takes off; its tensors are restored all the same"
+            "takes off; its tensors are restored all the same",
+            path=ckpt.path,
         )
-    return record, [], warnings
+    return record, []
 
 
 def _check_output(
@@ -662,13 +673,19 @@ def _check_output(
             raise RwsError(
                 "in place means writing over the model itself, not another path",
                 path=output,
-                fix="drop -o with --in-place (in_place=True), or drop --in-place",
+                fix=spell(
+                    "drop -o with --in-place, or drop --in-place",
+                    "pass the model's own path as output with in_place=True, or in_place=False",
+                ),
             )
         return ckpt.path
     refuse_overwriting_inputs(
         output,
         model,
-        fix="pass --in-place (in_place=True) to overwrite it, or choose another -o path",
+        fix=spell(
+            "pass --in-place to overwrite it, or choose another -o path",
+            "pass in_place=True to overwrite it, or choose another output",
+        ),
     )
     output_format(ckpt, output)
     return output

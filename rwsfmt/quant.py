@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .container import GRANULARITIES, LINEAR_BITS, MAX_GROUP_SIZE, TensorInfo, decodes_finite
-from .errors import RwsError
+from .errors import RwsError, spell
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
     raise ImportError("rwsfmt needs a little-endian machine")
@@ -104,7 +104,7 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
         raise RwsError(
             f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
             f"{bits}-bit affine quantization: they would decode to infinity",
-            fix="store it exactly (--bits 32) or with symmetric quantization",
+            fix=f"store it exactly ({spell('--bits 32', 'bits=32')}) or symmetrically quantized",
         )
     codes = u.reshape(-1)[:n].to(torch.uint8 if bits == 8 else torch.int32).cpu()
     # reuse u for the error: decoded - x = (u - zp) * scale - x, one pass, no new tensor

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .errors import RwsError
+from .errors import RwsError, spell, warn
 from .io import Checkpoint
 from .order import DepthOrder, OrderReference, depth_order
 
@@ -74,6 +74,7 @@ class Rule:
     include: str | None = None
     exclude: str | None = None
     energy: float | None = None
+    chosen: bool = field(default=True, compare=False)  # layers given, not the default
 
     @classmethod
     def make(
@@ -85,31 +86,37 @@ class Rule:
     ) -> Rule:
         """Validate options. `layers=None` means the paper's 5 shallowest layers, or all layers
         when `include` or `energy` already narrow the selection."""
+        chosen = layers is not None
         if layers is None:
             layers = "all" if include is not None or energy is not None else DEFAULT_LAYERS
         if isinstance(layers, str) and layers != "all":
             if not layers.isdigit():
-                raise RwsError(f"--layers {layers!r} is not a number", fix="use --layers N or all")
+                raise RwsError(
+                    f"{_option('layers', repr(layers))} is not a number", fix=_layers_fix()
+                )
             layers = int(layers)
         if isinstance(layers, int) and layers < 1:
-            raise RwsError(f"--layers {layers} must be at least 1", fix="use --layers N or all")
+            raise RwsError(f"{_option('layers', layers)} must be at least 1", fix=_layers_fix())
         if energy is not None:
             if not 0 < energy <= 1:
-                raise RwsError(f"--energy {energy} must be in (0, 1]", fix="e.g. --energy 0.65")
+                raise RwsError(
+                    f"{_option('energy', energy)} must be in (0, 1]",
+                    fix=f"e.g. {_option('energy', 0.65)}",
+                )
             if layers != "all":
                 raise RwsError(
-                    "--energy chooses the number of layers itself",
-                    fix="use --energy without --layers",
+                    f"{spell('--energy', 'energy=')} chooses the number of layers itself",
+                    fix=spell("use --energy without --layers", "leave layers= out with energy="),
                 )
-        for flag, pattern in (("--include", include), ("--exclude", exclude)):
+        for key, pattern in (("include", include), ("exclude", exclude)):
             if pattern is not None:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
                     raise RwsError(
-                        f"{flag} {pattern!r} is not a regular expression: {exc}"
+                        f"{_option(key, repr(pattern))} is not a regular expression: {exc}"
                     ) from None
-        return cls(layers, include, exclude, energy)
+        return cls(layers, include, exclude, energy, chosen)
 
     def to_json(self) -> dict:
         out: dict = {"layers": self.layers}
@@ -119,10 +126,26 @@ class Rule:
         return out
 
 
+def _option(name: str, value: object) -> str:
+    """`--name VALUE` in the command line, `name=VALUE` in Python."""
+    return spell(f"--{name} {value}", f"{name}={value}")
+
+
+def _layers_fix() -> str:
+    return "use " + spell("--layers N or all", "layers=N or 'all'")
+
+
 def select(ckpt: Checkpoint, rule: Rule, order: DepthOrder) -> list[list[str]]:
     """The layers (lists of tensor names, depth order) the rule keeps before any energy cut."""
     segments = layer_segments(ckpt, order)
     if rule.layers != "all":
+        if rule.chosen and int(rule.layers) > len(segments):
+            warn(
+                f"{_option('layers', rule.layers)} asks for more "
+                f"layers than the model has ({len(segments)}): all {len(segments)} are kept",
+                path=ckpt.path,
+                fix=spell("use --layers all", "use layers='all'") + f", or at most {len(segments)}",
+            )
         segments = segments[: int(rule.layers)]
     inc = re.compile(rule.include) if rule.include is not None else None
     exc = re.compile(rule.exclude) if rule.exclude is not None else None
@@ -137,7 +160,10 @@ def select(ckpt: Checkpoint, rule: Rule, order: DepthOrder) -> list[list[str]]:
         raise RwsError(
             f"the selection {rule.to_json()} matches no floating-point tensor",
             path=ckpt.path,
-            fix="check --include/--exclude against the tensor names, or use --layers all",
+            fix=spell(
+                "check --include/--exclude against the tensor names, or use --layers all",
+                "check include=/exclude= against the tensor names, or use layers='all'",
+            ),
         )
     return kept
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from .container import (
     write_file,
 )
 from .device import resolve_device
-from .errors import RwsError
+from .errors import RwsError, warn
 from .fingerprint import architecture_fingerprint
 from .io.base import all_finite
 from .provenance import base_provenance
@@ -334,3 +334,29 @@ def load(path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -> 
     h = reader.header
     meta = {k: v for k, v in h.raw.items() if k != "tensors"}
     return Signature(meta, h.tensors, reader, path=reader.path)
+
+
+def warn_repeated(signatures: Sequence[Signature], consequence: str) -> None:
+    """Warn about each signature given again: the same file, or one holding the same tensors
+    (the same bytes under another name); `consequence` says what that does."""
+    from .atomic import same_file
+
+    contents = [tuple((i.name, i.kind, i.sha256) for i in s.infos) for s in signatures]
+    for j, sig in enumerate(signatures):
+        for i, earlier in enumerate(signatures[:j]):
+            if sig.path and earlier.path and same_file(sig.path, earlier.path):
+                how = "is the same file as"
+            elif contents[i] == contents[j]:
+                how = "holds the same tensors as"
+            else:
+                continue
+            warn(
+                f"signature {j + 1} ({_shown(sig)}) {how} signature {i + 1} "
+                f"({_shown(earlier)}): {consequence}",
+                fix="give each signature once",
+            )
+            break
+
+
+def _shown(sig: Signature) -> str:
+    return os.fspath(sig.path) if sig.path else repr(sig.label)

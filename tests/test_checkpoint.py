@@ -99,7 +99,7 @@ def test_pickle_payload_is_never_executed_without_trust(tmp_path):
     torch.save({"w": torch.zeros(2), "payload": MakesFolder(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(RwsError) as err:
         open_checkpoint(tmp_path / "evil.pt")
-    assert "--trust-pickle" in str(err.value) and "evil.pt" in str(err.value)
+    assert "trust_pickle=True" in str(err.value) and "evil.pt" in str(err.value)
     assert not marker.exists()
     # The user vouches for the file: it loads (and its code runs).
     ckpt = open_checkpoint(tmp_path / "evil.pt", trust_pickle=True)
@@ -108,7 +108,7 @@ def test_pickle_payload_is_never_executed_without_trust(tmp_path):
 
 def test_whole_pickled_module_is_refused_with_advice(tmp_path):
     torch.save(small_model(), tmp_path / "whole.pt")
-    with pytest.raises(RwsError, match="--trust-pickle"):
+    with pytest.raises(RwsError, match="trust_pickle=True"):
         open_checkpoint(tmp_path / "whole.pt")
     with pytest.raises(RwsError, match="state_dict"):
         open_checkpoint(tmp_path / "whole.pt", trust_pickle=True)

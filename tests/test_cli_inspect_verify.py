@@ -42,7 +42,8 @@ def test_inspect_folds_long_names_instead_of_hiding_them(tmp_path):
     result = run("inspect", str(tmp_path / "long.rws"))
     assert result.returncode == 0
     assert all(len(line) <= 80 for line in result.stdout.splitlines())
-    assert name[:24] in result.stdout and name[-12:] in result.stdout  # folded, all there
+    firsts = "".join(line.split()[0] for line in result.stdout.splitlines() if line.split())
+    assert name in firsts  # folded onto three lines of the name column, all there
 
 
 def test_inspect_json_has_the_contract_fields():

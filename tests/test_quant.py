@@ -267,7 +267,7 @@ def test_extreme_values_decode_finite_or_are_refused_before_writing(tmp_path, co
             sig = rwsfmt.from_tensors({name: x}, label="x", quant=config)
         except RwsError as exc:
             assert not config.symmetric and config.bits != 32 and name in ("huge", "mixed")
-            assert f"tensor {name!r}" in str(exc) and "--bits 32" in str(exc)
+            assert f"tensor {name!r}" in str(exc) and "bits=32" in str(exc)
             continue
         rwsfmt.save(sig, path)
         assert rwsfmt.verify(path).ok
@@ -283,7 +283,7 @@ def test_extreme_values_decode_finite_or_are_refused_before_writing(tmp_path, co
 
 def test_affine_refusal_names_the_tensor_and_the_fix():
     x = torch.tensor([FLOAT32_MAX, -FLOAT32_MAX, 1.0])
-    with pytest.raises(RwsError, match=r"(?s)tensor 'w'.*float32 limit.*--bits 32.*symmetric"):
+    with pytest.raises(RwsError, match=r"(?s)tensor 'w'.*float32 limit.*bits=32.*symmetric"):
         rwsfmt.from_tensors({"w": x}, label="t", quant=QuantConfig(symmetric=False))
     one_sided = torch.tensor([FLOAT32_MAX, 0.0, 1.0])  # zero point 0: the grid ends at the max
     sig = rwsfmt.from_tensors({"w": one_sided}, label="t", quant=QuantConfig(symmetric=False))

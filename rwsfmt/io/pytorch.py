@@ -12,7 +12,7 @@ import torch
 
 from ..applied import append_zip_record, read_zip_record
 from ..atomic import atomic_write
-from ..errors import RwsError
+from ..errors import RwsError, spell
 from ..inputs import open_input
 from ..names import normalize_keys
 from .base import Checkpoint, Format, Layout, refuse_unsupported
@@ -59,8 +59,9 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
                 "refused to unpickle: the file holds Python objects beyond tensors, and loading "
                 f"it would run code from the file ({detail}); it may also be damaged",
                 path=path,
-                fix="if you trust its source, pass --trust-pickle (trust_pickle=True in Python); "
-                f"better, {RESAVE}",
+                fix="if you trust its source, pass "
+                + spell("--trust-pickle", "trust_pickle=True")
+                + f"; better, {RESAVE}",
             ) from None
         raise RwsError(
             f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: "

@@ -26,7 +26,7 @@ import torch
 from ..errors import RwsError
 from ..provenance import input_record
 from ..quant import QuantConfig
-from ..signature import Signature, SignatureBuilder
+from ..signature import Signature, SignatureBuilder, warn_repeated
 from .base import MergeMethod, MergeOptions, get_method, is_real
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
@@ -65,6 +65,7 @@ def merge(
     options = spec.resolve(MergeOptions(density=density, seed=seed, lambda_=lambda_))
     applied = _weights(len(signatures), weights, spec)
     plan = _plan(signatures, applied)
+    warn_repeated(signatures, "it counts twice in the merge")
     quant = quant or signatures[0].quant or QuantConfig()
     builder = SignatureBuilder(label or "+".join(s.label or "?" for s in signatures), quant)
     track = progress or (lambda items, total, description: items)
