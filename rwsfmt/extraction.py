@@ -270,7 +270,8 @@ def _warn_same_inputs(sources: Mapping[str, Source], records: Mapping[str, dict]
     for (a, b), consequence in _SAME_INPUTS.items():
         if a not in sources or b not in sources:
             continue
-        if isinstance(sources[a], (str, os.PathLike)) and same_file(sources[a], sources[b]):
+        paths = all(isinstance(sources[k], (str, os.PathLike)) for k in (a, b))
+        if paths and same_file(sources[a], sources[b]):
             how = "are the same file"
         elif records[a].get("sha256") and records[a].get("sha256") == records[b].get("sha256"):
             how = "hold the same bytes"
