@@ -606,7 +606,8 @@ def _record(
 ) -> tuple[Record, Record]:
     """(the output's record, the entries this apply adds): the model's record plus one entry
     per signature applied at an alpha other than 0 (which changes nothing); a signature
-    already applied is refused unless `force` (then an `RwsWarning`)."""
+    already applied to the model is refused unless `force` (then an `RwsWarning`); one
+    given twice in this call is `warn_repeated`'s to report."""
     before = ckpt.applied
     seen = {e.get("sha256"): e for e in before if isinstance(e.get("sha256"), str)}
     added = []
@@ -631,8 +632,6 @@ def _record(
                     "the undo file of that patch first",
                 )
             warn(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
-        if digest:
-            seen[digest] = new
         added.append(new)
     return [*before, *added], added
 
