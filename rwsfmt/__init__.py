@@ -26,6 +26,8 @@ _LAZY = {
     "save": "signature",
     "QuantConfig": "quant",
     "verify": "container",
+    "sign": "signing.signer",
+    "generate_key": "signing.keys",
     "merge": "merging",
     "compare": "comparison",
     "Comparison": "comparison",

@@ -29,3 +29,8 @@ class IntegrityError(RwsError):
 
     Raised for damaged or truncated files; `rwsfmt verify` reports these with exit code 1.
     """
+
+
+class SignatureError(IntegrityError):
+    """A file checked against a public key is unsigned, signed by another key, or its
+    signature does not verify; `rwsfmt verify --key` reports these with exit code 1."""
