@@ -10,11 +10,13 @@ from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
 from .console import progress, say
 from .options import GroupedCommand
+from .signing import public_key_option, signed_pairs
 
 OPTION_GROUPS = {
     "Patching": ["alphas", "stats", "maps", "strict"],
     "Output": ["output", "in_place", "dry_run"],
     "Running": ["device", "trust_pickle", "quiet"],
+    "Signatures": ["key", "require_signature"],
 }
 
 
@@ -71,6 +73,13 @@ OPTION_GROUPS = {
     help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@public_key_option(
+    "Check each signed SIG.rws against this public key before any work: another key or a "
+    "bad signature is refused."
+)
+@click.option(
+    "--require-signature", is_flag=True, help="Also refuse unsigned SIG.rws files (needs --key)."
+)
 def apply(
     model: str,
     signatures: tuple[str, ...],
@@ -84,6 +93,8 @@ def apply(
     device: str,
     trust_pickle: bool,
     quiet: bool,
+    key: str | None,
+    require_signature: bool,
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
@@ -112,7 +123,7 @@ def apply(
 
     report = apply_checkpoint(
         model,
-        pairs,
+        signed_pairs(pairs, key, require_signature),  # checked before any work
         output,
         map=maps,
         strict=strict,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import IntegrityError, RwsError
+from .errors import IntegrityError, RwsError, SignatureError
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,7 @@ _LAZY = {
     "write_checkpoint": "io",
 }
 
-__all__ = ["IntegrityError", "RwsError", "__version__", *_LAZY]
+__all__ = ["IntegrityError", "RwsError", "SignatureError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -108,29 +108,22 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
     if isinstance(key, module.Ed25519PrivateKey):
         raise RwsError("a private key was given where a public key is needed", fix=_PUBLIC_FIX)
     path, data = _read_key_file(key)
-    serialization = _serialization()
     if _is_private(data):
         raise RwsError(
             "is a private key, where a public key is needed (and a private key is never shared)",
             path=path,
             fix=_PUBLIC_FIX,
         )
-    loader = (
-        serialization.load_pem_public_key
-        if data.startswith(b"-----BEGIN")
-        else serialization.load_ssh_public_key
-    )
+    serialization = _serialization()
+    pem = data.startswith(b"-----BEGIN")
+    loader = serialization.load_pem_public_key if pem else serialization.load_ssh_public_key
     try:
-        public = loader(data.strip())
-    except (ValueError, TypeError) as exc:
+        public = loader(data)
+    except _load_errors() as exc:
         raise RwsError(
             f"is not a public key in PEM or OpenSSH format ({_reason(exc)})",
             path=path,
             fix=_PUBLIC_FIX,
-        ) from None
-    except Exception as exc:  # cryptography's UnsupportedAlgorithm: an unknown key type
-        raise RwsError(
-            f"cannot be read as a key ({_reason(exc)})", path=path, fix=_PUBLIC_FIX
         ) from None
     return _ed25519_only(public, module.Ed25519PublicKey, path, _PUBLIC_FIX)
 
@@ -144,16 +137,13 @@ def load_private_key(key: PrivateKeyLike, passphrase: Passphrase = None) -> Ed25
     if isinstance(key, module.Ed25519PublicKey):
         raise RwsError("a public key was given where the private key is needed", fix=_PRIVATE_FIX)
     path, data = _read_key_file(key)
-    serialization = _serialization()
     if not _is_private(data):
-        raise RwsError(
-            "is not a private key (a public key signs nothing)", path=path, fix=_PRIVATE_FIX
-        )
-    loader = (
-        serialization.load_ssh_private_key
-        if data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
-        else serialization.load_pem_private_key
-    )
+        public = data.startswith((b"ssh-", b"-----BEGIN PUBLIC KEY-----"))
+        problem = "is a public key, which signs nothing" if public else "is not a private key"
+        raise RwsError(f"{problem}: the private key is needed", path=path, fix=_PRIVATE_FIX)
+    serialization = _serialization()
+    ssh = data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    loader = serialization.load_ssh_private_key if ssh else serialization.load_pem_private_key
     try:
         try:
             private = loader(data, None)
@@ -166,21 +156,20 @@ def load_private_key(key: PrivateKeyLike, passphrase: Passphrase = None) -> Ed25
                     fix="set RWSFMT_KEY_PASSPHRASE, or run on a terminal to be asked for it",
                 ) from None
             private = loader(data, secret)
-    except ValueError as exc:
+    except _load_errors() as exc:
+        fix = "check the passphrase, or convert the key to PEM: ssh-keygen -p -m PKCS8 -f KEY"
         raise RwsError(
-            f"cannot be read as a private key ({_reason(exc)})",
-            path=path,
-            fix="check the passphrase, or " + _PRIVATE_FIX,
-        ) from None
-    except Exception as exc:  # UnsupportedAlgorithm: e.g. OpenSSH encryption needs bcrypt
-        if isinstance(exc, RwsError):
-            raise
-        raise RwsError(
-            f"cannot be read as a private key ({_reason(exc)})",
-            path=path,
-            fix="convert it to PEM: ssh-keygen -p -m PKCS8 -f KEY",
+            f"cannot be read as a private key ({_reason(exc)})", path=path, fix=fix
         ) from None
     return _ed25519_only(private, module.Ed25519PrivateKey, path, _PRIVATE_FIX)
+
+
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What cryptography's key loaders raise for a file they cannot read (UnsupportedAlgorithm:
+    an unknown key type, or an OpenSSH key encrypted with bcrypt, which is not installed)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    return ValueError, TypeError, UnsupportedAlgorithm
 
 
 def _read_key_file(key: object) -> tuple[str, bytes]:
@@ -191,7 +180,7 @@ def _read_key_file(key: object) -> tuple[str, bytes]:
         )
     path = os.fspath(key)
     with open_input(path, "a key file") as f:
-        data = f.read(MAX_KEY_FILE + 1)
+        data = f.read(MAX_KEY_FILE + 1).strip()
     if len(data) > MAX_KEY_FILE:
         raise RwsError(
             f"is over {MAX_KEY_FILE:,} bytes: not a key file", path=path, fix=_PUBLIC_FIX
@@ -200,7 +189,7 @@ def _read_key_file(key: object) -> tuple[str, bytes]:
 
 
 def _is_private(data: bytes) -> bool:
-    first = data.lstrip()[:64]
+    first = data[:64]
     return first.startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in first
 
 
