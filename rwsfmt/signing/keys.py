@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeAlias
 
-from ..atomic import atomic_path, atomic_write
+from ..atomic import atomic_path, atomic_write, check_destination
 from ..errors import RwsError
 from ..inputs import open_input
 from .block import key_fingerprint
@@ -70,6 +70,8 @@ def generate_key(
                     path=existing,
                     fix="choose another -o path, or pass --force (force=True) to replace it",
                 )
+    for destination in (path, public_path):  # both, before either is written
+        check_destination(destination)
     serialization = _serialization()
     private = ed25519().Ed25519PrivateKey.generate()
     encryption = (
