@@ -12,11 +12,13 @@ from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
 from .console import progress, say
 from .options import GroupedCommand
+from .signing import public_key_option, signed_pairs
 
 OPTION_GROUPS = {
     "Patching": ["alphas", "stats", "maps", "strict", "force"],
     "Output": ["output", "in_place", "dry_run", "save_undo"],
     "Running": ["device", "trust_pickle", "quiet", "as_json"],
+    "Signatures": ["key", "require_signature"],
 }
 
 
@@ -86,6 +88,13 @@ OPTION_GROUPS = {
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
+@public_key_option(
+    "Check each signed SIG.rws against this public key before any work: another key or a "
+    "bad signature is refused."
+)
+@click.option(
+    "--require-signature", is_flag=True, help="Also refuse unsigned SIG.rws files (needs --key)."
+)
 def apply(
     model: str,
     signatures: tuple[str, ...],
@@ -102,6 +111,8 @@ def apply(
     save_undo: str | None,
     force: bool,
     as_json: bool,
+    key: str | None,
+    require_signature: bool,
 ) -> None:
     """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
 
@@ -130,7 +141,7 @@ def apply(
 
     report = apply_checkpoint(
         model,
-        pairs,
+        signed_pairs(pairs, key, require_signature),  # checked before any work
         output,
         map=maps,
         strict=strict,

@@ -172,6 +172,7 @@ def render(info: dict) -> None:
         ("quantization", describe_quant(prov.get("quantization"))),
         ("model fingerprint", short_hash(str(fp.get("model") or ""))),
         ("signature fingerprint", short_hash(str(fp.get("signature") or ""))),
+        ("signed by", _signed_by(info["signature"])),
         (
             "size",
             f"{human_bytes(info['file_bytes'])} for {info['parameters']:,} parameters "
@@ -243,6 +244,12 @@ def _dicts(value: object) -> list[dict]:
 def _num(value: object) -> str:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return f"{value:.3g}" if number else "-"
+
+
+def _signed_by(signature: dict | None) -> str:
+    if signature is None:
+        return "- (unsigned)"
+    return f"key {short_hash(signature['fingerprint'])} (check with verify --key)"
 
 
 def _method(prov: dict) -> str:

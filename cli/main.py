@@ -92,7 +92,7 @@ def _fail(message: str) -> None:
 @click.version_option(__version__, prog_name="rwsfmt")
 def main() -> None:
     """Robust Weight Signatures: extract, inspect, verify, merge, compare, convert and apply
-    .rws patches, and exchange them with safetensors files."""
+    .rws patches, exchange them with safetensors files, and sign them."""
 
 
 def _register() -> None:
@@ -103,9 +103,11 @@ def _register() -> None:
     from .inspect import inspect
     from .interchange import export, import_
     from .merge import merge
+    from .signing import keygen, sign
     from .verify import verify
 
-    for command in (extract, apply, inspect, verify, merge, compare, convert, export, import_):
+    commands = (extract, apply, inspect, verify, merge, compare, convert, export, import_)
+    for command in (*commands, keygen, sign):
         main.add_command(command)
 
 

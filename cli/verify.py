@@ -19,6 +19,7 @@ from .console import (
     plain,
     progress,
 )
+from .signing import public_key_option
 
 
 @click.command()
@@ -27,16 +28,23 @@ from .console import (
 @click.option(
     "--quiet", "-q", is_flag=True, help="Print nothing and show no progress: the exit code only."
 )
-def verify(files: tuple[str, ...], as_json: bool, quiet: bool) -> None:
-    """Check that every byte of each FILE is intact.
+@public_key_option("Also require each FILE to be signed by this public key (rwsfmt keygen).")
+def verify(files: tuple[str, ...], as_json: bool, quiet: bool, key: str | None) -> None:
+    """Check that every byte of each FILE is intact (and, with --key, signed by KEY.pub).
 
-    Exit code 0 when all files pass, 1 when any is damaged, 2 when any is not a .rws
-    file at all (or cannot be read).
+    Exit code 0 when all files pass, 1 when any is damaged (or, with --key, unsigned or
+    not validly signed by that key), 2 when any is not a .rws file at all (or cannot be
+    read). Without --key, a signed file's signature is shown, not checked.
     """
+    public = None
+    if key is not None:
+        from rwsfmt.signing import load_public_key
+
+        public = load_public_key(key)  # a bad key file: exit 2 before any FILE
     results, worst = [], EXIT_OK
     for path in progress(files, len(files), "verifying", quiet or len(files) == 1):
         try:
-            report = verify_file(path).to_json()
+            report = verify_file(path, key=public).to_json()
             worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
         except RwsError as exc:
             report = {"path": path, "ok": False, "problems": [exc.problem], "error": str(exc)}
@@ -58,10 +66,15 @@ def verify(files: tuple[str, ...], as_json: bool, quiet: bool) -> None:
                     f"{human_bytes(r['bytes_checked'])} checked, format {r['version']}"
                 )
                 out.print(Text.assemble(("OK", "green"), plain(detail)))
+                if r["signed_by"]:
+                    checked = r["signature_verified"]
+                    note = "signature verified" if checked else "not checked: pass --key KEY.pub"
+                    line = plain(f"      signed by key {r['signed_by']} ({note})")
+                    out.print(line, soft_wrap=True)
             else:
                 out.print(Text.assemble(("FAIL", "red"), plain(f"  {r['path']}")))
-                for problem in r["problems"]:
-                    out.print(plain(f"      - {problem}"))
+                for problem in r["problems"]:  # one line each: fingerprints are never cut
+                    out.print(plain(f"      - {problem}"), soft_wrap=True)
                 if "fix" in r:
                     out.print(plain(f"      fix: {r['fix']}"))
     sys.exit(worst)

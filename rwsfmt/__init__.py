@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import IntegrityError, RwsError, RwsWarning
+from .errors import IntegrityError, RwsError, RwsWarning, SignatureError
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,8 @@ _LAZY = {
     "save": "signature",
     "QuantConfig": "quant",
     "verify": "container",
+    "sign": "signing.signer",
+    "generate_key": "signing.keys",
     "merge": "merging",
     "compare": "comparison",
     "Comparison": "comparison",
@@ -45,7 +47,7 @@ _LAZY = {
     "write_checkpoint": "io",
 }
 
-__all__ = ["IntegrityError", "RwsError", "RwsWarning", "__version__", *_LAZY]
+__all__ = ["IntegrityError", "RwsError", "RwsWarning", "SignatureError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

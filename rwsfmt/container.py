@@ -3,7 +3,10 @@
 This module knows bytes, JSON and checksums only; it never imports torch or numpy, so
 `inspect` and `verify` stay fast. The layout is specified in `spec/rws-format.md`:
 
-    [preamble: 64 bytes][header: canonical JSON, space-padded][data: zstd/raw blobs]
+    [preamble: 64 bytes][header: canonical JSON, space-padded][data: zstd/raw blobs][signature]
+
+The optional signature block is parsed here (`signing.block`, no cryptography); checking it
+against a key is `signing.verify`'s job.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .atomic import atomic_write
 from .errors import IntegrityError, RwsError
 from .inputs import open_input, strict_json
 from .limits import check_decoded_size
+from .signing.block import MAX_BLOCK_BYTES, SignatureBlock, parse_block
 
 MAGIC = b"\x89RWS\r\n\x1a\n"
 VERSION = (1, 0)
@@ -30,7 +34,7 @@ PREAMBLE = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, flags, header/da
 PREAMBLE_SIZE = PREAMBLE.size  # 64
 DIGESTED_PREAMBLE = 32  # the header digest covers preamble bytes [0, 32) and the header
 ALIGNMENT = 64  # the data section starts at a multiple of this
-FLAG_TRAILER = 1  # reserved for 1.x: bytes after the data section (e.g. a signature block)
+FLAG_TRAILER = 1  # a signature block follows the data section (spec 1.5 and 14)
 
 MAX_HEADER_BYTES = 16 << 20
 MAX_TENSORS = 65_536
@@ -151,7 +155,8 @@ def _payload_length(quant: dict[str, Any], shape: tuple[int, ...] | list[int], n
 
 @dataclass(frozen=True)
 class Header:
-    """A parsed, validated header: the tensors plus the file-level metadata."""
+    """A parsed, validated header: the tensors plus the file-level metadata, the header
+    digest from the preamble and the signature block, if the file has one."""
 
     version: tuple[int, int]
     tensors: list[TensorInfo]
@@ -161,6 +166,8 @@ class Header:
     data_offset: int
     data_length: int
     raw: dict[str, Any]
+    digest: bytes = b""
+    signature: SignatureBlock | None = None
 
     def info(self, name: str) -> TensorInfo:
         for t in self.tensors:
@@ -276,6 +283,33 @@ class RwsReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def read_head(self) -> tuple[bytes, bytes]:
+        """The preamble and header bytes as stored, checked against the digest read on open."""
+        with self._lock:
+            self._file.seek(0)
+            head = self._file.read(self.header.data_offset)
+        preamble, body = head[:PREAMBLE_SIZE], head[PREAMBLE_SIZE:]
+        if preamble[DIGESTED_PREAMBLE:] != self.header.digest or header_digest(preamble, body) != (
+            self.header.digest
+        ):
+            raise IntegrityError(
+                "the preamble or header changed while the file was read",
+                path=self.path,
+                fix="try again once nothing else writes the file",
+            )
+        return preamble, body
+
+    def verify_tensors(self) -> tuple[int, list[str]]:
+        """Read, check and decode every tensor: (bytes checked, problems found)."""
+        checked, problems = 0, []
+        for info in self.header.tensors:
+            try:
+                self.read_payload(info)
+                checked += info.length
+            except IntegrityError as exc:
+                problems.append(exc.problem)
+        return checked, problems
 
     def read_stored(self, info: TensorInfo) -> bytearray:
         """The blob exactly as stored (still compressed), after its checksum is verified."""
@@ -449,7 +483,7 @@ def read_header(f: BinaryIO, path: str) -> Header:
     data_offset = PREAMBLE_SIZE + header_len
     body = f.read(header_len) if header_len <= min(MAX_HEADER_BYTES, size) else None
     if major != VERSION[0]:
-        if body is not None and _digest(head, body, major=VERSION[0]) == digest:
+        if body is not None and header_digest(head, body, major=VERSION[0]) == digest:
             raise IntegrityError(
                 f"the version field is damaged (reads {major}.{minor} in a {VERSION[0]}.x file)",
                 path=path,
@@ -472,7 +506,7 @@ def read_header(f: BinaryIO, path: str) -> Header:
             path=path,
             fix="the file was truncated; copy or download it again",
         )
-    if _digest(head, body) != digest:
+    if header_digest(head, body) != digest:
         raise IntegrityError(
             "header checksum mismatch: the preamble or header is damaged",
             path=path,
@@ -489,6 +523,10 @@ def read_header(f: BinaryIO, path: str) -> Header:
             path=path,
             fix="the file was truncated or appended to; copy or download it again",
         )
+    signature = None
+    if flags & FLAG_TRAILER:
+        f.seek(end)
+        signature = parse_block(f.read(MAX_BLOCK_BYTES + 1), path)
     doc = _parse_json(body, path)
     tensors = _validate_tensors(doc, data_len, path)
     return Header(
@@ -500,10 +538,12 @@ def read_header(f: BinaryIO, path: str) -> Header:
         data_offset=data_offset,
         data_length=data_len,
         raw=doc,
+        digest=digest,
+        signature=signature,
     )
 
 
-def _digest(head: bytes, body: bytes, major: int | None = None) -> bytes:
+def header_digest(head: bytes, body: bytes, major: int | None = None) -> bytes:
     """SHA-256 over preamble[0:32] + header; `major` substitutes the version field."""
     digested = head[:DIGESTED_PREAMBLE]
     if major is not None:
@@ -740,6 +780,8 @@ class VerifyReport:
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
     version: str | None = None
+    signed_by: str | None = None  # the signing key's fingerprint, for a signed file
+    signature_verified: bool | None = None  # None when no key was given
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -749,18 +791,29 @@ class VerifyReport:
             "tensors": self.tensors,
             "bytes_checked": self.bytes_checked,
             "problems": self.problems,
+            "signed_by": self.signed_by,
+            "signature_verified": self.signature_verified,
         }
 
 
-def verify(path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -> VerifyReport:
-    """Check every byte of a file: preamble, header digest, layout, every blob and frame.
+def verify(
+    path: str | os.PathLike, *, max_decoded_bytes: float | None = None, key: Any = None
+) -> VerifyReport:
+    """Check every byte of a file: preamble, header digest, layout, every blob and frame,
+    and the signature block's checksum; with `key` (an Ed25519 public key or the path of its
+    file), also that the file is signed by that key and the signature verifies.
 
-    Input errors that mean "not a .rws file at all", or a file over the decode limit, still
-    raise `RwsError`; damage is collected into the report so one bad tensor does not hide
-    another.
+    Input errors that mean "not a .rws file at all", a file over the decode limit, or a
+    key that cannot be read, still raise `RwsError`; damage and signature failures are
+    collected into the report so one problem does not hide another.
     """
     path = os.fspath(path)
     report = VerifyReport(path=path, ok=False)
+    if key is not None:
+        from .signing.keys import load_public_key
+
+        key = load_public_key(key)  # a bad key is the caller's error, before any file
+        report.signature_verified = False
     try:
         reader = RwsReader(path, max_decoded_bytes=max_decoded_bytes)
     except IntegrityError as exc:
@@ -770,11 +823,15 @@ def verify(path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -
         h = reader.header
         report.version = f"{h.version[0]}.{h.version[1]}"
         report.tensors = len(h.tensors)
-        for info in h.tensors:
-            try:
-                reader.read_payload(info)
-                report.bytes_checked += info.length
-            except IntegrityError as exc:
-                report.problems.append(exc.problem)
+        report.signed_by = h.signature.fingerprint if h.signature else None
+        report.bytes_checked, report.problems = reader.verify_tensors()
+    if key is not None:
+        from .signing.verify import check_signature
+
+        try:
+            check_signature(h, key, path)
+            report.signature_verified = True
+        except IntegrityError as exc:
+            report.problems.append(exc.problem)
     report.ok = not report.problems
     return report

@@ -30,6 +30,11 @@ class IntegrityError(RwsError):
     """
 
 
+class SignatureError(IntegrityError):
+    """A file checked against a public key is unsigned, signed by another key, or its
+    signature does not verify; `rwsfmt verify --key` reports these with exit code 1."""
+
+
 class RwsWarning(UserWarning):
     """A likely mistake that does not stop the work: the same file given twice, a signature
     that is all zero, an option that has no effect, an unusual strength.

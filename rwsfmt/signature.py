@@ -95,6 +95,15 @@ class Signature:
             return None
 
     @property
+    def signed_by(self) -> str | None:
+        """The fingerprint of the key that signed the file, or None (unsigned, or in memory).
+
+        Read from the file without checking the signature: `load(path, key=...)` checks it."""
+        if not isinstance(self._blobs, RwsReader) or self._blobs.header.signature is None:
+            return None
+        return self._blobs.header.signature.fingerprint
+
+    @property
     def meta(self) -> dict[str, Any]:
         """File-level header fields (everything but the tensor list)."""
         return dict(self._meta)
@@ -323,15 +332,34 @@ def save(sig: Signature, path: str | os.PathLike) -> None:
     write_file(path, sig.meta, sig.infos, lambda info: sig.stored(info.name))
 
 
-def load(path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -> Signature:
+def load(
+    path: str | os.PathLike,
+    *,
+    max_decoded_bytes: float | None = None,
+    key: Any = None,
+    allow_unsigned: bool = False,
+) -> Signature:
     """Open a `.rws` file lazily: the header is read and validated, tensors decode on demand.
 
     Decoding refuses a file whose tensors take more float32 memory than its size justifies
     (a decompression bomb): `max_decoded_bytes` raises that limit for a file you trust
     (`math.inf` lifts it; None uses `RWSFMT_MAX_DECODED` or the default, see `rwsfmt.limits`).
+
+    With `key` (an Ed25519 public key, or the path of its file) the file must be signed by
+    that key (`SignatureError` otherwise; `allow_unsigned` lets an unsigned file through).
+    The signature covers the header, and every tensor read is checked against the header's
+    SHA-256, so every tensor of a file opened with a key is what the key's holder signed.
     """
     reader = RwsReader(path, max_decoded_bytes=max_decoded_bytes)
     h = reader.header
+    if key is not None and not (allow_unsigned and h.signature is None):
+        from .signing.verify import check_signature
+
+        try:
+            check_signature(h, key, reader.path)
+        except BaseException:
+            reader.close()
+            raise
     meta = {k: v for k, v in h.raw.items() if k != "tensors"}
     return Signature(meta, h.tensors, reader, path=reader.path)
 

@@ -27,6 +27,7 @@ def describe_header(
         "format_version": f"{h.version[0]}.{h.version[1]}",
         "label": h.label,
         "fingerprint": h.fingerprint,
+        "signature": h.signature.to_json() if h.signature else None,
         "provenance": h.provenance,
         "file_bytes": file_size,
         "float32_bytes": 4 * numel,
