@@ -146,7 +146,8 @@ def test_inspect_shows_the_depth_order_and_verify_prints_odd_paths_as_they_are(t
         {"b.weight": torch.full((2, 2), v), "a.weight": torch.full((2, 2), 2 * v)}
         for v in (1.0, 3.0, 0.0)
     )
-    sig = rwsfmt.extract(std, robust, init, layers=1)
+    with pytest.warns(rwsfmt.RwsWarning, match="all zero"):
+        sig = rwsfmt.extract(std, robust, init, layers=1)
     path = tmp_path / "odd[x] [bold]name.rws"
     rwsfmt.save(sig, path)
     result = run("inspect", str(path))

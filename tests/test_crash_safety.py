@@ -14,7 +14,7 @@ processes are forked from a *zygote*: one child process that imports the command
 (and runs no torch operation, so forking it is safe) and forks a fresh process per run. The
 kills come from this test process, from outside, as a crash or an OOM killer would.
 
-To cover another writer (e.g. `sign`), add one `Writer` to `WRITERS`.
+To cover another writer, add one `Writer` to `WRITERS`.
 """
 
 from __future__ import annotations
@@ -209,7 +209,13 @@ WRITERS = [
         ["import", "tv.safetensors", "-o", "out.rws"],
         "out.rws",
     ),
-    # `sign` (Ed25519 signatures) joins here as one more Writer
+    Writer(
+        "sign",
+        lambda d: (_two_signatures(d), rwsfmt.generate_key(d / "key")),
+        ["sign", "fog.rws", "--key", "key"],
+        "fog.rws",
+        in_place=True,
+    ),
 ]
 
 
