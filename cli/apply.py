@@ -10,7 +10,7 @@ import click
 
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
-from .console import progress, say
+from .console import progress_bar, say
 from .options import GroupedCommand
 from .signing import public_key_option, signed_pairs
 
@@ -136,9 +136,6 @@ def apply(
     per_sig = alphas * len(signatures) if len(alphas) == 1 else alphas
     pairs = list(zip(signatures, per_sig, strict=True))
 
-    def bar(items, total, description):
-        return progress(items, total, description, quiet)
-
     report = apply_checkpoint(
         model,
         signed_pairs(pairs, key, require_signature),  # checked before any work
@@ -150,7 +147,7 @@ def apply(
         in_place=in_place,
         dry_run=dry_run,
         trust_pickle=trust_pickle,
-        progress=bar,
+        progress=progress_bar(quiet or as_json),
         force=force,
         save_undo=save_undo,
     )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .console import console, plain, print_table, progress, say
+from .console import console, plain, print_table, progress_bar, say
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -55,7 +55,7 @@ def compare(
     result = comparison.compare(
         signatures,
         layer=layer,
-        progress=lambda items, total, what: progress(items, total, what, quiet or as_json),
+        progress=progress_bar(quiet or as_json),
     )
     if plot is not None:
         from rwsfmt.plotting import plot_comparison

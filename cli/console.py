@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -133,6 +133,12 @@ def progress(items: Iterable[T], total: int, description: str, quiet: bool) -> I
     yield from track(
         items, total=total, description=description, console=console(stderr=True), transient=True
     )
+
+
+def progress_bar(quiet: bool) -> Callable[[Iterable[T], int, str], Iterator[T]]:
+    """The `progress=` callable the library takes: `progress`, silenced by `quiet` (pass
+    `quiet or as_json`: a JSON report is for programs, which want no bar on stderr)."""
+    return lambda items, total, what: progress(items, total, what, quiet)
 
 
 def human_bytes(n: float) -> str:

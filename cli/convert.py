@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .console import human_bytes, progress, report
+from .console import human_bytes, progress_bar, report
 from .inspect import describe_quant
 from .options import (
     STORAGE,
@@ -62,7 +62,7 @@ def convert(
             sig,
             quant,
             label=label,
-            progress=lambda items, total, what: progress(items, total, what, quiet),
+            progress=progress_bar(quiet or as_json),
         )
         rwsfmt.save(converted, output)
     record = converted.provenance["conversions"][-1]

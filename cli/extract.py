@@ -9,7 +9,7 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes, plain, print_table, progress
+from .console import console, human_bytes, plain, print_table, progress_bar
 from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
 
 _GROUPS = {
@@ -144,7 +144,7 @@ def extract(
         device=device,
         trust_pickle=trust_pickle,
         state_key=state_key,
-        progress=lambda items, total, what: progress(items, total, what, quiet),
+        progress=progress_bar(quiet or as_json),
     )
     rwsfmt.save(sig, output)
     if as_json:

@@ -8,7 +8,7 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import human_bytes, progress, report, say
+from .console import human_bytes, progress_bar, report, say
 from .inspect import describe_quant
 from .options import (
     STORAGE,
@@ -49,9 +49,7 @@ def export(signature: str, output: str, quiet: bool, as_json: bool) -> None:
         output, [("input signature", signature)], fix="choose another -o path"
     )
     with rwsfmt.load(signature) as sig:
-        rwsfmt.export_safetensors(
-            sig, output, progress=lambda items, total, what: progress(items, total, what, quiet)
-        )
+        rwsfmt.export_safetensors(sig, output, progress=progress_bar(quiet or as_json))
         label, n = sig.label, len(sig)
     size = os.path.getsize(output)
     report(
@@ -110,7 +108,7 @@ def import_(
         tensors,
         label=label,
         quant=quant_config(bits, granularity, group_size, affine),
-        progress=lambda items, total, what: progress(items, total, what, quiet),
+        progress=progress_bar(quiet or as_json),
     )
     rwsfmt.save(sig, output)
     prov = sig.provenance  # this import's record: `imported` (an exported signature's file)

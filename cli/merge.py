@@ -9,7 +9,7 @@ import os
 
 import click
 
-from .console import human_bytes, progress, say
+from .console import human_bytes, progress_bar, say
 from .options import STORAGE, GroupedCommand, inherited_quant, quant_options, rws_output_option
 
 # the names of rwsfmt.merging.REGISTRY, repeated so that `rwsfmt --help` does not import torch
@@ -125,7 +125,7 @@ def merge(
             lambda_=lambda_,
             quant=quant,
             label=label,
-            progress=lambda items, total, what: progress(items, total, what, quiet),
+            progress=progress_bar(quiet or as_json),
         )
         rwsfmt.save(merged, output)
     size = os.path.getsize(output)

@@ -42,7 +42,7 @@ def verify(files: tuple[str, ...], as_json: bool, quiet: bool, key: str | None) 
 
         public = load_public_key(key)  # a bad key file: exit 2 before any FILE
     results, worst = [], EXIT_OK
-    for path in progress(files, len(files), "verifying", quiet or len(files) == 1):
+    for path in progress(files, len(files), "verifying", quiet or as_json or len(files) == 1):
         try:
             report = verify_file(path, key=public).to_json()
             worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
