@@ -11,10 +11,8 @@ Names are imported lazily so that `import rwsfmt` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from .errors import IntegrityError, RwsError, RwsWarning, SignatureError
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -50,14 +48,4 @@ _LAZY = {
 __all__ = ["IntegrityError", "RwsError", "RwsWarning", "SignatureError", "__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rwsfmt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
