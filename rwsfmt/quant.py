@@ -25,7 +25,7 @@ if sys.byteorder != "little":  # payloads are little-endian and decoded by reint
 BITS = (1, 2, 4, 8, 16, 32)
 SPARSITIES = ("tensor", "channel")
 _VALUE_SCHEMES = {1: "sign", 2: "int2", 32: "float"}  # every other width is "linear"
-AUTO_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # sparse choices of bits='auto'
+AUTO_DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # sparse choices of 'auto'
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,14 @@ class QuantConfig:
         return QuantConfig(**{**asdict(self), **changes})
 
     def candidates(self) -> list[QuantConfig]:
-        """The storages `bits='auto'` chooses from for each tensor, smallest first: signs of
-        the largest entries at falling sparsity, then dense signs and 2/4/8/16-bit codes,
-        all with this config's granularity and sparsity."""
+        """The storages `bits='auto'` chooses from for each tensor: signs of the largest
+        entries at rising density (the sparsest also with one scale per tensor, as per-channel
+        scales outweigh a few kept signs), dense signs, then 2/4/8/16-bit codes; all with
+        this config's granularity, group size and sparsity otherwise."""
         base = self.replace(bits=8, target_bpp=None, density=1.0)
         signs = base.replace(bits=1, symmetric=True)
         return [
+            *(signs.replace(density=d, granularity="tensor") for d in AUTO_DENSITIES[:3]),
             *(signs.replace(density=d) for d in AUTO_DENSITIES),
             signs,
             *(base.replace(bits=b) for b in (2, 4, 8, 16)),
@@ -214,7 +216,8 @@ def top_share(x: torch.Tensor, density: float, sparsity: str) -> torch.Tensor:
     for `sparsity='channel'` on tensors of rank >= 2. Ties at the threshold go to the
     earliest entries in row-major order, so the choice is deterministic."""
     by_channel = sparsity == "channel" and x.dim() >= 2
-    magnitude = x.abs().reshape(x.shape[0] if by_channel else 1, -1)
+    rows = x.shape[0] if by_channel else 1
+    magnitude = x.abs().reshape(rows, x.numel() // rows if rows else 0)
     m = magnitude.shape[1]
     keep = min(m, max(1, round(density * m)))
     if m == 0 or magnitude.shape[0] == 0:
