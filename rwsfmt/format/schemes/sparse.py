@@ -45,10 +45,12 @@ class Sparse(Scheme):
         scheme, bits = values.get("scheme"), values.get("bits")
         if not whole(bits) or bits != q["bits"]:
             raise bad(f"quant.values.bits {bits!r} must equal quant.bits {q['bits']}")
-        if type(scheme) is not str or scheme == self.name or scheme not in self._registry:
-            raise bad(f"unknown scheme {scheme!r} for the values of a sparse tensor")
+        if type(scheme) is not str or scheme == self.name:
+            raise bad(f"scheme {scheme!r} cannot code the values of a sparse tensor")
+        if scheme not in self._registry:
+            raise bad(f"unknown scheme {scheme!r} for the values of a sparse tensor", newer=True)
         self._registry[scheme].validate(values, shape, bad)
-        if values.get("granularity") == "channel" and values.get("axis") != 0:
+        if _by_channel(values) and values.get("axis") != 0:
             raise bad("the values of a sparse tensor have channels along axis 0 only")
 
     def entry_minor(self, q: Quant) -> int:
