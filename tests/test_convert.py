@@ -179,7 +179,7 @@ def test_bad_input_is_exit_2_with_a_message_and_no_output(tmp_path, extracted):
         "no such file": ["convert", tmp_path / "missing.rws", "-o", out],
         "not a .rws file": ["convert", tmp_path / "model.safetensors", "-o", out],
         "would overwrite the input signature": ["convert", extracted[8], "-o", link],
-        "'--bits'": ["convert", extracted[8], "-o", out, "--bits", "5"],
+        "--bits 5 is not a width": ["convert", extracted[8], "-o", out, "--bits", "5"],
         "output folder does not exist": ["convert", extracted[8], "-o", tmp_path / "no" / "o.rws"],
     }
     for expected, args in cases.items():
