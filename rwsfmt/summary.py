@@ -49,30 +49,37 @@ def describe_tensor(t: TensorInfo) -> dict[str, Any]:
     """One tensor: how it is stored (`scheme`; a sparse tensor's kept values are in
     `values_scheme`, and `symmetric`, `granularity`, `axis` and `group_size` describe them),
     how many values it keeps (`nnz`, `density`), and its bits per parameter (its blob:
-    codes, scales, zero points and positions, after the codec)."""
+    codes, scales, zero points and positions, after the codec).
+
+    The keys are in sorted order, so that `inspect --json` can write the rows of 65,536
+    tensors without sorting each (tests/test_cli_inspect_verify.py checks it)."""
     q = t.quant
-    v = t.values_quant
-    numel, nnz, granularity = t.numel, t.nnz, t.granularity
+    sparse = q["scheme"] == "sparse"
+    v = q["values"] if sparse else q
+    granularity = v.get("granularity", "none")
+    numel = t.numel
+    nnz = q["nnz"] if sparse else numel
+    length = t.length
     return {
-        "name": t.name,
-        "kind": t.kind,
-        "shape": list(t.shape),
-        "dtype": t.dtype,
-        "numel": numel,
-        "bits": t.bits,
-        "scheme": q["scheme"],
-        "values_scheme": v["scheme"],
-        "symmetric": v.get("symmetric"),
-        "granularity": granularity,
         "axis": v.get("axis") if granularity == "channel" else None,
-        "group_size": v.get("group_size") if granularity == "group" else None,
-        "nnz": nnz,
-        "density": nnz / numel if numel else None,
+        "bits": int(q["bits"]),
+        "bits_per_parameter": 8 * length / numel if numel else None,
         "codec": t.codec,
+        "density": nnz / numel if numel else None,
+        "dtype": t.dtype,
         "filter": t.filter,
-        "stored_bytes": t.length,
         "float32_bytes": 4 * numel,
-        "ratio_to_float32": t.length / (4 * numel) if numel else None,
-        "bits_per_parameter": 8 * t.length / numel if numel else None,
+        "granularity": granularity,
+        "group_size": v.get("group_size") if granularity == "group" else None,
+        "kind": t.kind,
+        "name": t.name,
+        "nnz": nnz,
+        "numel": numel,
+        "ratio_to_float32": length / (4 * numel) if numel else None,
+        "scheme": q["scheme"],
+        "shape": list(t.shape),
         "stats": t.stats,
+        "stored_bytes": length,
+        "symmetric": v.get("symmetric"),
+        "values_scheme": v["scheme"],
     }
