@@ -277,13 +277,13 @@ def test_cli_bits_auto_fits_and_is_kept_or_left(tmp_path, wide):
     summary = json.loads(result.stdout)
     parameters = 64 * 32 * 9 + 10 * 256
     assert summary["bits_per_parameter"] == 8 * os.path.getsize(out) / parameters <= 2
-    assert summary["to"] == {"bits": "auto", "target_bpp": 2.0}
+    assert summary["to"] == rwsfmt.QuantConfig(bits="auto", target_bpp=2.0).to_json()
     assert _stored(out) == rwsfmt.QuantConfig(bits="auto", target_bpp=2.0)
     # --target-bpp alone re-fits a file stored with --bits auto; --bits 4 leaves auto
     refit = tmp_path / "refit.rws"
-    assert _invoke("convert", out, "-o", refit, "--target-bpp", "1").exit_code == 0
-    assert _stored(refit) == rwsfmt.QuantConfig(bits="auto", target_bpp=1.0)
-    assert 8 * os.path.getsize(refit) / parameters <= 1
+    assert _invoke("convert", out, "-o", refit, "--target-bpp", "1.5").exit_code == 0
+    assert _stored(refit) == rwsfmt.QuantConfig(bits="auto", target_bpp=1.5)
+    assert 8 * os.path.getsize(refit) / parameters <= 1.5  # the header alone takes ~0.9
     four = tmp_path / "four.rws"
     assert _invoke("convert", out, "-o", four, "--bits", "4").exit_code == 0
     assert _stored(four) == rwsfmt.QuantConfig(bits=4)
