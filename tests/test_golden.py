@@ -1,10 +1,14 @@
-"""The frozen golden files in spec/vectors: a v1.0 file must stay readable, to the same bits,
-forever. These tests read the committed files; they never regenerate them."""
+"""The frozen golden files in spec/vectors: a v1.x file must stay readable, to the same bits,
+forever. These tests read the committed files; they never regenerate them (except
+`test_files_without_new_schemes_are_written_as_before`, which writes into a temporary
+folder)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 
 import jsonschema
 import numpy as np
@@ -14,7 +18,7 @@ from conftest import SPEC, VECTORS
 
 import rwsfmt
 
-NAMES = [
+NAMES_1_0 = [
     "sym8_channel",
     "sym16_byteplane",
     "float32_exact",
@@ -22,6 +26,19 @@ NAMES = [
     "mixed",
     "legacy_negzero_scale",
 ]
+# format 1.2 (spec section 3.7): int2, sign and sparse entries; these files have minor 2
+NAMES_1_2 = [
+    "int2_sym_channel",
+    "int2_affine_group",
+    "sign_channel",
+    "sign_group",
+    "sparse_sign_channel",
+    "sparse_int8_tensor",
+    "sparse_float32",
+    "sparse_empty",
+    "mixed_1_2",
+]
+NAMES = NAMES_1_0 + NAMES_1_2
 
 
 def _expected(name: str) -> dict:
@@ -70,7 +87,20 @@ def test_golden_headers_match_the_schema_and_verify(name):
     header, _ = reference_reader.read(str(VECTORS / f"{name}.rws"))
     jsonschema.Draft202012Validator(schema).validate(header)
     report = rwsfmt.verify(VECTORS / f"{name}.rws")
-    assert report.ok and report.version == "1.0" and not report.problems
+    version = "1.2" if name in NAMES_1_2 else "1.0"
+    assert report.ok and report.version == version and not report.problems
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_files_have_the_lowest_minor_they_need(name):
+    """Spec 1.1 and 10: minor 2 exactly when an entry uses a scheme of section 3.7."""
+    data = (VECTORS / f"{name}.rws").read_bytes()
+    major, minor, flags = struct.unpack_from("<HHI", data, 8)
+    header, _ = reference_reader.read(str(VECTORS / f"{name}.rws"))
+    new = {"int2", "sign", "sparse"}
+    uses_1_2 = any(e["quant"]["scheme"] in new for e in header["tensors"])
+    assert (major, minor, flags) == (1, 2 if name in NAMES_1_2 else 0, 0)
+    assert uses_1_2 == (name in NAMES_1_2)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,6 +130,36 @@ def test_golden_files_cover_the_format():
     for item in [("granularity", "group"), ("granularity", "channel"), ("symmetric", False)]:
         assert item in seen
     assert ("dtype", "float16") in seen and ("dtype", "bfloat16") in seen
+
+
+def test_golden_files_cover_the_1_2_schemes():
+    """Every scheme of section 3.7 in every granularity, raw and zstd; sparse values in each
+    inner scheme, per tensor, channel and group, with nnz 0 and zero-element tensors."""
+    seen = set()
+    for name in NAMES_1_2:
+        header, _ = reference_reader.read(str(VECTORS / f"{name}.rws"))
+        for e in header["tensors"]:
+            q, n = e["quant"], math.prod(e["shape"])
+            if q["scheme"] == "sparse":
+                v = q["values"]
+                seen.add(("sparse", v["scheme"], v.get("granularity"), v.get("symmetric")))
+                seen.add(("sparse filter", e["filter"]))
+                seen.add(("sparse nnz", "0" if q["nnz"] == 0 else "some"))
+                seen.add(("sparse n", "0" if n == 0 else "some"))
+                q = v
+            seen.add((q["scheme"], q.get("granularity"), q.get("symmetric")))
+            seen.add((q["scheme"], e["codec"]))
+    for scheme, symmetric in [("int2", True), ("int2", False), ("sign", None)]:
+        for granularity in ("tensor", "channel", "group"):
+            assert (scheme, granularity, symmetric) in seen
+    for scheme in ("int2", "sign"):
+        assert (scheme, "raw") in seen and (scheme, "zstd") in seen
+    assert ("sparse", "float", None, None) in seen and ("sparse filter", "byteplane") in seen
+    for granularity in ("tensor", "channel", "group"):
+        assert ("sparse", "linear", granularity, True) in seen
+    assert ("sparse", "sign", "channel", None) in seen
+    assert ("sparse", "int2", "channel", False) in seen
+    assert {("sparse nnz", "0"), ("sparse n", "0"), ("sparse nnz", "some")} <= seen
 
 
 def test_golden_mixed_file_metadata():
