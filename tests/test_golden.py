@@ -5,7 +5,9 @@ folder)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib.util
 import json
 import math
 import struct
@@ -193,3 +195,96 @@ def test_legacy_negative_zero_scales_decode_as_positive_zero():
             assert (decoded == 0).any() and not np.signbit(decoded[decoded == 0]).any()
             assert decoded.tobytes() == reference[info.name].tobytes()
     assert negative_zero_scales == 4 + 3 + 3
+
+
+# ---------------------------------------------------------------------------- 1.0 writers
+
+# What rwsfmt wrote for each 1.0 generator before format 1.2 (commit 7a43ad4), as SHA-256 of
+# (the header without what zstd's output, the float32 error norm or the release decide:
+# the blob fields `codec`, `length`, `offset`, `sha256`, `stats.quant_rel_error` and
+# `provenance.tool_version`; the decoded payloads of every tensor, concatenated)
+BEFORE_1_2 = {
+    "sym8_channel": (
+        "581a19f68a03f24489deb8a740fe7e0ff336bfee8b75f760f33a27c88fba6646",
+        "ef448779d81b5b94ce977b0a389f84fbb966f148f2766c44a38682ed5e4fc551",
+    ),
+    "sym16_byteplane": (
+        "f2d184308661792f0e9eac8ab2ce12c7152e93a872fcd5f60da1e8ab2cf8c599",
+        "f3c0dedab214f99d939dc01c4ede6ecfbdd23eb0a608bf47e280d92fe36d217c",
+    ),
+    "float32_exact": (
+        "45f6c9ce7bc6de79a69a8169f4d3bc1c7bcf3755f361d7521b8f00dc3c94ae36",
+        "7d91df5048b747a5423d576b0da826f2ba8bf705d5066696dc8462e8c242764b",
+    ),
+    "affine4_group": (
+        "2264a723c83c152e116d6772fc00d9ccb978ed136cb79f3e31eb908358a614a7",
+        "6c1547654afb4b8a95ead0f34d1396e388607e21c42b888a58835e0beb28b778",
+    ),
+    "mixed": (
+        "bb2afe987461c178d4469dfe6a49259cd3d5664519be9a1e79af9cb4998958b9",
+        "c32e4511bf9b54e7c3f4657aff16b33823bea102fd8b26bcced554177b9d15ba",
+    ),
+    "legacy_negzero_scale": (
+        "469bace18e6622b364c3c799dda704c1624e00db873f20199d1af5737bd97e19",
+        "90cc55d92cdeaf244203f5360b4c29e1788e825bd9320ce062e8ed8bc4b9d10f",
+    ),
+}
+# the golden files these generators made are the writer's output today, byte for byte (the
+# others were made before revision 2 changed how the writer rounds scales: their values
+# differ from today's writer's, and readers must still decode them to the frozen values)
+UNCHANGED_SINCE_FROZEN = ("float32_exact", "legacy_negzero_scale")
+
+
+def _generate_module(monkeypatch):
+    """spec/vectors/generate.py as a module (it sets SOURCE_DATE_EPOCH: undone afterwards)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    spec = importlib.util.spec_from_file_location("rws_generate", VECTORS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _normalized(data: bytes) -> tuple[str, str, dict]:
+    """(digest of the header without blob fields, digest of the payloads, header)."""
+    doc, data_offset = reference_reader.parse(data)
+    payloads = hashlib.sha256()
+    for e in doc["tensors"]:
+        start = data_offset + e["offset"]
+        blob = data[start : start + e["length"]]
+        raw = blob if e["codec"] == "raw" else reference_reader._unzstd(blob, e["decoded_length"])
+        payloads.update(raw)
+    header = copy.deepcopy(doc)
+    for e in header["tensors"]:
+        for key in ("codec", "length", "offset", "sha256"):
+            del e[key]
+        e["stats"].pop("quant_rel_error", None)
+    header["provenance"].pop("tool_version", None)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest(), payloads.hexdigest(), doc
+
+
+@pytest.mark.parametrize("name", NAMES_1_0)
+def test_files_without_new_schemes_are_written_as_before(tmp_path, monkeypatch, name):
+    """Spec 10 and 13: a file that uses no scheme of 1.2 is still a 1.0 file (minor 0), with
+    the header and payloads rwsfmt wrote before 1.2; both readers decode it alike."""
+    generate = _generate_module(monkeypatch)
+    path = tmp_path / f"{name}.rws"
+    rwsfmt.save(getattr(generate, name)(), path)
+    data = path.read_bytes()
+    assert struct.unpack_from("<HHI", data, 8) == (1, 0, 0)
+    header_digest, payload_digest, doc = _normalized(data)
+    assert (header_digest, payload_digest) == BEFORE_1_2[name]
+    assert not {e["quant"]["scheme"] for e in doc["tensors"]} & {"int2", "sign", "sparse"}
+    _, reference = reference_reader.read(str(path))
+    with rwsfmt.load(path) as sig:
+        for tensor in sig.names:
+            assert sig.tensor(tensor).numpy().tobytes() == reference[tensor].tobytes()
+    frozen = (VECTORS / f"{name}.rws").read_bytes()
+    if name in UNCHANGED_SINCE_FROZEN:
+        expected = _expected(name)
+        for tensor, want in expected.items():
+            assert np.array_equal(
+                reference[tensor].reshape(-1).view(np.uint32), _bits(want["values"])
+            )
+        if _normalized(frozen)[2]["tensors"] == doc["tensors"]:  # same zstd output: same bytes
+            assert data == frozen
