@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from conftest import VECTORS, assemble
 
 import rwsfmt
 from rwsfmt.dequant import dequantize
-from rwsfmt.errors import RwsError
+from rwsfmt.errors import IntegrityError, RwsError
 from rwsfmt.format.schemes import SCHEMES
 from rwsfmt.quant import QuantConfig
 
@@ -450,8 +451,18 @@ def test_both_readers_refuse(tmp_path, case, says):
         read_rwsfmt(path)
     if says:
         assert says in str(caught.value)
-    report = rwsfmt.verify(path)
-    assert not report.ok and report.problems
+    _verify_refuses(path)
+
+
+def _verify_refuses(path: Path) -> None:
+    """`verify` reports damage as problems; a file that needs a newer reader (spec 10) is an
+    RwsError that is not an IntegrityError and asks to upgrade (spec 9)."""
+    try:
+        report = rwsfmt.verify(path)
+    except RwsError as exc:
+        assert not isinstance(exc, IntegrityError) and "upgrade" in str(exc)
+    else:
+        assert not report.ok and report.problems
 
 
 def test_the_refusal_cases_are_one_edit_from_valid_files(tmp_path):
@@ -463,30 +474,28 @@ def test_the_refusal_cases_are_one_edit_from_valid_files(tmp_path):
     assert read_rwsfmt(path)["t"].tobytes() == reference["t"].tobytes()
 
 
-def test_unknown_sparse_index_asks_to_upgrade(tmp_path):
-    path = write(tmp_path / "rle.rws", [entry("t", *_sparse_case(index="rle")[:2], SPARSE_OK[2])])
-    with pytest.raises(RwsError, match=r"(?s)unknown sparse index 'rle'.*upgrade"):
-        read_rwsfmt(path)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="rwsfmt bug: a `values` scheme it does not know is refused without the upgrade "
-    "message section 10 asks for ('unknown scheme ... for the values of a sparse tensor')",
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        (_sparse_case(index="rle"), "unknown sparse index 'rle'"),
+        (_values_case(scheme="int3"), "unknown scheme 'int3' for the values of a sparse tensor"),
+    ],
+    ids=["index", "values scheme"],
 )
-def test_unknown_values_scheme_asks_to_upgrade(tmp_path):
-    shape, quant, filt, payload = _values_case(scheme="int3")
-    path = write(tmp_path / "int3.rws", [entry("t", shape, quant, payload, filt)])
-    with pytest.raises(RwsError, match="upgrade"):
+def test_unknown_sparse_values_ask_to_upgrade(tmp_path, case, says):
+    """Spec 3.7.3 and 10: an index or a values scheme a later version may define is refused
+    as needing a newer reader (an RwsError that is not an IntegrityError), not as damage."""
+    shape, quant, filt, payload = case
+    path = write(tmp_path / "newer.rws", [entry("t", shape, quant, payload, filt)])
+    with pytest.raises(RwsError, match=rf"(?s){re.escape(says)}.*upgrade") as caught:
         read_rwsfmt(path)
+    assert not isinstance(caught.value, IntegrityError)
+    _verify_refuses(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rwsfmt bug: the `float` scheme has no granularity, so its unused `granularity` "
-    "and `axis` keys must be ignored (3.1, 3.7.3); rwsfmt refuses 'channel' with axis != 0",
-)
 def test_unused_channel_keys_of_float_values_are_ignored(tmp_path):
+    """The `float` scheme has no granularity: `granularity` and `axis` keys in a sparse
+    entry's float values are unused, so ignored (3.1), whatever they hold."""
     values = {"scheme": "float", "bits": 32, "granularity": "channel", "axis": 1}
     payload = bytes([0b0101]) + f32(1.5, -2.0)
     path = write(tmp_path / "float.rws", [entry("t", [2, 2], sparse(32, 2, values), payload)])
@@ -529,12 +538,6 @@ def _random_config(rng: random.Random) -> QuantConfig:
     )
 
 
-def _known_crash(x: torch.Tensor, config: QuantConfig) -> bool:
-    """rwsfmt bug (see test_channel_sparsity_of_a_tensor_without_rows): the writer crashes
-    on channel sparsity of a rank >= 2 tensor with shape[0] == 0."""
-    return config.sparse and config.sparsity == "channel" and x.dim() >= 2 and x.shape[0] == 0
-
-
 SEEDS = [1, 2, 3, 4, 5, 6, 7, 8]
 FILES_PER_SEED = 40
 TENSORS_PER_FILE = 4
@@ -555,8 +558,6 @@ def test_random_files_decode_to_the_same_bits_in_every_reader(tmp_path, seed):
         tensors, configs = {}, {}
         for t in range(TENSORS_PER_FILE):
             x, config = _random_tensor(rng, g), _random_config(rng)
-            if _known_crash(x, config):
-                config = config.replace(sparsity="tensor")
             x = x.to(rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16]))
             builder.quant = config
             name = f"t{t}"
@@ -596,8 +597,6 @@ def test_random_round_trips_cover_the_new_schemes():
         g = torch.Generator().manual_seed(seed)
         for _ in range(FILES_PER_SEED * TENSORS_PER_FILE):
             x, config = _random_tensor(rng, g), _random_config(rng)
-            if _known_crash(x, config):
-                config = config.replace(sparsity="tensor")
             q = config.values_metadata(tuple(x.shape))
             seen.add((q["scheme"], q.get("granularity"), config.sparse and config.sparsity))
             seen.add(("rank", x.dim(), x.numel() == 0))
@@ -609,16 +608,17 @@ def test_random_round_trips_cover_the_new_schemes():
     assert {("rank", 0, False), ("rank", 1, False), ("rank", 2, True)} <= seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="rwsfmt bug: quant.top_share reshapes to (shape[0], -1), which torch refuses for "
-    "0 elements when shape[0] == 0",
-)
-def test_channel_sparsity_of_a_tensor_without_rows():
-    config = QuantConfig(bits=8, density=0.5, sparsity="channel")
-    sig = rwsfmt.from_tensors({"w": torch.zeros(0, 4)}, label="t", quant=config)
-    assert sig.info("w").quant["nnz"] == 0
+@pytest.mark.parametrize("shape", [(0, 4), (0, 0, 3), (4, 0), (0,)])
+def test_sparsity_of_tensors_without_elements(tmp_path, shape):
+    """(rwsfmt's writer crashed on channel sparsity of a tensor with shape[0] == 0.)"""
+    tensors = {"w": torch.zeros(shape)}
+    for sparsity in ("tensor", "channel"):
+        config = QuantConfig(bits=1, density=0.5, sparsity=sparsity)
+        path = tmp_path / f"{sparsity}.rws"
+        rwsfmt.save(rwsfmt.from_tensors(tensors, label="t", quant=config), path)
+        assert rwsfmt.load(path).info("w").quant["nnz"] == 0
+        _, reference = reference_reader.read(str(path))
+        assert reference["w"].shape == shape and read_rwsfmt(path)["w"].shape == shape
 
 
 # --------------------------------------------------------------------------- older readers
@@ -635,10 +635,11 @@ def test_a_reader_without_the_1_2_schemes_asks_to_upgrade(monkeypatch, name):
         monkeypatch.delitem(SCHEMES, scheme)
     with pytest.raises(
         RwsError, match=r"(?s)unknown quantization scheme '(int2|sign|sparse)'.*upgrade"
-    ):
+    ) as caught:
         rwsfmt.load(path)
-    report = rwsfmt.verify(path)
-    assert not report.ok and any("upgrade" in p for p in report.problems)
+    assert not isinstance(caught.value, IntegrityError)  # not damage: a newer file (spec 9)
+    with pytest.raises(RwsError, match="upgrade"):
+        rwsfmt.verify(path)
     for old in ("sym8_channel", "mixed", "legacy_negzero_scale"):
         assert rwsfmt.verify(VECTORS / f"{old}.rws").ok
         read_rwsfmt(VECTORS / f"{old}.rws")
@@ -648,11 +649,19 @@ def test_a_reader_without_the_1_2_schemes_asks_to_upgrade(monkeypatch, name):
     }
 
 
-@pytest.mark.parametrize("scheme", NEW_SCHEMES)
-def test_each_1_2_scheme_alone_is_refused_by_name(monkeypatch, scheme):
-    """A reader that lacks one scheme names it: an entry in it is refused with an upgrade
-    message (for `sparse` values in a scheme it lacks, see the xfail test above)."""
-    files = {"int2": "int2_affine_group", "sign": "sign_channel", "sparse": "sparse_int8_tensor"}
+@pytest.mark.parametrize(
+    ("scheme", "name", "says"),
+    [
+        ("int2", "int2_affine_group", "unknown quantization scheme 'int2'"),
+        ("sign", "sign_channel", "unknown quantization scheme 'sign'"),
+        ("sparse", "sparse_int8_tensor", "unknown quantization scheme 'sparse'"),
+        ("sign", "sparse_sign_channel", "unknown scheme 'sign' for the values of a sparse"),
+    ],
+)
+def test_each_1_2_scheme_alone_is_refused_by_name(monkeypatch, scheme, name, says):
+    """A reader that lacks one scheme names it, also as the values of a sparse entry, and
+    asks to upgrade."""
     monkeypatch.delitem(SCHEMES, scheme)
-    with pytest.raises(RwsError, match=rf"(?s)unknown quantization scheme '{scheme}'.*upgrade"):
-        rwsfmt.load(VECTORS / f"{files[scheme]}.rws")
+    with pytest.raises(RwsError, match=rf"(?s){re.escape(says)}.*upgrade") as caught:
+        rwsfmt.load(VECTORS / f"{name}.rws")
+    assert not isinstance(caught.value, IntegrityError)
