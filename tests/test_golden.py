@@ -229,6 +229,41 @@ BEFORE_1_2 = {
         "90cc55d92cdeaf244203f5360b4c29e1788e825bd9320ce062e8ed8bc4b9d10f",
     ),
 }
+# and the `stats.quant_rel_error` it recorded for each tensor (the float32 error norm)
+QUANT_REL_ERROR_BEFORE_1_2 = {
+    "sym8_channel": {
+        "features.0.weight": 0.005494897671194415,
+        "features.0.bias": 0.0033142448552375076,
+    },
+    "sym16_byteplane": {
+        "layer.weight": 1.9543327347817837e-05,
+        "layer.bias": 1.960526505419053e-05,
+    },
+    "float32_exact": {
+        "w": 0.0,
+        "b": 0.0,
+    },
+    "affine4_group": {
+        "conv.weight": 0.06651854084797801,
+        "positive": 0.025967720780829158,
+    },
+    "mixed": {
+        "conv1.weight": 0.004339997085440472,
+        "bn1.weight": 0.0021335199766406333,
+        "bn1.bias": 0.0029507505646010047,
+        "bn1.running_mean": 0.0,
+        "bn1.running_var": 0.0,
+        "fc.weight": 0.004612879103685495,
+        "fc.bias": 0.0015360937044559524,
+        "scale": 0.0,
+        "empty": 0.0,
+    },
+    "legacy_negzero_scale": {
+        "conv.weight": 0.0052378541880224675,
+        "fc.weight": 0.08659426546973208,
+        "proj.weight": 1.4571535307988342e-05,
+    },
+}
 # the golden files these generators made are the writer's output today, byte for byte (the
 # others were made before revision 2 changed how the writer rounds scales: their values
 # differ from today's writer's, and readers must still decode them to the frozen values)
@@ -274,6 +309,8 @@ def test_files_without_new_schemes_are_written_as_before(tmp_path, monkeypatch, 
     assert struct.unpack_from("<HHI", data, 8) == (1, 0, 0)
     header_digest, payload_digest, doc = _normalized(data)
     assert (header_digest, payload_digest) == BEFORE_1_2[name]
+    errors = {e["name"]: e["stats"].get("quant_rel_error") for e in doc["tensors"]}
+    assert errors == QUANT_REL_ERROR_BEFORE_1_2[name]
     assert not {e["quant"]["scheme"] for e in doc["tensors"]} & {"int2", "sign", "sparse"}
     _, reference = reference_reader.read(str(path))
     with rwsfmt.load(path) as sig:

@@ -298,7 +298,7 @@ def _values_case(payload=None, **values):
 REFUSED = [
     # ---- header rules (decoded_length always matches the payload given)
     ("sparse index unknown", _sparse_case(index="rle"), "upgrade"),
-    ("sparse index missing", _sparse_case(index=None), "upgrade"),
+    ("sparse index missing", _sparse_case(index=None), "must name how positions are stored"),
     ("sparse index a list", _sparse_case(index=["bitmap"]), None),
     ("sparse index an object", _sparse_case(index={"bitmap": 1}), None),
     ("nnz missing", _sparse_case(nnz=None), None),
