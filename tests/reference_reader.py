@@ -222,7 +222,7 @@ def _quant(q, shape: list, n: int) -> tuple[int, int, bool]:
 
 
 def _sparse(q: dict, shape: list, n: int) -> tuple[int, dict]:
-    """(nnz, values quant) of a valid `sparse` quant object (section 3.7.3)."""
+    """(nnz, values quant) of a valid `sparse` quant object (section 3.7.4)."""
     if q.get("index") != "bitmap":
         raise Invalid("unknown sparse index: upgrade")
     nnz = q.get("nnz")

@@ -645,7 +645,7 @@ def mutate_new_quant(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
 
 def mutate_payload(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
     """Payload numbers of int2, sign and sparse entries, blob checksums (and zstd frames)
-    recomputed, so that the payload checks of spec 3.6 and 3.7.3 must decide: bitmap bits
+    recomputed, so that the payload checks of spec 3.6 and 3.7.4 must decide: bitmap bits
     flipped (popcount != nnz), moved (valid) or set in the padding (valid); scales and zero
     points negative, NaN, infinite, -0.0 (valid) or huge; codes changed (valid); or the
     values re-described with another quant and the payload cut or padded to fit."""

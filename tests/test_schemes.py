@@ -44,24 +44,32 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-# Relative errors on Gaussian values, where the theory is known: sign + mean-|x| scale
-# sqrt(1 - 2/pi) = 0.603; Lloyd-fitted ternary 0.436. Measured over seeds 0-4 on 256 x 576
-# (64 x 3 x 3 per channel): 0.6028-0.6031 and 0.4363-0.4366.
-@pytest.mark.parametrize(("bits", "expected"), [(1, 0.603), (2, 0.436)])
-def test_low_bit_errors_match_the_theory_on_gaussian_values(tmp_path, bits, expected):
+# Relative errors on Gaussian values, where the theory is known: sign + mean-|x| scale (the
+# least squared error) sqrt(1 - 2/pi) = 0.603, sign + the direction fit's E[x^2] / E|x|
+# sqrt(pi/2 - 1) = 0.756; Lloyd-fitted ternary 0.436. Measured over seeds 0-4 on 256 x 576
+# (64 x 3 x 3 per channel): 0.6028-0.6031, 0.7524-0.7550 and 0.4363-0.4366.
+@pytest.mark.parametrize(
+    ("bits", "fit", "expected"), [(1, "error", 0.603), (1, "direction", 0.756), (2, "error", 0.436)]
+)
+def test_low_bit_errors_match_the_theory_on_gaussian_values(tmp_path, bits, fit, expected):
     for seed in SEEDS:
         x = torch.randn(256, 64, 3, 3, generator=torch.Generator().manual_seed(seed))
-        _, sig = _round_trip(tmp_path, {"w": x}, QuantConfig(bits=bits))
-        assert abs(_rel(sig.tensor("w"), x) - expected) < 0.003
+        _, sig = _round_trip(tmp_path, {"w": x}, QuantConfig(bits=bits, fit=fit))
+        assert abs(_rel(sig.tensor("w"), x) - expected) < 0.006
         assert sig.info("w").stats["quant_rel_error"] == pytest.approx(_rel(sig.tensor("w"), x))
 
 
-def test_sign_decodes_to_plus_or_minus_the_mean_magnitude_of_each_channel(tmp_path):
+@pytest.mark.parametrize("fit", ["error", "direction"])
+def test_sign_decodes_to_plus_or_minus_the_fitted_scale_of_each_channel(tmp_path, fit):
     x = _conv(0)
-    path, sig = _round_trip(tmp_path, {"w": x}, QuantConfig(bits=1))
+    path, sig = _round_trip(tmp_path, {"w": x}, QuantConfig(bits=1, fit=fit))
     got = sig.tensor("w")
-    scale = x.abs().reshape(len(x), -1).sum(dim=1, dtype=torch.float64) / x[0].numel()
-    assert torch.equal(got.abs().amax(dim=(1, 2, 3)), scale.float())
+    rows = x.reshape(len(x), -1).double()
+    if fit == "error":  # the mean magnitude, rounded to nearest
+        scale = (rows.abs().sum(dim=1) / rows.shape[1]).float()
+    else:  # sum x^2 / sum |x|, rounded toward zero
+        scale = (rows.square().sum(dim=1) / rows.abs().sum(dim=1).clamp(min=1e-300)).float()
+    assert torch.allclose(got.abs().amax(dim=(1, 2, 3)), scale, rtol=1e-6, atol=0)
     live = x != 0
     assert torch.equal(torch.sign(got[live]), torch.sign(x[live]))
     dead = (x == 0).reshape(len(x), -1).all(dim=1)
@@ -73,7 +81,8 @@ def test_sign_decodes_to_plus_or_minus_the_mean_magnitude_of_each_channel(tmp_pa
 @pytest.mark.parametrize("sparsity", ["tensor", "channel"])
 def test_sparse_keeps_the_largest_entries_and_nothing_of_dead_channels(tmp_path, sparsity):
     x = _conv(1)
-    _, sig = _round_trip(tmp_path, {"w": x}, QuantConfig(bits=32, density=0.1, sparsity=sparsity))
+    quant = QuantConfig(bits=32, density=0.1, sparsity=sparsity, fit="error")
+    _, sig = _round_trip(tmp_path, {"w": x}, quant)
     got, info = sig.tensor("w"), sig.info("w")
     kept = got != 0
     assert int(kept.sum()) == info.nnz
@@ -250,6 +259,7 @@ def test_provenance_records_the_settings_and_reads_them_back(tmp_path):
         "group_size": 128,
         "density": 0.1,
         "sparsity": "channel",
+        "fit": "direction",
     }
     assert sig.quant == quant
 
@@ -262,3 +272,31 @@ def test_converting_to_the_same_sparse_setting_copies_tensors_unchanged(tmp_path
         again = rwsfmt.convert(sig, quant)
     assert again.provenance["conversions"][-1]["reencoded"] == 0
     assert bytes(again.stored("w")) == bytes(sig.stored("w"))
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        QuantConfig(bits=1),
+        QuantConfig(bits=2),
+        QuantConfig(bits=1, density=0.1, sparsity="channel"),
+        QuantConfig(bits=8, density=0.2),
+        QuantConfig(bits=32, density=0.2),
+        QuantConfig(bits=1, granularity="group", group_size=64, density=0.3),
+    ],
+    ids=lambda q: str(q.to_json()),
+)
+def test_the_direction_fit_keeps_the_projection_on_the_original(tmp_path, quant):
+    """What patching along a signature needs: <stored, original> = <original, original>,
+    per channel where the scales are per channel, else over the tensor (float32 rounding:
+    measured within 2e-7 relative)."""
+    for seed in SEEDS:
+        x = _conv(seed, channels=64)
+        _, sig = _round_trip(tmp_path, {"w": x}, quant)
+        got = sig.tensor("w").double().reshape(len(x), -1)
+        want = x.double().reshape(len(x), -1)
+        if quant.granularity == "channel" and quant.sparsity == "channel" or not quant.sparse:
+            along, energy = (got * want).sum(dim=1), want.square().sum(dim=1)
+            assert torch.allclose(along, energy, rtol=1e-5, atol=0), seed
+        else:
+            assert float((got * want).sum()) == pytest.approx(float(want.square().sum()), rel=1e-5)

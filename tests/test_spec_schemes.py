@@ -379,7 +379,7 @@ REFUSED = [
     ("sparse payload a byte long", _sparse_case(payload=SPARSE_OK[2] + b"\0"), None),
     ("sparse payload a byte short", _sparse_case(payload=SPARSE_OK[2][:-1]), None),
     ("sparse payload sized for nnz 1", _sparse_case(nnz=1, payload=SPARSE_OK[2]), None),
-    # ---- payload rules (3.6 and 3.7.3): the header is valid, the numbers are not
+    # ---- payload rules (3.6 and 3.7.4): the header is valid, the numbers are not
     (
         "bitmap holds more than nnz",
         _sparse_case(payload=bytes([0b10011]) + SPARSE_OK[2][1:]),
@@ -483,7 +483,7 @@ def test_the_refusal_cases_are_one_edit_from_valid_files(tmp_path):
     ids=["index", "values scheme"],
 )
 def test_unknown_sparse_values_ask_to_upgrade(tmp_path, case, says):
-    """Spec 3.7.3 and 10: an index or a values scheme a later version may define is refused
+    """Spec 3.7.4 and 10: an index or a values scheme a later version may define is refused
     as needing a newer reader (an RwsError that is not an IntegrityError), not as damage."""
     shape, quant, filt, payload = case
     path = write(tmp_path / "newer.rws", [entry("t", shape, quant, payload, filt)])

@@ -58,7 +58,7 @@ class Linear(Grouped):
             scale = self.fit_scale(rows, peak, half)
         else:
             low, high = low.clamp(max=0), high.clamp(min=0)
-            scale = _scale(high.double() - low.double(), levels)
+            scale = scale_toward_zero(high.double() - low.double(), levels)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows: codes = zp
         if symmetric:
             zp = torch.full_like(scale, float(half))
@@ -71,7 +71,7 @@ class Linear(Grouped):
 
     def fit_scale(self, rows: torch.Tensor, peak: torch.Tensor, half: int) -> torch.Tensor:
         """The symmetric scale of each row: its largest magnitude over `half - 1` levels."""
-        return _scale(peak, half - 1, cap=FLOAT32_MAX / half)
+        return scale_toward_zero(peak, half - 1, cap=FLOAT32_MAX / half)
 
 
 class Int2(Linear):
@@ -92,10 +92,10 @@ class Int2(Linear):
             total = torch.where(kept, magnitude, 0).sum(dim=1, dtype=torch.float64)
             n = kept.sum(dim=1)
             scale = torch.where(n > 0, total / n.clamp(min=1), scale.double())
-        return _scale(scale, 1, cap=FLOAT32_MAX / half)
+        return scale_toward_zero(scale, 1, cap=FLOAT32_MAX / half)
 
 
-def _scale(span: torch.Tensor, divisor: int, cap: float = FLOAT32_MAX) -> torch.Tensor:
+def scale_toward_zero(span: torch.Tensor, divisor: int, cap: float = FLOAT32_MAX) -> torch.Tensor:
     """float32 scales `min(span / divisor, cap)` per group, rounded toward zero.
 
     The quotient is taken in float64 (a float32 `span` may be near 3.4e38, and a float32
