@@ -68,6 +68,7 @@ STORAGE = [  # the --help group quant_options adds, by the parameters' names
     "target_bpp",
     "store_density",
     "sparsity",
+    "fit",
     "granularity",
     "group_size",
     "affine",
@@ -76,9 +77,10 @@ BITS = ("1", "2", "4", "8", "16", "32", "auto")
 
 
 def quant_options(*, inherit: str | None = None, density_flag: str = "--density") -> Callable:
-    """Add the storage options --bits, --target-bpp, --density, --sparsity, --granularity,
-    --group-size and --affine/--symmetric (default 8-bit symmetric per channel, every entry
-    kept); the command receives them as one `storage: Storage` argument. With `inherit`
+    """Add the storage options --bits, --target-bpp, --density, --sparsity, --fit,
+    --granularity, --group-size and --affine/--symmetric (default 8-bit symmetric per
+    channel, every entry kept); the command receives them as one `storage: Storage`
+    argument. With `inherit`
     (e.g. "the input"), options left out keep its settings (the command calls
     `storage.inherit`), and --help says so. `density_flag` names --density where the command
     has a --density of its own (merge: --store-density)."""
@@ -88,6 +90,8 @@ def quant_options(*, inherit: str | None = None, density_flag: str = "--density"
         "With --bits auto: bits per parameter for the whole file, header included.",
         "Share (0 < D <= 1) of each tensor's entries kept, the largest; the rest are 0.",
         f"Keep the {density_flag} share of each tensor, or of each output channel.",
+        "Scales of 1/2-bit and sparse storage: keep the signature's direction (its projection "
+        "on the original), or the least squared error.",
         "One scale per output channel, per tensor, or per group of values.",
         "Values per scale with --granularity group.",
         "Affine (scale + zero point) or symmetric quantization.",
@@ -129,20 +133,27 @@ def quant_options(*, inherit: str | None = None, density_flag: str = "--density"
             help=helps[3],
         ),
         click.option(
+            "--fit",
+            type=click.Choice(["direction", "error"]),
+            default="direction",
+            show_default=show,
+            help=helps[4],
+        ),
+        click.option(
             "--granularity",
             type=click.Choice(["channel", "tensor", "group"]),
             default="channel",
             show_default=show,
-            help=helps[4],
+            help=helps[5],
         ),
         click.option(
             "--group-size",
             type=click.IntRange(min=1, max=MAX_GROUP_SIZE),
             default=128,
             show_default=show,
-            help=helps[5],
+            help=helps[6],
         ),
-        click.option("--affine/--symmetric", default=False, show_default=show, help=helps[6]),
+        click.option("--affine/--symmetric", default=False, show_default=show, help=helps[7]),
     ]
 
     def decorate(f: Callable) -> Callable:
@@ -154,6 +165,7 @@ def quant_options(*, inherit: str | None = None, density_flag: str = "--density"
                 target_bpp=given["target_bpp"],
                 density=given["store_density"],
                 sparsity=given["sparsity"],
+                fit=given["fit"],
                 granularity=given["granularity"],
                 group_size=given["group_size"],
                 affine=given["affine"],
@@ -219,6 +231,7 @@ class Storage:
     target_bpp: float | None
     density: float | None
     sparsity: str
+    fit: str
     granularity: str
     group_size: int
     affine: bool
@@ -260,6 +273,9 @@ class Storage:
                 f"it says where {flag} picks the kept entries, and every entry is kept",
                 fix=f"add {flag} D (below 1), or drop --sparsity",
             )
+        fit = pick("fit", self.fit, b.fit)
+        if _given("fit") and not (bits in (1, 2, "auto") or density < 1):
+            _unused("--fit", f"{bits}-bit dense codes keep their direction already")
         granularity = pick("granularity", self.granularity, b.granularity)
         group_size = pick("group_size", self.group_size, b.group_size)
         symmetric = pick("affine", not self.affine, b.symmetric)
@@ -290,6 +306,7 @@ class Storage:
             density=density,
             sparsity=sparsity,
             target_bpp=target,
+            fit=fit,
         )
 
     def _target(

@@ -300,3 +300,27 @@ def test_the_direction_fit_keeps_the_projection_on_the_original(tmp_path, quant)
             assert torch.allclose(along, energy, rtol=1e-5, atol=0), seed
         else:
             assert float((got * want).sum()) == pytest.approx(float(want.square().sum()), rel=1e-5)
+
+
+def test_the_cli_stores_with_either_fit(tmp_path):
+    from click.testing import CliRunner
+
+    from rwsfmt_cli.main import main
+
+    source = tmp_path / "exact.rws"
+    rwsfmt.save(
+        rwsfmt.from_tensors({"w": _conv(10)}, label="t", quant=QuantConfig(bits=32)), source
+    )
+    for fit in ("direction", "error"):
+        out = tmp_path / f"{fit}.rws"
+        result = CliRunner().invoke(
+            main, ["convert", str(source), "-o", str(out), "--bits", "1", "--fit", fit]
+        )
+        assert result.exit_code == 0, result.output
+        assert rwsfmt.load(out).quant == QuantConfig(bits=1, fit=fit)
+        assert rwsfmt.load(out).info("w").quant["fit"] == fit
+    result = CliRunner().invoke(
+        main,
+        ["convert", str(source), "-o", str(tmp_path / "8.rws"), "--bits", "8", "--fit", "error"],
+    )
+    assert result.exit_code == 0 and "--fit has no effect" in result.output
