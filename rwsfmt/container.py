@@ -24,12 +24,13 @@ from typing import Any, BinaryIO
 
 from .atomic import atomic_write
 from .errors import IntegrityError, RwsError
+from .format.schemes import SCHEMES, scheme_of
 from .inputs import open_input, strict_json
 from .limits import check_decoded_size
 from .signing.block import MAX_BLOCK_BYTES, SignatureBlock, parse_block
 
 MAGIC = b"\x89RWS\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (1, 2)  # the newest version this module reads; files say the lowest they need
 PREAMBLE = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, flags, header/data length, digest
 PREAMBLE_SIZE = PREAMBLE.size  # 64
 DIGESTED_PREAMBLE = 32  # the header digest covers preamble bytes [0, 32) and the header
@@ -41,15 +42,11 @@ MAX_TENSORS = 65_536
 MAX_RANK = 8
 MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
-MAX_GROUP_SIZE = 1 << 31
 MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
-NEGATIVE_ZERO = 0x8000_0000  # the bits of float32 -0.0, read as +0.0 in a scale
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
 FILTERS = ("none", "byteplane")
-GRANULARITIES = ("tensor", "channel", "group")
-LINEAR_BITS = (4, 8, 16)
 SOURCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 _UPGRADE = "upgrade rwsfmt (pip install -U rwsfmt) to read it"
@@ -85,31 +82,50 @@ class TensorInfo:
 
     @property
     def bits(self) -> int:
+        """Bits per stored value (of the kept values, for a sparse tensor)."""
         return int(self.quant["bits"])
 
     @property
+    def scheme(self) -> str:
+        return self.quant["scheme"]
+
+    @property
+    def values_quant(self) -> dict[str, Any]:
+        """How the stored values are coded: `quant` itself, or a sparse tensor's `values`."""
+        return self.quant["values"] if self.quant["scheme"] == "sparse" else self.quant
+
+    @property
+    def nnz(self) -> int:
+        """Number of values stored: every element, or the kept ones of a sparse tensor."""
+        return self.quant["nnz"] if self.quant["scheme"] == "sparse" else self.numel
+
+    @property
     def granularity(self) -> str:
-        """'tensor', 'channel' or 'group' for linear quantization, 'none' for exact floats."""
-        if self.quant["scheme"] != "linear":
-            return "none"
-        return self.quant["granularity"]
+        """'tensor', 'channel' or 'group' for values with scales, 'none' for exact floats."""
+        return self.values_quant.get("granularity", "none")
 
     @property
     def n_scales(self) -> int:
         """Number of (scale, zero point) groups in the payload."""
-        return _scale_groups(self.quant, self.shape, self.numel)
+        return scheme_of(self.quant).scale_groups(self.quant, self.shape, self.numel)
 
     @property
     def affine(self) -> bool:
-        return self.quant["scheme"] == "linear" and not self.quant["symmetric"]
+        q = self.values_quant
+        return q["scheme"] in ("linear", "int2") and not q["symmetric"]
 
     @property
     def values_offset(self) -> int:
         """Byte offset of the packed values inside the decoded payload."""
-        return _values_offset(self.quant, self.shape, self.numel)
+        return scheme_of(self.quant).values_offset(self.quant, self.shape, self.numel)
+
+    @property
+    def minor(self) -> int:
+        """The lowest format minor version that can hold this entry."""
+        return scheme_of(self.quant).entry_minor(self.quant)
 
     def expected_decoded_length(self) -> int:
-        return _payload_length(self.quant, self.shape, self.numel)
+        return scheme_of(self.quant).payload_length(self.quant, self.shape, self.numel)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -128,29 +144,6 @@ class TensorInfo:
         if self.stats:
             out["stats"] = self.stats
         return out
-
-
-def _scale_groups(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
-    """Number of (scale, zero point) groups of a validated `quant` (spec section 3.1)."""
-    if quant["scheme"] != "linear":
-        return 0
-    granularity = quant["granularity"]
-    if granularity == "tensor":
-        return 1
-    if granularity == "channel":
-        return shape[quant["axis"]]
-    return -(-numel // quant["group_size"])
-
-
-def _values_offset(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
-    """Bytes of scales and zero points before the packed values (spec section 3.2)."""
-    affine = quant["scheme"] == "linear" and not quant["symmetric"]
-    return 4 * _scale_groups(quant, shape, numel) * (2 if affine else 1)
-
-
-def _payload_length(quant: dict[str, Any], shape: tuple[int, ...] | list[int], numel: int) -> int:
-    """Bytes of a tensor's decoded payload: scales, zero points, then packed values."""
-    return _values_offset(quant, shape, numel) + (numel * quant["bits"] + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -208,7 +201,8 @@ def build_header(
             f"header would be {len(header):,} bytes, over the {MAX_HEADER_BYTES:,}-byte limit",
             fix="store fewer tensors or shorter metadata in one file",
         )
-    head = PREAMBLE.pack(MAGIC, *VERSION, 0, len(header), offset, b"\0" * 32)
+    minor = max((e.minor for e in placed), default=0)
+    head = PREAMBLE.pack(MAGIC, VERSION[0], minor, 0, len(header), offset, b"\0" * 32)
     digest = hashlib.sha256(head[:DIGESTED_PREAMBLE] + header).digest()
     return head[:DIGESTED_PREAMBLE] + digest, header, placed
 
@@ -358,7 +352,8 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
 def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
     """Refuse payloads whose numbers no writer produces (spec section 3.6): exact float32
     values that are not finite; scales that are negative or not finite; zero points that are
-    not finite; and groups whose scale and zero point could decode a code to infinity.
+    not finite; groups whose scale and zero point could decode a code to infinity; a sparse
+    bitmap that does not hold `nnz` positions.
 
     A scale of exactly -0.0 is accepted: rwsfmt 0.1.0 wrote it for all-zero groups, and
     it reads as +0.0.
@@ -366,47 +361,9 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
     import numpy as np
 
     raw = np.frombuffer(payload, dtype=np.uint8)
-    if info.quant["scheme"] == "float":
-        n = info.numel
-        values = raw[info.values_offset :]
-        planes = values.reshape(4, n) if info.filter == "byteplane" else values.reshape(n, 4).T
-        if _any_nonfinite(planes[2], planes[3]):
-            raise IntegrityError(f"tensor {info.name!r} holds NaN or infinite values", path=path)
-        return
-    g = info.n_scales
-    scale_bits = np.frombuffer(payload, dtype="<u4", count=g)
-    scales = (scale_bits & 0x7FFF_FFFF).view("<f4")  # -0.0 reads as +0.0 ...
-    if (scale_bits > NEGATIVE_ZERO).any() or not np.isfinite(scales).all():  # ... others fail
-        raise IntegrityError(f"tensor {info.name!r} has a negative or non-finite scale", path=path)
-    if info.affine:
-        zps = np.frombuffer(payload, dtype="<f4", count=g, offset=4 * g)
-        if not np.isfinite(zps).all():
-            raise IntegrityError(f"tensor {info.name!r} has a non-finite zero point", path=path)
-    else:
-        zps = np.float32(1 << (info.bits - 1))
-    if not decodes_finite(scales, zps, info.bits).all():
-        raise IntegrityError(
-            f"tensor {info.name!r} has a scale and zero point that decode codes beyond the "
-            "float32 range",
-            path=path,
-        )
-
-
-def decodes_finite(scales: Any, zero_points: Any, bits: int) -> Any:
-    """Per group (numpy float32 arrays), whether every `bits`-wide code decodes to a finite
-    value: `(u - zp) * scale` (float32, spec 3.3) is monotone in `u`, so checking the codes
-    0 and 2**bits - 1 covers all of them, without decoding the values."""
-    import numpy as np
-
-    with np.errstate(over="ignore"):
-        lowest = (np.float32(0) - zero_points) * scales
-        highest = (np.float32((1 << bits) - 1) - zero_points) * scales
-    return np.isfinite(lowest) & np.isfinite(highest)
-
-
-def _any_nonfinite(byte2: Any, byte3: Any) -> bool:
-    """Whether any little-endian float32, given its bytes 2 and 3, has an all-ones exponent."""
-    return bool((((byte3 & 0x7F) == 0x7F) & (byte2 >= 0x80)).any())
+    problem = scheme_of(info.quant).check(raw, info.quant, info.shape, info.numel, info.filter)
+    if problem:
+        raise IntegrityError(f"tensor {info.name!r} {problem}", path=path)
 
 
 def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
@@ -696,7 +653,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
             raise bad(f"shape {shape} has more than {MAX_ELEMENTS:,} elements")
     if dtype not in SOURCE_DTYPES:
         raise bad(f"unknown dtype {dtype!r}")
-    quant = _validate_quant(quant, shape, bad)
+    _validate_quant(quant, shape, bad)
     if filt not in FILTERS:
         raise bad(f"unknown filter {filt!r}; {_UPGRADE}")
     if filt == "byteplane" and quant["bits"] not in (16, 32):
@@ -726,7 +683,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         sha256=sha,
         stats=stats,
     )
-    expected = _payload_length(quant, shape, numel)
+    expected = scheme_of(quant).payload_length(quant, shape, numel)
     if decoded_length != expected:
         raise bad(f"decoded_length {decoded_length} should be {expected} for its shape")
     if codec == "raw" and length != decoded_length:
@@ -738,33 +695,15 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
     return info
 
 
-def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> dict[str, Any]:
-    scheme = q.get("scheme")
+def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> None:
+    """Spec 3.1: `bits` an integer, a known `scheme`, and that scheme's own rules."""
     bits = q.get("bits")
     if not isinstance(bits, int) or isinstance(bits, bool):
         raise bad(f"quant.bits {bits!r} is not an integer")
-    if scheme == "float":
-        if bits != 32:
-            raise bad(f"float scheme with {bits} bits is not supported")
-        return q
-    if scheme != "linear":
-        raise bad(f"unknown quantization scheme {scheme!r}; {_UPGRADE}")
-    if bits not in LINEAR_BITS:
-        raise bad(f"linear quantization with {bits!r} bits is not supported")
-    if not isinstance(q.get("symmetric"), bool):
-        raise bad("quant.symmetric must be true or false")
-    gran = q.get("granularity")
-    if gran not in GRANULARITIES:
-        raise bad(f"unknown quantization granularity {gran!r}")
-    if gran == "channel":
-        axis = q.get("axis")
-        if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < len(shape):
-            raise bad(f"quant.axis {axis!r} is not an axis of shape {shape}")
-    if gran == "group":
-        gs = q.get("group_size")
-        if not isinstance(gs, int) or isinstance(gs, bool) or not 1 <= gs <= MAX_GROUP_SIZE:
-            raise bad(f"quant.group_size {gs!r} is out of range")
-    return q
+    name = q.get("scheme")
+    if type(name) is not str or name not in SCHEMES:
+        raise bad(f"unknown quantization scheme {name!r}; {_UPGRADE}")
+    SCHEMES[name].validate(q, tuple(shape), bad)
 
 
 # --------------------------------------------------------------------------- verifying

@@ -1,48 +1,68 @@
-"""Linear quantization of signature tensors, and its exact inverse on any torch device.
+"""How tensors are stored: `QuantConfig`, and `encode`/`decode` through the format's schemes.
 
-A payload is `scales (float32 x G) | zero points (float32 x G, affine only) | values`.
-Values are unsigned `bits`-wide integers `u`; a tensor element is `(u - zp) * scale`,
-with `zp = 2**(bits-1)` implied for symmetric quantization. 16- and 32-bit values may be
-split into byte planes (all low bytes, then the next, ...) so zstd sees similar bytes.
+Dense tensors are stored in one scheme (`format.schemes`): exact float32, linear codes of
+4/8/16 bits, 2-bit codes (`int2`) or signs with a scale (`sign`, 1 bit). With `density` below
+1 only the largest entries are kept (`sparse`): a bitmap of their positions, then their
+values in one of those schemes. Decoding happens on the target device.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .container import GRANULARITIES, LINEAR_BITS, MAX_GROUP_SIZE, TensorInfo, decodes_finite
+from .container import TensorInfo
 from .errors import RwsError, spell
+from .format.schemes import GRANULARITIES, MAX_GROUP_SIZE, decodes_finite, scheme_of
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
     raise ImportError("rwsfmt needs a little-endian machine")
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+BITS = (1, 2, 4, 8, 16, 32)
+SPARSITIES = ("tensor", "channel")
+_VALUE_SCHEMES = {1: "sign", 2: "int2", 32: "float"}  # every other width is "linear"
+AUTO_DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # sparse choices of 'auto'
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to store tensors: `bits` 4/8/16 (linear) or 32 (exact float32).
+    """How to store tensors.
 
-    `granularity` is 'channel' (one scale per output channel, axis 0; tensors of rank < 2
-    fall back to one scale), 'tensor' or 'group' (`group_size` consecutive elements).
+    `bits`: 32 (exact float32), 16/8/4 (linear codes), 2 (2-bit codes: ternary when
+    symmetric), 1 (the sign of each value and a scale per group), or "auto" (a scheme per
+    tensor, chosen to fit `target_bpp` bits per parameter over the whole file).
+    `granularity`: 'channel' (one scale per output channel, axis 0; tensors of rank < 2
+    fall back to one scale), 'tensor' or 'group' (`group_size` consecutive values).
+    `density` < 1 keeps only that share of each tensor's entries, the largest in magnitude,
+    chosen per tensor or per output channel (`sparsity`).
     """
 
-    bits: int = 8
+    bits: int | str = 8
     symmetric: bool = True
     granularity: str = "channel"
     group_size: int = 128
+    density: float = 1.0
+    sparsity: str = "tensor"
+    target_bpp: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse settings no file can hold (they may come from another file's provenance)."""
-        if type(self.bits) is not int or self.bits not in (*LINEAR_BITS, 32):
-            raise RwsError(f"bits={self.bits!r} is not supported", fix="use 4, 8, 16 or 32")
+        auto = self.bits == "auto"
+        if not auto and (type(self.bits) is not int or self.bits not in BITS):
+            raise RwsError(
+                f"bits={self.bits!r} is not supported", fix="use 1, 2, 4, 8, 16, 32 or 'auto'"
+            )
         if not isinstance(self.symmetric, bool):
             raise RwsError(f"symmetric={self.symmetric!r} must be True or False")
+        if self.bits == 1 and not self.symmetric:
+            raise RwsError(
+                "1-bit codes store signs, which have no zero point to make them affine",
+                fix="use symmetric=True with bits=1, or 2 bits or more for affine codes",
+            )
         if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
             raise RwsError(
                 f"unknown granularity {self.granularity!r}", fix=f"use one of {GRANULARITIES}"
@@ -52,12 +72,43 @@ class QuantConfig:
                 f"group_size={self.group_size!r} must be a whole number from 1 to "
                 f"{MAX_GROUP_SIZE:,}"
             )
+        if not _real(self.density) or not 0 < self.density <= 1:
+            raise RwsError(
+                f"density={self.density!r} must be a share of entries kept, above 0 and at most 1"
+            )
+        if not isinstance(self.sparsity, str) or self.sparsity not in SPARSITIES:
+            raise RwsError(f"unknown sparsity {self.sparsity!r}", fix=f"use one of {SPARSITIES}")
+        if auto != (self.target_bpp is not None):
+            raise RwsError(
+                "bits='auto' and target_bpp go together",
+                fix="give both (bits='auto', target_bpp=0.5), or neither",
+            )
+        if auto and (not _real(self.target_bpp) or not 0 < self.target_bpp <= 32):
+            raise RwsError(
+                f"target_bpp={self.target_bpp!r} must be a number of bits per parameter, "
+                "above 0 and at most 32"
+            )
 
-    def metadata(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        """The header's `quant` object for a tensor of this shape."""
-        if self.bits == 32:
-            return {"scheme": "float", "bits": 32}
-        q: dict[str, Any] = {"scheme": "linear", "bits": self.bits, "symmetric": self.symmetric}
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> QuantConfig:
+        """The config a `to_json` record describes (missing keys take their defaults);
+        `RwsError` for anything a config does not accept."""
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def sparse(self) -> bool:
+        return self.density < 1
+
+    def values_metadata(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The header's `quant` object for the stored values of a tensor of this shape
+        (a sparse tensor's `values`)."""
+        scheme = _VALUE_SCHEMES.get(self.bits, "linear")
+        q: dict[str, Any] = {"scheme": scheme, "bits": self.bits}
+        if scheme == "float":
+            return q
+        if scheme != "sign":
+            q["symmetric"] = self.symmetric
         if self.granularity == "channel" and len(shape) >= 2:
             q.update(granularity="channel", axis=0)
         elif self.granularity == "group":
@@ -66,13 +117,51 @@ class QuantConfig:
             q["granularity"] = "tensor"
         return q
 
+    def describes(self, quant: dict[str, Any], shape: tuple[int, ...]) -> bool:
+        """Whether a tensor stored with `quant` is stored as this config would store it."""
+        if self.bits == "auto":
+            return False
+        if not self.sparse:
+            return quant == self.values_metadata(shape)
+        return quant.get("scheme") == "sparse" and quant.get("values") == self.values_metadata(
+            shape
+        )
+
     def to_json(self) -> dict[str, Any]:
+        """The settings as recorded in provenance: those that matter for `bits`."""
+        if self.bits == "auto":
+            return {"bits": "auto", "target_bpp": self.target_bpp}
         out: dict[str, Any] = {"bits": self.bits}
         if self.bits != 32:
-            out.update(symmetric=self.symmetric, granularity=self.granularity)
+            if self.bits != 1:
+                out["symmetric"] = self.symmetric
+            out["granularity"] = self.granularity
             if self.granularity == "group":
                 out["group_size"] = self.group_size
+        if self.sparse:
+            out.update(density=self.density, sparsity=self.sparsity)
         return out
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return QuantConfig(**{**asdict(self), **changes})
+
+    def candidates(self) -> list[QuantConfig]:
+        """The storages `bits='auto'` chooses from for each tensor: signs of the largest
+        entries at rising density (the sparsest also with one scale per tensor, as per-channel
+        scales outweigh a few kept signs), dense signs, then 2/4/8/16-bit codes; all with
+        this config's granularity, group size and sparsity otherwise."""
+        base = self.replace(bits=8, target_bpp=None, density=1.0)
+        signs = base.replace(bits=1, symmetric=True)
+        return [
+            *(signs.replace(density=d, granularity="tensor") for d in AUTO_DENSITIES[:3]),
+            *(signs.replace(density=d) for d in AUTO_DENSITIES),
+            signs,
+            *(base.replace(bits=b) for b in (2, 4, 8, 16)),
+        ]
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -86,52 +175,128 @@ class Encoded:
 
 
 def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encoded:
-    """Quantize `x` (any float dtype, any device) into a payload per `config`.
+    """Store `x` (any float dtype, any device) per `config` (not 'auto': one scheme).
 
     Raises `RwsError` (naming the tensor `name`) when affine codes would decode beyond the
     float32 range, which only happens for values within a step of +-3.4e38.
     """
+    if config.bits == "auto":
+        raise RwsError("encode() stores one tensor in one scheme; bits='auto' picks them per file")
     x32 = x.detach().to(torch.float32)
-    quant = config.metadata(tuple(x.shape))
-    if quant["scheme"] == "float":
-        payload = _planes(x32.reshape(-1).cpu().view(torch.uint8), 4)
-        return Encoded(quant, "byteplane", payload, 0.0)
-    bits, n = quant["bits"], x32.numel()
-    groups = _as_groups(x32.reshape(-1), quant, x.shape)
-    scale, zp, u = _quantize_groups(groups, bits, quant["symmetric"])
-    scale_np, zp_np = scale.cpu().numpy(), zp.cpu().numpy()
-    if not decodes_finite(scale_np, zp_np, bits).all():
-        raise RwsError(
-            f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
-            f"{bits}-bit affine quantization: they would decode to infinity",
-            fix=f"store it exactly ({spell('--bits 32', 'bits=32')}) or symmetrically quantized",
-        )
-    codes = u.reshape(-1)[:n].to(torch.uint8 if bits == 8 else torch.int32).cpu()
-    # reuse u for the error: decoded - x = (u - zp) * scale - x, one pass, no new tensor
-    error = u.sub_(zp[:, None]).mul_(scale[:, None]).sub_(groups)
-    norm = _norm(x32)
-    rel_error = _norm(error) / norm if norm else 0.0
+    shape, flat = tuple(x.shape), x32.reshape(-1)
+    values_quant = config.values_metadata(shape)
+    parts: list[bytes] = []
+    channel_counts = None
+    if config.sparse:
+        kept = top_share(x32, config.density, config.sparsity)
+        flat = flat[kept]
+        if values_quant.get("granularity") == "channel":
+            channel_counts = kept.view(shape[0], math.prod(shape[1:])).sum(dim=1)
+        quant = {
+            "scheme": "sparse",
+            "bits": config.bits,
+            "index": "bitmap",
+            "nnz": flat.numel(),
+            "values": values_quant,
+        }
+        parts.append(_pack_codes(kept.to(torch.uint8), 1))
+    else:
+        quant = values_quant
+    filt, coded = _encode_values(flat, values_quant, shape, channel_counts, name)
+    payload = b"".join([*parts, *coded])
+    info = TensorInfo(name, "delta", shape, "float32", quant, filt, "raw", 0, 0, 0, "")
+    error = decode(bytearray(payload), info, x32.device).sub_(x32)
+    norm = vector_norm(x32)
+    return Encoded(quant, filt, payload, vector_norm(error) / norm if norm else 0.0)
+
+
+def top_share(x: torch.Tensor, density: float, sparsity: str) -> torch.Tensor:
+    """Flat bool mask of the `round(density * m)` (at least 1) largest-magnitude nonzero
+    entries of each row of `m` entries: the whole tensor, or each output channel (axis 0)
+    for `sparsity='channel'` on tensors of rank >= 2. Ties at the threshold go to the
+    earliest entries in row-major order, so the choice is deterministic."""
+    by_channel = sparsity == "channel" and x.dim() >= 2
+    rows = x.shape[0] if by_channel else 1
+    magnitude = x.abs().reshape(rows, x.numel() // rows if rows else 0)
+    m = magnitude.shape[1]
+    keep = min(m, max(1, round(density * m)))
+    if m == 0 or magnitude.shape[0] == 0:
+        return torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    threshold = magnitude.kthvalue(m - keep + 1, dim=1).values[:, None]
+    above = magnitude > threshold
+    tie = magnitude == threshold
+    room = keep - above.sum(dim=1, keepdim=True)
+    kept = above | (tie & (tie.cumsum(dim=1) <= room))
+    return (kept & (magnitude > 0)).reshape(-1)
+
+
+def _encode_values(
+    flat: torch.Tensor,
+    q: dict[str, Any],
+    shape: tuple[int, ...],
+    channel_counts: torch.Tensor | None,
+    name: str,
+) -> tuple[str, list[bytes]]:
+    """(filter, payload parts) for the `count` values `flat` stored per `q`."""
+    if q["scheme"] == "float":
+        return "byteplane", [_planes(flat.cpu().view(torch.uint8), 4)]
+    bits, count = q["bits"], flat.numel()
+    rows, counts, order = _as_rows(flat, q, shape, channel_counts)
+    scale, zp, u = scheme_of(q).quantize(rows, counts, q)
+    scale_np = scale.cpu().numpy()
     parts = [scale_np.tobytes()]
-    if not quant["symmetric"]:
+    if q["scheme"] != "sign" and not q["symmetric"]:
+        zp_np = zp.cpu().numpy()
+        if not decodes_finite(scale_np, zp_np, 0, (1 << bits) - 1).all():
+            raise RwsError(
+                f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
+                f"{bits}-bit affine quantization: they would decode to infinity",
+                fix=f"store it exactly ({spell('--bits 32', 'bits=32')}) or symmetrically "
+                "quantized",
+            )
         parts.append(zp_np.tobytes())
-    filt = "none"
-    if bits == 8:
-        parts.append(codes.numpy().tobytes())
-    elif bits == 16:
+    codes = order(u)[:count]
+    if bits == 16:
+        codes = codes.to(torch.int32).cpu()
         low_high = torch.stack([codes & 0xFF, codes >> 8], dim=1).to(torch.uint8)
-        parts.append(_planes(low_high.reshape(-1), 2))
-        filt = "byteplane"
-    else:  # 4 bits: element 2i in the low nibble, 2i+1 in the high nibble
-        padded = torch.nn.functional.pad(codes, (0, n % 2))
-        parts.append(((padded[0::2] | (padded[1::2] << 4)).to(torch.uint8)).numpy().tobytes())
-    return Encoded(quant, filt, b"".join(parts), rel_error)
+        return "byteplane", [*parts, _planes(low_high.reshape(-1), 2)]
+    return "none", [*parts, _pack_codes(codes.to(torch.uint8), bits)]
+
+
+def _as_rows(
+    flat: torch.Tensor,
+    q: dict[str, Any],
+    shape: tuple[int, ...],
+    channel_counts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The values as [groups, members] rows that share one scale, zero-padded; the real
+    members per row; and a function that puts per-row codes back in value order."""
+    count, granularity = flat.numel(), q["granularity"]
+    flatten = torch.Tensor.reshape
+    if granularity == "channel" and channel_counts is not None:  # sparse: ragged channels
+        rows = torch.zeros(shape[0], int(channel_counts.max()) if count else 0, device=flat.device)
+        valid = torch.arange(rows.shape[1], device=flat.device) < channel_counts[:, None]
+        rows[valid] = flat
+        return rows, channel_counts, lambda u: u[valid]
+    if granularity == "channel":
+        rows = flat.view(shape[0], math.prod(shape[1:]))
+    elif granularity == "group" and -(-count // q["group_size"]) != 1:
+        size = q["group_size"]
+        groups = -(-count // size)
+        rows = torch.nn.functional.pad(flat, (0, groups * size - count)).view(groups, size)
+    else:  # one group: no padding up to a group size much larger than the tensor
+        rows = flat.view(1, -1)
+    counts = torch.full((rows.shape[0],), rows.shape[1], device=flat.device)
+    if rows.shape[0] and rows.numel() > count:
+        counts[-1] -= rows.numel() - count
+    return rows, counts, lambda u: flatten(u, -1)
 
 
 # Below this a float32 norm may have lost the squares that underflow (values under ~1e-19).
 _SMALL_NORM = 1e-6
 
 
-def _norm(t: torch.Tensor) -> float:
+def vector_norm(t: torch.Tensor) -> float:
     """||t||_2 as a Python float, finite for any finite `t`.
 
     float32 accumulation overflows once squares pass 3.4e38 (values over ~1.8e19) and drops
@@ -147,127 +312,29 @@ def _norm(t: torch.Tensor) -> float:
 def decode(
     payload: bytearray, info: TensorInfo, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The float32 tensor a payload stands for, dequantized on `device`.
+    """The float32 tensor a checked payload stands for, decoded on `device`.
 
     Only the payload bytes are moved to the device; the arithmetic happens there.
     """
-    n, q = info.numel, info.quant
     raw = (
         torch.frombuffer(payload, dtype=torch.uint8)
         if len(payload)
         else torch.empty(0, dtype=torch.uint8)
     )
     raw = raw.to(device) if device is not None else raw
-    values = raw[info.values_offset :]
-    if q["scheme"] == "float":
-        if info.filter == "byteplane":
-            values = values.view(4, n).t().contiguous().reshape(-1)
-        return values.view(torch.float32).reshape(info.shape)
-    bits, g = q["bits"], info.n_scales
-    # abs(): a -0.0 scale (rwsfmt 0.1.0, all-zero groups) reads as +0.0, spec 3.6;
-    # check_payload has refused every other negative scale
-    scale = raw[: 4 * g].view(torch.float32).abs()
-    if q["symmetric"]:
-        zp = torch.full_like(scale, float(1 << (bits - 1)))
-    else:
-        zp = raw[4 * g : 8 * g].view(torch.float32)
+    q = info.quant
+    return scheme_of(q).decode(raw, q, info.shape, info.numel, info.filter).reshape(info.shape)
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> bytes:
+    """uint8 codes of `bits` (1, 2, 4 or 8) packed little-end first (spec 3.2)."""
+    codes = codes.cpu()
     if bits == 8:
-        u = values
-    elif bits == 16:
-        pairs = values.view(2, n).t() if info.filter == "byteplane" else values.view(n, 2)
-        u = pairs[:, 0].to(torch.int32) | (pairs[:, 1].to(torch.int32) << 8)
-    else:
-        u = torch.stack([values & 0x0F, values >> 4], dim=1).reshape(-1)[:n]
-    u = u.to(torch.float32)
-    if q["granularity"] == "group":
-        return _dequantize_groups(u, scale, zp, q["group_size"]).reshape(info.shape)
-    u = u.reshape(info.shape)
-    if q["granularity"] == "channel":
-        view = [1] * len(info.shape)
-        view[q["axis"]] = g
-        scale, zp = scale.view(view), zp.view(view)
-    else:
-        scale, zp = scale[0], zp[0]
-    return u.sub_(zp).mul_(scale)
-
-
-def _dequantize_groups(
-    u: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """`(u - zp) * scale` per run of `group_size` elements; the last run may be short."""
-    n = u.numel()
-    full = n // group_size
-    head = u[: full * group_size].view(full, group_size)
-    head.sub_(zp[:full, None]).mul_(scale[:full, None])
-    tail = u[full * group_size :]
-    if tail.numel():
-        tail.sub_(zp[full]).mul_(scale[full])
-    return u
-
-
-def _as_groups(flat: torch.Tensor, quant: dict[str, Any], shape: torch.Size) -> torch.Tensor:
-    """View the flat tensor as [groups, members] rows that share one scale."""
-    if quant["granularity"] == "channel":
-        return flat.view(shape[0], math.prod(shape[1:]))
-    if quant["granularity"] == "group":
-        n, gs = flat.numel(), quant["group_size"]
-        g = math.ceil(n / gs)
-        if g == 1:  # no padding up to a group size much larger than the tensor
-            return flat.view(1, -1)
-        return torch.nn.functional.pad(flat, (0, g * gs - n)).view(g, gs)
-    return flat.view(1, -1)
-
-
-def _quantize_groups(
-    g: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero point, codes) in float32; zero rows get scale +0.0.
-
-    Scales never exceed the exact quotient (see `_scale`), so symmetric codes decode within
-    the row's largest magnitude and can never overflow. The codes are whole numbers held in
-    a new float32 tensor the caller may reuse.
-    """
-    if g.shape[1] == 0:
-        zeros = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
-        return zeros, zeros + (1 << (bits - 1) if symmetric else 0), g.clone()
-    levels, half = (1 << bits) - 1, 1 << (bits - 1)
-    high, low = g.amax(dim=1), g.amin(dim=1)
-    if symmetric:
-        # max |x| without a full-size abs() copy; the cap keeps the code 0 (u - zp = -half,
-        # never written) finite too, as readers require of every code
-        scale = _scale(torch.maximum(high, -low), half - 1, cap=FLOAT32_MAX / half)
-    else:
-        low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = _scale(high.double() - low.double(), levels)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero groups: codes = zp
-    if symmetric:
-        zp = torch.full_like(scale, float(half))
-        lo, hi = zp - (half - 1), zp + (half - 1)
-    else:
-        zp = _no_negative_zero(torch.round(-low / safe).clamp_(0, levels))
-        lo, hi = torch.zeros_like(zp), torch.full_like(zp, float(levels))
-    u = torch.div(g, safe[:, None]).round_().add_(zp[:, None])
-    return scale, zp, u.clamp_(min=lo[:, None], max=hi[:, None])
-
-
-def _scale(span: torch.Tensor, divisor: int, cap: float = FLOAT32_MAX) -> torch.Tensor:
-    """float32 scales `min(span / divisor, cap)` per group, rounded toward zero.
-
-    The quotient is taken in float64 (a float32 `span` may be near 3.4e38, and a float32
-    quotient could round up past it), and rounding toward zero guarantees
-    `divisor * scale <= span`. A zero span gives +0.0, never -0.0: torch.maximum(+0.0, -0.0)
-    is -0.0 on the vectorised CPU path, and readers refuse scales with the sign bit set.
-    """
-    exact = span.double().div_(divisor).clamp_(max=cap)
-    scale = exact.float()
-    above = scale.double() > exact  # rounded up: step one float32 toward zero
-    scale = torch.where(above, torch.nextafter(scale, torch.zeros_like(scale)), scale)
-    return _no_negative_zero(scale)
-
-
-def _no_negative_zero(t: torch.Tensor) -> torch.Tensor:
-    """`t` (all >= 0) with any -0.0 replaced by +0.0."""
-    return torch.where(t > 0, t, torch.zeros_like(t))
+        return codes.numpy().tobytes()
+    per_byte = 8 // bits
+    padded = torch.nn.functional.pad(codes, (0, -codes.numel() % per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return (padded.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8).numpy().tobytes()
 
 
 def _planes(byte_view: torch.Tensor, itemsize: int) -> bytes:

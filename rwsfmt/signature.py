@@ -11,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from .allocation import Option, allocate
 from .container import (
     MAX_NAME_BYTES,
     MAX_RANK,
     MAX_TENSORS,
+    PREAMBLE_SIZE,
     RwsReader,
     TensorInfo,
+    build_header,
     decode_blob,
     encode_blob,
     write_file,
@@ -31,7 +34,7 @@ from .errors import RwsError, warn
 from .fingerprint import architecture_fingerprint
 from .io.base import all_finite
 from .provenance import base_provenance
-from .quant import QuantConfig, decode, encode
+from .quant import QuantConfig, decode, encode, vector_norm
 
 _DTYPE_NAMES = {
     torch.float64: "float64",
@@ -83,14 +86,8 @@ class Signature:
         q = self.provenance.get("quantization")
         if not isinstance(q, dict):
             return None
-        defaults = QuantConfig()
         try:
-            return QuantConfig(
-                bits=q.get("bits", defaults.bits),
-                symmetric=q.get("symmetric", defaults.symmetric),
-                granularity=q.get("granularity", defaults.granularity),
-                group_size=q.get("group_size", defaults.group_size),
-            )
+            return QuantConfig.from_json(q)
         except RwsError:
             return None
 
@@ -184,18 +181,19 @@ class SignatureBuilder:
     """Encodes tensors one at a time (quantize, compress, checksum) into a `Signature`.
 
     Each tensor is encoded as it is added, so a caller can stream a model through it and
-    hold only compressed bytes.
+    hold only compressed bytes. With `bits='auto'` each delta is encoded every way
+    `QuantConfig.candidates` lists, and `build` keeps one per tensor (see `allocation`).
     """
 
     def __init__(self, label: str, quant: QuantConfig | None = None) -> None:
         self.label = label
         self.quant = quant or QuantConfig()
-        self._infos: list[TensorInfo] = []
-        self._blobs: dict[str, bytes] = {}
+        self._choices: list[list[_Encoding]] = []  # per tensor, in the order added
+        self._names: set[str] = set()
 
     def config_for(self, kind: str) -> QuantConfig:
         """How a tensor of `kind` is stored: targets as exact float32 whatever the setting."""
-        return self.quant if kind == "delta" or self.quant.bits == 32 else _TARGET_QUANT
+        return self.quant if kind == "delta" else _TARGET_QUANT
 
     def add(
         self,
@@ -206,7 +204,7 @@ class SignatureBuilder:
         dtype: torch.dtype | None = None,
         stats: Mapping[str, Any] | None = None,
         prior_error: float = 0.0,
-    ) -> TensorInfo:
+    ) -> None:
         """Encode one tensor; `dtype` is the source checkpoint's dtype (default: the tensor's).
 
         `prior_error` is the relative error `tensor` already carries (it was decoded from a
@@ -227,28 +225,33 @@ class SignatureBuilder:
                 "signatures store",
                 fix="scale the tensor down, or leave it out",
             )
-        enc = encode(tensor, self.config_for(kind), name)
-        codec, blob = encode_blob(enc.payload)
-        error = prior_error + enc.rel_error * (1 + prior_error)
-        info = TensorInfo(
-            name=name,
-            kind=kind,
-            shape=tuple(int(d) for d in tensor.shape),
-            dtype=_DTYPE_NAMES.get(dtype or tensor.dtype, "float32"),
-            quant=enc.quant,
-            filter=enc.filter,
-            codec=codec,
-            offset=0,
-            length=len(blob),
-            decoded_length=len(enc.payload),
-            sha256=hashlib.sha256(blob).hexdigest(),
-            stats={**(stats or {}), "quant_rel_error": error},
-        )
-        self._infos.append(info)
-        self._blobs[name] = blob
-        return info
+        config = self.config_for(kind)
+        configs = config.candidates() if config.bits == "auto" else [config]
+        norm = vector_norm(tensor.detach().to(torch.float32)) if len(configs) > 1 else 0.0
+        choices = []
+        for each in configs:
+            enc = encode(tensor, each, name)
+            codec, blob = encode_blob(enc.payload)
+            error = prior_error + enc.rel_error * (1 + prior_error)
+            info = TensorInfo(
+                name=name,
+                kind=kind,
+                shape=tuple(int(d) for d in tensor.shape),
+                dtype=_DTYPE_NAMES.get(dtype or tensor.dtype, "float32"),
+                quant=enc.quant,
+                filter=enc.filter,
+                codec=codec,
+                offset=0,
+                length=len(blob),
+                decoded_length=len(enc.payload),
+                sha256=hashlib.sha256(blob).hexdigest(),
+                stats={**(stats or {}), "quant_rel_error": error},
+            )
+            choices.append(_Encoding(info, blob, (enc.rel_error * norm) ** 2))
+        self._choices.append(choices)
+        self._names.add(name)
 
-    def copy(self, sig: Signature, name: str) -> TensorInfo:
+    def copy(self, sig: Signature, name: str) -> None:
         """Add tensor `name` of `sig` exactly as stored, without re-encoding (no new error).
 
         Its payload is checked first, as decoding it would be (checksum, decompression-bomb
@@ -257,15 +260,14 @@ class SignatureBuilder:
         info = sig.info(name)
         self._check_entry(name, info.shape)
         sig.payload(name)
-        self._infos.append(replace(info, offset=0))
-        self._blobs[name] = bytes(sig.stored(name))
-        return info
+        self._choices.append([_Encoding(replace(info, offset=0), bytes(sig.stored(name)), 0.0)])
+        self._names.add(name)
 
     def _check_entry(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse what the `.rws` format cannot hold (spec section 9), before any encoding."""
-        if name in self._blobs:
+        if name in self._names:
             raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
-        if len(self._infos) >= MAX_TENSORS:
+        if len(self._choices) >= MAX_TENSORS:
             raise RwsError(
                 f"a signature holds at most {MAX_TENSORS:,} tensors; {name!r} is one too many",
                 fix="split the tensors over several signatures",
@@ -297,11 +299,54 @@ class SignatureBuilder:
         """Finish: fingerprints over the tensors added, provenance with quantization settings."""
         prov = {**base_provenance(), "quantization": self.quant.to_json(), **(provenance or {})}
         fingerprint = {
-            "signature": architecture_fingerprint((i.name, i.shape) for i in self._infos),
+            "signature": architecture_fingerprint(
+                (c[0].info.name, c[0].info.shape) for c in self._choices
+            ),
             "model": model_fingerprint,
         }
         meta = {"label": self.label, "fingerprint": fingerprint, "provenance": prov}
-        return Signature(meta, list(self._infos), dict(self._blobs))
+        kept = [choices[i] for choices, i in zip(self._choices, self._choose(meta), strict=True)]
+        return Signature(meta, [k.info for k in kept], {k.info.name: k.blob for k in kept})
+
+    def _choose(self, meta: dict[str, Any]) -> list[int]:
+        """Which encoding of each tensor to keep: the only one, or for `bits='auto'` those
+        that fit the whole file (preamble and header included) in `target_bpp` bits per
+        parameter with the least squared error."""
+        if all(len(choices) == 1 for choices in self._choices):
+            return [0] * len(self._choices)
+        parameters = sum(choices[0].info.numel for choices in self._choices)
+        target = int(self.quant.target_bpp * parameters / 8)
+        options = [[Option(c.info.length, c.error) for c in choices] for choices in self._choices]
+        budget = target - self._file_bytes(meta, [0] * len(options), blobs=False)
+        for _ in range(4):  # the header grows a little with the richer choices: refit
+            chosen = allocate(options, budget)
+            over = self._file_bytes(meta, chosen) - target
+            if over <= 0:
+                return chosen
+            budget -= over
+        smallest = self._file_bytes(meta, [0] * len(options)) * 8 / max(parameters, 1)
+        warn(
+            f"signature {self.label!r} cannot be stored in {self.quant.target_bpp:g} bits per "
+            f"parameter: its smallest encoding takes {smallest:.3g}",
+            fix="raise target_bpp, or store fewer tensors",
+        )
+        return chosen
+
+    def _file_bytes(self, meta: dict[str, Any], chosen: list[int], blobs: bool = True) -> int:
+        """Bytes of the file with encoding `chosen[t]` of each tensor (without blobs: the
+        preamble and header only)."""
+        infos = [choices[i].info for choices, i in zip(self._choices, chosen, strict=True)]
+        _, header, _ = build_header(meta, infos)
+        return PREAMBLE_SIZE + len(header) + (sum(i.length for i in infos) if blobs else 0)
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    """One way a tensor was encoded: its header entry, stored blob and squared error."""
+
+    info: TensorInfo
+    blob: bytes
+    error: float
 
 
 # Normalization statistics are targets: small 1-D vectors whose exact values matter

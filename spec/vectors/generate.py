@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import rwsfmt  # noqa: E402
-from rwsfmt.container import NEGATIVE_ZERO, encode_blob  # noqa: E402
+from rwsfmt.container import encode_blob  # noqa: E402
+from rwsfmt.format.schemes import NEGATIVE_ZERO  # noqa: E402
 from rwsfmt.quant import QuantConfig  # noqa: E402
 from rwsfmt.signature import Signature, SignatureBuilder  # noqa: E402
 

@@ -1,0 +1,1 @@
+"""The `.rws` format's parts that grow with its versions: the storage schemes (`schemes`)."""
