@@ -118,19 +118,7 @@ def grid() -> list[Scheme]:
             for d in DENSITIES
         ]
     rows += [("auto", f"auto, target {t:g}", {"bits": "auto", "target_bpp": t}) for t in TARGETS]
-    return [
-        Scheme(family, label, QuantConfig(**kw))
-        for family, label, kw in rows
-        if _TEMPORARY_supported(kw)
-    ]
-
-
-def _TEMPORARY_supported(kw: dict) -> bool:  # until the new schemes land on main
-    try:
-        QuantConfig(**kw)
-    except (rwsfmt.RwsError, TypeError):
-        return False
-    return True
+    return [Scheme(family, label, QuantConfig(**kw)) for family, label, kw in rows]
 
 
 # --- measurements shared by every part --------------------------------------------------------
@@ -433,8 +421,6 @@ def goals_markdown(
                 f"**{best.scheme.label}** at {bpp(r)} bpp (gain kept {best.kept:.3f}): {verdict}."
             )
     by = {t.label: t for t in times}
-    if "1-bit" not in by:  # _TEMPORARY until the new schemes land
-        return lines
     ratio = by["1-bit"].ns_per_param / by["8-bit"].ns_per_param
     sparse = by["sparse 1-bit, density 0.1"].ns_per_param / by["8-bit"].ns_per_param
     verdict = "met" if ratio <= 1 else "missed"
