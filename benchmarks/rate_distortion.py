@@ -42,8 +42,9 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import fmean as mean
 
 import torch
@@ -138,6 +139,7 @@ class Stored:
     reference_sq: float = 0.0  # sum of ||d||^2
     stored_sq: float = 0.0  # sum of ||dq||^2
     dot: float = 0.0  # sum of <dq, d>
+    warnings: list[str] = field(default_factory=list)  # rwsfmt's, first line of each
 
     def add(self, sig: rwsfmt.Signature, file_bytes: int, reference: Mapping[str, torch.Tensor]):
         """Count one signature, read back from a file of `file_bytes`, against `reference`."""
@@ -176,12 +178,26 @@ def round_trip(
     """`sig32` converted to `config`, saved to `path` and opened from it, counted in `stored`
     against `sig32`'s tensors (the caller closes it)."""
     start = time.perf_counter()
-    converted = rwsfmt.convert(sig32, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", rwsfmt.RwsWarning)
+        converted = rwsfmt.convert(sig32, config)
     stored.convert_s += time.perf_counter() - start
+    stored.warnings += [str(w.message).splitlines()[0] for w in caught]
     rwsfmt.save(converted, path)
     sig = rwsfmt.load(path)
     stored.add(sig, os.path.getsize(path), sig32.state_dict())
     return sig
+
+
+def warnings_markdown(rows: Sequence[tuple[Scheme, Stored]]) -> list[str]:
+    """A note for each scheme rwsfmt warned about, quoting its first warning."""
+    notes = [
+        f"- {scheme.label}: rwsfmt warned for {len(s.warnings)} of {s.count} signatures "
+        f'(first: "{s.warnings[0]}"); the bpp shown are what it wrote.'
+        for scheme, s in rows
+        if s.warnings
+    ]
+    return ["", *notes] if notes else []
 
 
 def bpp(value: float) -> str:
@@ -240,7 +256,7 @@ def digits_markdown(points: Sequence[DigitsPoint]) -> list[str]:
             f"{s.file_bytes / s.count:,.0f} | {p.kept:.3f} | {p.ra:.2f} | {p.ta:.2f} | "
             f"{s.rel_error:.3g} |"
         )
-    return out
+    return out + warnings_markdown([(p.scheme, p.stored) for p in points])
 
 
 # --- MiniLM -----------------------------------------------------------------------------------
@@ -318,7 +334,7 @@ def minilm_markdown(schemes: Sequence[Scheme], points: Sequence[Stored]) -> list
             f"{s.file_bytes / 1e6:.3f} | {s.rel_error:.3g} | {s.cosine:.4f} | "
             f"{s.convert_s:.2f} |"
         )
-    return out
+    return out + warnings_markdown(list(zip(schemes, points, strict=True)))
 
 
 # --- read speed -------------------------------------------------------------------------------
