@@ -29,6 +29,15 @@ _ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROL}
 _ESCAPES_BUT_NEWLINE = {c: e for c, e in _ESCAPES.items() if c != ord("\n")}
 
 
+class UsageError(click.UsageError):
+    """A usage error (exit 2) that says how to fix it: printed as `error: MESSAGE` and
+    `fix: FIX` (a plain `click.UsageError` gets `fix: see COMMAND --help`)."""
+
+    def __init__(self, message: str, fix: str, ctx: click.Context | None = None) -> None:
+        super().__init__(message, ctx or click.get_current_context(silent=True))
+        self.fix = fix
+
+
 def printable(value: object, newlines: bool = False) -> str:
     """Text from files and users made safe for a terminal: control characters escaped (an
     ESC in a label must not drive the terminal, a newline not break a row or a line)."""
@@ -147,6 +156,18 @@ def human_bytes(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def bits_per_parameter(size: int, sig) -> float | None:
+    """Bits per parameter of a written file of `size` bytes holding signature `sig`'s
+    tensors (spec section 3.8: every byte counts, the header's too); None without any."""
+    parameters = sum(info.numel for info in sig.infos)
+    return 8 * size / parameters if parameters else None
+
+
+def describe_bits(bits: float | None) -> str:
+    """`bits_per_parameter` in a summary line: `0.482 bits/parameter`."""
+    return "-" if bits is None else f"{bits:.3g} bits/parameter"
 
 
 def short_hash(fp: str | None) -> str:

@@ -6,12 +6,12 @@ import os
 
 import click
 
-from .console import human_bytes, progress_bar, report
+from .console import bits_per_parameter, describe_bits, human_bytes, progress_bar, report
 from .inspect import describe_quant
 from .options import (
     STORAGE,
     GroupedCommand,
-    inherited_quant,
+    Storage,
     quant_options,
     report_options,
     rws_output_option,
@@ -33,10 +33,7 @@ from .options import (
 def convert(
     signature: str,
     output: str,
-    bits: int | None,
-    granularity: str,
-    group_size: int,
-    affine: bool,
+    storage: Storage,
     label: str | None,
     quiet: bool,
     as_json: bool,
@@ -55,9 +52,7 @@ def convert(
         output, [("input signature", signature)], fix="choose another -o path"
     )
     with rwsfmt.load(signature) as sig:
-        quant = inherited_quant(
-            sig.quant or rwsfmt.QuantConfig(), bits, granularity, group_size, affine
-        )
+        quant = storage.inherit(sig.quant or rwsfmt.QuantConfig())
         converted = rwsfmt.convert(
             sig,
             quant,
@@ -68,6 +63,7 @@ def convert(
     record = converted.provenance["conversions"][-1]
     size, before = os.path.getsize(output), os.path.getsize(signature)
     n, reencoded = len(converted), record["reencoded"]
+    bits = bits_per_parameter(size, converted)
     if reencoded:
         change = f"{reencoded} of {n} tensors re-encoded"
     else:
@@ -82,9 +78,10 @@ def convert(
             "to": record["to"],
             "bytes": size,
             "input_bytes": before,
+            "bits_per_parameter": bits,
         },
         f"wrote {output}: {converted.label!r}, {describe_quant(record['from'])} -> "
-        f"{describe_quant(record['to'])}, {change}; {human_bytes(size)} "
+        f"{describe_quant(record['to'])}, {change}; {human_bytes(size)}, {describe_bits(bits)} "
         f"(input {human_bytes(before)})",
         quiet=quiet,
         as_json=as_json,

@@ -9,8 +9,16 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import console, human_bytes, plain, print_table, progress_bar
-from .options import STORAGE, GroupedCommand, quant_config, quant_options, rws_output_option
+from .console import (
+    bits_per_parameter,
+    console,
+    describe_bits,
+    human_bytes,
+    plain,
+    print_table,
+    progress_bar,
+)
+from .options import STORAGE, GroupedCommand, Storage, quant_options, rws_output_option
 
 _GROUPS = {
     "Output": ["output", "quiet", "as_json"],
@@ -90,10 +98,7 @@ def extract(
     robust: str,
     init: str | None,
     output: str,
-    bits: int,
-    granularity: str,
-    group_size: int,
-    affine: bool,
+    storage: Storage,
     quiet: bool,
     as_json: bool,
     layers: str | None,
@@ -135,7 +140,7 @@ def extract(
         energy=energy,
         order=order,
         method=method,
-        quant=quant_config(bits, granularity, group_size, affine),
+        quant=storage.config(),
         label=name,
         meta=_parse_meta(meta),
         corruption=corruption,
@@ -155,10 +160,12 @@ def extract(
 
 def _summary_json(sig, output: str) -> dict:
     """What --json prints: the file, its label and size, and every tensor with its stats."""
+    size = os.path.getsize(output)
     return {
         "output": output,
         "label": sig.label,
-        "bytes": os.path.getsize(output),
+        "bytes": size,
+        "bits_per_parameter": bits_per_parameter(size, sig),
         "float32_bytes": sum(4 * info.numel for info in sig.infos),
         "layers": sig.provenance.get("selection", {}).get("layer_count"),
         "tensors": [
@@ -201,7 +208,8 @@ def _summary(sig, output: str) -> None:
     out = console()
     print_table(out, title, _COLUMNS, rows, right=_COLUMNS[3:])
     size = os.path.getsize(output)
-    ratio = f" ({size / float32:.3f}x)" if float32 else ""
+    ratio = f" ({size / float32:.3f}x, {describe_bits(bits_per_parameter(size, sig))})"
+    ratio = ratio if float32 else ""
     out.print(
         plain(
             f"wrote {output}: {human_bytes(size)}{ratio} against {human_bytes(float32)} "

@@ -8,12 +8,12 @@ import click
 
 from rwsfmt.errors import RwsError
 
-from .console import human_bytes, progress_bar, report, say
+from .console import bits_per_parameter, describe_bits, human_bytes, progress_bar, report, say
 from .inspect import describe_quant
 from .options import (
     STORAGE,
     GroupedCommand,
-    quant_config,
+    Storage,
     quant_options,
     report_options,
     rws_output_option,
@@ -82,10 +82,7 @@ def export(signature: str, output: str, quiet: bool, as_json: bool) -> None:
 def import_(
     tensors: str,
     output: str,
-    bits: int,
-    granularity: str,
-    group_size: int,
-    affine: bool,
+    storage: Storage,
     label: str | None,
     quiet: bool,
     as_json: bool,
@@ -107,7 +104,7 @@ def import_(
     sig = rwsfmt.import_safetensors(
         tensors,
         label=label,
-        quant=quant_config(bits, granularity, group_size, affine),
+        quant=storage.config(),
         progress=progress_bar(quiet or as_json),
     )
     rwsfmt.save(sig, output)
@@ -126,9 +123,11 @@ def import_(
             "skipped": [s["name"] for s in skipped],
             "quantization": sig.quant.to_json() if sig.quant else None,
             "bytes": size,
+            "bits_per_parameter": bits_per_parameter(size, sig),
         },
         f"wrote {output}: {sig.label!r}, {len(sig)} tensor{'' if len(sig) == 1 else 's'}, "
-        f"{describe_quant(sig.provenance['quantization'])}, {human_bytes(size)}",
+        f"{describe_quant(sig.provenance['quantization'])}, {human_bytes(size)}, "
+        f"{describe_bits(bits_per_parameter(size, sig))}",
         quiet=quiet,
         as_json=as_json,
     )

@@ -37,7 +37,8 @@ class RwsGroup(click.Group):
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rwsfmt"
             print_error(exc.format_message())
-            click.echo(f"  fix: see {command} --help", err=True)
+            fix = getattr(exc, "fix", None) or f"see {command} --help"
+            click.echo(f"  fix: {printable(fix)}", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:  # Ctrl-C while click reads a prompt or a file
             _interrupted()

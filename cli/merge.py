@@ -9,8 +9,8 @@ import os
 
 import click
 
-from .console import human_bytes, progress_bar, say
-from .options import STORAGE, GroupedCommand, inherited_quant, quant_options, rws_output_option
+from .console import UsageError, bits_per_parameter, describe_bits, human_bytes, progress_bar, say
+from .options import STORAGE, GroupedCommand, Storage, quant_options, rws_output_option
 
 # the names of rwsfmt.merging.REGISTRY, repeated so that `rwsfmt --help` does not import torch
 # (tests/test_merge.py checks that they agree)
@@ -72,7 +72,7 @@ def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-@quant_options(inherit="the first signature")
+@quant_options(inherit="the first signature", density_flag="--store-density")
 def merge(
     signatures: tuple[str, ...],
     output: str,
@@ -85,10 +85,7 @@ def merge(
     label: str | None,
     as_json: bool,
     quiet: bool,
-    bits: int | None,
-    granularity: str,
-    group_size: int,
-    affine: bool,
+    storage: Storage,
 ) -> None:
     """Merge SIGNATURES (two or more .rws files) into OUTPUT.
 
@@ -115,7 +112,7 @@ def merge(
     with contextlib.ExitStack() as stack:
         loaded = [stack.enter_context(rwsfmt.load(p)) for p in signatures]
         base = loaded[0].quant or rwsfmt.QuantConfig()
-        quant = inherited_quant(base, bits, granularity, group_size, affine)
+        quant = storage.inherit(base)
         merged = rwsfmt.merge(
             loaded,
             parsed,
@@ -129,12 +126,14 @@ def merge(
         )
         rwsfmt.save(merged, output)
     size = os.path.getsize(output)
+    bits = bits_per_parameter(size, merged)
     if as_json:
         summary = {
             "output": output,
             "label": merged.label,
             "tensors": len(merged),
             "bytes": size,
+            "bits_per_parameter": bits,
             "merge": merged.provenance["merge"],
             "components": merged.provenance["components"],
         }
@@ -147,7 +146,7 @@ def merge(
         plural = "" if len(merged) == 1 else "s"
         say(
             f"wrote {output}: {merged.label!r}, {method} ({params}), {len(merged)} "
-            f"tensor{plural}, {human_bytes(size)}"
+            f"tensor{plural}, {human_bytes(size)}, {describe_bits(bits)}"
         )
 
 
@@ -181,6 +180,10 @@ def _refuse_unused(method: str, density: float | None, seed: int | None) -> None
     ignored = get_method(method).unused(MergeOptions(density=density, seed=seed))
     if ignored:
         key = ignored[0]
-        raise click.UsageError(
-            f"--{key} has no effect with --method {method}; it applies to {', '.join(users(key))}"
+        fix = f"drop --{key}, or use --method {' or '.join(users(key))}"
+        if key == "density":
+            fix += "; --store-density D stores the merged signature sparse"
+        raise UsageError(
+            f"--{key} has no effect with --method {method}; it applies to {', '.join(users(key))}",
+            fix=fix,
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
 
 from rwsfmt.errors import warn
+
+from .console import UsageError
 
 if TYPE_CHECKING:
     from rwsfmt.quant import QuantConfig
@@ -58,75 +63,265 @@ def report_options(f: Callable) -> Callable:
     )
 
 
-STORAGE = ["bits", "granularity", "group_size", "affine"]  # the --help group quant_options adds
+STORAGE = [  # the --help group quant_options adds, by the parameters' names
+    "bits",
+    "target_bpp",
+    "store_density",
+    "sparsity",
+    "granularity",
+    "group_size",
+    "affine",
+]
+BITS = ("1", "2", "4", "8", "16", "32", "auto")
 
 
-def quant_options(*, inherit: str | None = None) -> Callable:
-    """Add --bits, --granularity, --group-size and --affine/--symmetric (how tensors are
-    stored; default 8-bit symmetric per channel). With `inherit` (e.g. "the input"), options
-    left out keep its settings (the command calls `inherited_quant`), and --help says so."""
-    default_bits: int | None = 8
+def quant_options(*, inherit: str | None = None, density_flag: str = "--density") -> Callable:
+    """Add the storage options --bits, --target-bpp, --density, --sparsity, --granularity,
+    --group-size and --affine/--symmetric (default 8-bit symmetric per channel, every entry
+    kept); the command receives them as one `storage: Storage` argument. With `inherit`
+    (e.g. "the input"), options left out keep its settings (the command calls
+    `storage.inherit`), and --help says so. `density_flag` names --density where the command
+    has a --density of its own (merge: --store-density)."""
     helps = [
-        "Bits per value: 4, 8 or 16 (linear quantization) or 32 (exact float32).",
+        "Bits per value: 1 (signs + scale), 2, 4, 8, 16 (linear codes), 32 (exact float32), "
+        "or auto (a scheme per tensor to fit --target-bpp).",
+        "With --bits auto: bits per parameter for the whole file, header included.",
+        "Share (0 < D <= 1) of each tensor's entries kept, the largest; the rest are 0.",
+        f"Keep the {density_flag} share of each tensor, or of each output channel.",
         "One scale per output channel, per tensor, or per group of values.",
         "Values per scale with --granularity group.",
         "Affine (scale + zero point) or symmetric quantization.",
     ]
     if inherit is not None:
-        default_bits = None
-        helps = [f"{h} Default: as {inherit} is stored." for h in helps]
+        helps = [f"{h} Default: {inherit}'s." for h in helps]
     show = inherit is None
     options = [
         click.option(
             "--bits",
-            type=click.Choice(["4", "8", "16", "32"]),
-            default=None if default_bits is None else str(default_bits),
-            show_default=default_bits is not None,
-            callback=lambda _ctx, _param, v: None if v is None else int(v),
+            type=_BitsChoice(BITS),
+            default="8" if show else None,
+            show_default=show,
+            callback=lambda _ctx, _param, v: v if v in (None, "auto") else int(v),
             help=helps[0],
+        ),
+        click.option(
+            "--target-bpp",
+            type=float,
+            metavar="B",
+            callback=_check_target_bpp,
+            help=helps[1],
+        ),
+        click.option(
+            density_flag,
+            "store_density",
+            type=float,
+            metavar="D",
+            default=1.0 if show else None,
+            show_default=show,
+            callback=_check_density,
+            help=helps[2],
+        ),
+        click.option(
+            "--sparsity",
+            type=click.Choice(["tensor", "channel"]),
+            default="tensor",
+            show_default=show,
+            help=helps[3],
         ),
         click.option(
             "--granularity",
             type=click.Choice(["channel", "tensor", "group"]),
             default="channel",
             show_default=show,
-            help=helps[1],
+            help=helps[4],
         ),
         click.option(
             "--group-size",
             type=click.IntRange(min=1, max=MAX_GROUP_SIZE),
             default=128,
             show_default=show,
-            help=helps[2],
+            help=helps[5],
         ),
-        click.option("--affine/--symmetric", default=False, show_default=show, help=helps[3]),
+        click.option("--affine/--symmetric", default=False, show_default=show, help=helps[6]),
     ]
 
     def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)  # also carries the options declared below this decorator
+        def command(*args, **kwargs):
+            given = {name: kwargs.pop(name) for name in STORAGE}
+            storage = Storage(
+                bits=given["bits"],
+                target_bpp=given["target_bpp"],
+                density=given["store_density"],
+                sparsity=given["sparsity"],
+                granularity=given["granularity"],
+                group_size=given["group_size"],
+                affine=given["affine"],
+                density_flag=density_flag,
+                source=inherit,
+            )
+            return f(*args, storage=storage, **kwargs)
+
         for option in reversed(options):
-            f = option(f)
-        return f
+            command = option(command)
+        return command
 
     return decorate
 
 
-def quant_config(bits: int, granularity: str, group_size: int, affine: bool) -> QuantConfig:
-    """The library's QuantConfig for the parsed options (imports torch: call it late); warns
-    about storage options given on the command line that it does not use."""
-    from rwsfmt.quant import QuantConfig
+class _BitsChoice(click.Choice):
+    """--bits's choices, refusing others with the fix (click's message lists them only)."""
 
-    if bits == 32:
-        unused = [o for o in ("granularity", "group_size", "affine") if _given(o)]
-        reason = "--bits 32 stores exact float32, without scales"
-    else:
-        unused = ["group_size"] if _given("group_size") and granularity != "group" else []
-        reason = f"it sets the group size of --granularity group, not {granularity}"
-    for name in unused:
-        flag = "--affine/--symmetric" if name == "affine" else f"--{name.replace('_', '-')}"
-        warn(f"{flag} has no effect: {reason}", fix=f"drop {flag}, or see --help")
-    return QuantConfig(
-        bits=bits, symmetric=not affine, granularity=granularity, group_size=group_size
-    )
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            raise UsageError(
+                f"--bits {value} is not a width rwsfmt stores",
+                fix="use --bits 1, 2, 4, 8, 16 or 32, or --bits auto with --target-bpp B",
+                ctx=ctx,
+            ) from None
+
+
+def _check_density(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--density as a share of entries: above 0, at most 1."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        flag = param.opts[0]
+        raise UsageError(
+            f"{flag} {value:g} is not a share of entries: it must be above 0 and at most 1 "
+            "(1 keeps every entry)",
+            fix=f"e.g. {flag} 0.1 stores the largest 10% of each tensor's entries",
+            ctx=ctx,
+        )
+    return value
+
+
+def _check_target_bpp(
+    ctx: click.Context, _param: click.Parameter, value: float | None
+) -> float | None:
+    """--target-bpp as a number of bits per parameter: above 0, at most 32."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= 32):
+        raise UsageError(
+            f"--target-bpp {value:g} is not a number of bits per parameter: it must be above 0 "
+            "and at most 32",
+            fix="e.g. --bits auto --target-bpp 0.5",
+            ctx=ctx,
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The storage options as parsed (None: left out, in a command that inherits them from
+    `source`, e.g. "the input")."""
+
+    bits: int | str | None
+    target_bpp: float | None
+    density: float | None
+    sparsity: str
+    granularity: str
+    group_size: int
+    affine: bool
+    density_flag: str = "--density"
+    source: str | None = None
+
+    def config(self) -> QuantConfig:
+        """The library's QuantConfig for the options (imports torch: call it late); refuses
+        combinations no file can hold (usage errors, exit 2) and warns about options given
+        on the command line that have no effect."""
+        return self._resolve(None)
+
+    def inherit(self, base: QuantConfig) -> QuantConfig:
+        """`base` (how `source` is stored) changed by the options given on the command line:
+        those left out keep its settings, where they apply to what was given."""
+        return self._resolve(base)
+
+    def _resolve(self, base: QuantConfig | None) -> QuantConfig:
+        from rwsfmt.quant import QuantConfig
+
+        def pick(name: str, ours: object, theirs: object) -> object:
+            return ours if base is None or _given(name) else theirs
+
+        b = base or QuantConfig()
+        bits = pick("bits", self.bits, b.bits)
+        bits_flag = "--bits" if base is None or _given("bits") else self.source
+        auto = bits == "auto"
+        target = self._target(bits, bits_flag, base)
+        density = pick("store_density", self.density, b.density)
+        flag = self.density_flag
+        if auto:
+            if _given("store_density"):
+                _unused(flag, "--bits auto chooses how much of each tensor to keep")
+            density = 1.0
+        sparsity = pick("sparsity", self.sparsity, b.sparsity)
+        if _given("sparsity") and not auto and density == 1:
+            _unused(
+                "--sparsity",
+                f"it says where {flag} picks the kept entries, and every entry is kept",
+                fix=f"add {flag} D (below 1), or drop --sparsity",
+            )
+        granularity = pick("granularity", self.granularity, b.granularity)
+        group_size = pick("group_size", self.group_size, b.group_size)
+        symmetric = pick("affine", not self.affine, b.symmetric)
+        if bits == 1:
+            if _given("affine") and self.affine:
+                where = "--bits 1 stores" if bits_flag == "--bits" else f"{bits_flag} holds 1-bit"
+                raise UsageError(
+                    f"--affine adds a zero point to linear codes; {where} signs and a scale, "
+                    "which have none",
+                    fix="drop --affine, or give --bits 2 (or more) with it",
+                )
+            if _given("affine"):
+                _unused("--affine/--symmetric", "1-bit signs are symmetric about 0 already")
+            symmetric = True  # an inherited --affine does not apply to signs
+        elif bits == 32:
+            for name in ("granularity", "group_size", "affine"):
+                if _given(name):
+                    _unused(_flag(name), "--bits 32 stores exact float32, without scales")
+        if bits != 32 and _given("group_size") and granularity != "group":
+            _unused(
+                "--group-size", f"it sets the group size of --granularity group, not {granularity}"
+            )
+        return QuantConfig(
+            bits=bits,
+            symmetric=symmetric,
+            granularity=granularity,
+            group_size=group_size,
+            density=density,
+            sparsity=sparsity,
+            target_bpp=target,
+        )
+
+    def _target(
+        self, bits: int | str, bits_flag: str | None, base: QuantConfig | None
+    ) -> float | None:
+        """--target-bpp: given with --bits auto, or kept from an input stored so."""
+        if bits != "auto":
+            if not _given("target_bpp"):
+                return None
+            stored = f"--bits {bits}" if bits_flag == "--bits" else f"{bits_flag} ({bits}-bit)"
+            raise UsageError(
+                f"--target-bpp is the budget of --bits auto; it does not apply to {stored}",
+                fix="add --bits auto (a scheme per tensor, to fit the budget), or drop "
+                "--target-bpp",
+            )
+        if _given("target_bpp"):
+            return self.target_bpp
+        if base is not None and base.bits == "auto":  # an input stored so: its budget
+            return base.target_bpp
+        raise UsageError(
+            "--bits auto needs --target-bpp B: the bits per parameter the whole file may "
+            "take, which it picks a scheme per tensor to fit",
+            fix="e.g. --bits auto --target-bpp 0.5",
+        )
+
+
+def _flag(name: str) -> str:
+    return "--affine/--symmetric" if name == "affine" else f"--{name.replace('_', '-')}"
+
+
+def _unused(flag: str, reason: str, fix: str | None = None) -> None:
+    warn(f"{flag} has no effect: {reason}", fix=fix or f"drop {flag}, or see --help")
 
 
 def _given(name: str) -> bool:
@@ -135,16 +330,3 @@ def _given(name: str) -> bool:
 
     source = click.get_current_context().get_parameter_source(name)
     return source not in (ParameterSource.DEFAULT, None)
-
-
-def inherited_quant(
-    base: QuantConfig, bits: int | None, granularity: str, group_size: int, affine: bool
-) -> QuantConfig:
-    """`base` changed by the storage options given on the command line;
-    those left out keep its settings."""
-    return quant_config(
-        bits if _given("bits") else base.bits,
-        granularity if _given("granularity") else base.granularity,
-        group_size if _given("group_size") else base.group_size,
-        affine if _given("affine") else not base.symmetric,
-    )

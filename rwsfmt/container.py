@@ -623,7 +623,10 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
     """One tensor entry checked against spec sections 2.2, 3.1 and 4."""
     where = f"tensor #{i}"
 
-    def bad(problem: str) -> IntegrityError:
+    def bad(problem: str, newer: bool = False) -> RwsError:
+        """The error for a damaged entry, or (`newer`) one only a newer reader understands."""
+        if newer:
+            return RwsError(f"{where}: {problem}", path=path, fix=_UPGRADE)
         return IntegrityError(f"{where}: {problem}", path=path)
 
     if not isinstance(e, dict):
@@ -655,11 +658,11 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         raise bad(f"unknown dtype {dtype!r}")
     _validate_quant(quant, shape, bad)
     if filt not in FILTERS:
-        raise bad(f"unknown filter {filt!r}; {_UPGRADE}")
+        raise bad(f"unknown filter {filt!r}", newer=True)
     if filt == "byteplane" and quant["bits"] not in (16, 32):
         raise bad("the byteplane filter applies to 16- and 32-bit values only")
     if codec not in CODECS:
-        raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)}); {_UPGRADE}")
+        raise bad(f"unknown codec {codec!r} (known: {', '.join(CODECS)})", newer=True)
     if not _SHA256_HEX.fullmatch(sha):
         raise bad("sha256 must be 64 lowercase hex digits")
     if not (0 <= offset <= MAX_OFFSET and 0 <= length <= MAX_OFFSET >= decoded_length >= 0):
@@ -702,7 +705,7 @@ def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> None:
         raise bad(f"quant.bits {bits!r} is not an integer")
     name = q.get("scheme")
     if type(name) is not str or name not in SCHEMES:
-        raise bad(f"unknown quantization scheme {name!r}; {_UPGRADE}")
+        raise bad(f"unknown quantization scheme {name!r}", newer=True)
     SCHEMES[name].validate(q, tuple(shape), bad)
 
 

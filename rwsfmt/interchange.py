@@ -32,7 +32,7 @@ from .select import checkpoint_order
 from .signature import Signature, SignatureBuilder
 
 PREFIX = "rwsfmt."  # metadata keys of an exported signature
-FORMAT_VERSION = f"{VERSION[0]}.{VERSION[1]}"
+FORMAT_VERSION = f"{VERSION[0]}.0"  # the header fields an export carries are those of 1.0
 _RESERVED = "__metadata__"  # the one name a safetensors file cannot give a tensor
 
 

@@ -129,9 +129,9 @@ class QuantConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The settings as recorded in provenance: those that matter for `bits`."""
-        if self.bits == "auto":
-            return {"bits": "auto", "target_bpp": self.target_bpp}
         out: dict[str, Any] = {"bits": self.bits}
+        if self.bits == "auto":  # the settings its candidates share
+            out.update(target_bpp=self.target_bpp, sparsity=self.sparsity)
         if self.bits != 32:
             if self.bits != 1:
                 out["symmetric"] = self.symmetric

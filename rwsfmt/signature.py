@@ -30,7 +30,7 @@ from .container import (
     write_file,
 )
 from .device import resolve_device
-from .errors import RwsError, warn
+from .errors import RwsError, spell, warn
 from .fingerprint import architecture_fingerprint
 from .io.base import all_finite
 from .provenance import base_provenance
@@ -324,11 +324,12 @@ class SignatureBuilder:
             if over <= 0:
                 return chosen
             budget -= over
-        smallest = self._file_bytes(meta, [0] * len(options)) * 8 / max(parameters, 1)
+        cheapest = [min(range(len(o)), key=lambda i, o=o: o[i].size) for o in options]
+        smallest = self._file_bytes(meta, cheapest) * 8 / max(parameters, 1)
         warn(
             f"signature {self.label!r} cannot be stored in {self.quant.target_bpp:g} bits per "
             f"parameter: its smallest encoding takes {smallest:.3g}",
-            fix="raise target_bpp, or store fewer tensors",
+            fix=f"raise {spell('--target-bpp', 'target_bpp')}, or store fewer tensors",
         )
         return chosen
 

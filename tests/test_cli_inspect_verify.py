@@ -157,3 +157,101 @@ def test_inspect_shows_the_depth_order_and_verify_prints_odd_paths_as_they_are(t
     result = run("verify", str(path), columns=300)
     assert result.returncode == 0, result.stderr
     assert f"OK    {path}: 1 tensor," in result.stdout
+
+
+@pytest.fixture
+def sparse_signs(tmp_path):
+    """A signed file of 1-bit signs of the largest 10% of each tensor (format 1.2), with a
+    float32 target: every byte of it (blobs, header, signature block) counts."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        ("features.0.weight", torch.randn(16, 5, 3, 3, generator=g), "delta"),
+        ("features.0.bias", torch.randn(16, generator=g), "delta"),
+        ("fc.weight", torch.randn(10, 64, generator=g), "delta"),
+        ("bn.running_var", torch.rand(16, generator=g) + 0.5, "target"),
+    ]
+    quant = rwsfmt.QuantConfig(bits=1, density=0.1)
+    path = tmp_path / "signs.rws"
+    rwsfmt.save(rwsfmt.from_tensors(tensors, label="signs", quant=quant), path)
+    pytest.importorskip("cryptography")
+    rwsfmt.generate_key(tmp_path / "key")
+    rwsfmt.sign(path, tmp_path / "key")
+    return path
+
+
+def test_inspect_counts_every_byte_in_bits_per_parameter(sparse_signs):
+    import math
+    import struct
+
+    data = sparse_signs.read_bytes()
+    header_length, data_length = struct.unpack_from("<QQ", data, 16)
+    _, doc, _ = split(data)
+    entries = doc["tensors"]
+    parameters = sum(math.prod(e["shape"]) for e in entries)
+    header = 64 + header_length
+    block = len(data) - header - data_length
+    assert block > 0  # signed
+
+    info = json.loads(run("inspect", "--json", str(sparse_signs)).stdout)
+    assert info["parameters"] == parameters == 720 + 16 + 640 + 16
+    assert info["bits_per_parameter"] == 8 * len(data) / parameters
+    assert info["header_bytes"] == header and info["data_bytes"] == data_length
+    assert info["header_bits_per_parameter"] == 8 * header / parameters
+    assert info["signature_block_bytes"] == block
+    for entry, t in zip(entries, info["tensors"], strict=True):
+        numel = math.prod(entry["shape"])
+        assert t["bits_per_parameter"] == 8 * entry["length"] / numel
+        q = entry["quant"]
+        if entry["kind"] == "target":
+            assert (t["scheme"], t["values_scheme"], t["nnz"], t["density"]) == (
+                "float",
+                "float",
+                numel,
+                1.0,
+            )
+            continue
+        assert (t["scheme"], t["values_scheme"]) == ("sparse", "sign")
+        assert t["nnz"] == q["nnz"] == round(0.1 * numel)
+        assert t["density"] == q["nnz"] / numel
+        assert t["granularity"] == q["values"]["granularity"]
+
+    text = run("inspect", str(sparse_signs), columns=300).stdout
+    file_bits = f"{8 * len(data) / parameters:.4g}: tensors {8 * data_length / parameters:.3g}"
+    assert file_bits in text
+    share = f"{100 * header / len(data):.3g}% of the file"
+    assert f"header {8 * header / parameters:.3g} ({share})" in text
+    assert f"signature block {8 * block / parameters:.3g}" in text
+    assert "1-bit signs, a scale per channel; the largest 10% of each tensor kept" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()}
+    conv = entries[0]
+    assert "sparse 10% · sign, channel" in rows["features.0.weight"]
+    assert f"{8 * conv['length'] / 720:.3g}" in rows["features.0.weight"].split()
+    assert "72" in rows["features.0.weight"].split()  # kept: 10% of 720
+    assert "sparse 12.5% · sign, tensor" in rows["features.0.bias"]  # 2 of 16
+    assert "f32" in rows["bn.running_var"] and "all" in rows["bn.running_var"].split()
+
+
+def test_inspect_json_rows_come_with_sorted_keys(sparse_signs):
+    """`inspect --json` writes each tensor's keys as `describe_tensor` orders them."""
+    from rwsfmt.summary import describe
+
+    for t in describe(sparse_signs)["tensors"]:
+        assert list(t) == sorted(t)
+
+
+def test_inspect_of_a_sparse_file_does_not_import_torch(sparse_signs):
+    code = (
+        "import sys\n"
+        "from rwsfmt_cli.main import main\n"
+        "try:\n"
+        f"    main(['inspect', {str(sparse_signs)!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "sparse 10% · sign, channel" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -179,7 +179,7 @@ def test_bad_input_is_exit_2_with_a_message_and_no_output(tmp_path, extracted):
         "no such file": ["convert", tmp_path / "missing.rws", "-o", out],
         "not a .rws file": ["convert", tmp_path / "model.safetensors", "-o", out],
         "would overwrite the input signature": ["convert", extracted[8], "-o", link],
-        "'--bits'": ["convert", extracted[8], "-o", out, "--bits", "5"],
+        "--bits 5 is not a width": ["convert", extracted[8], "-o", out, "--bits", "5"],
         "output folder does not exist": ["convert", extracted[8], "-o", tmp_path / "no" / "o.rws"],
     }
     for expected, args in cases.items():
@@ -210,3 +210,98 @@ def test_metadata_of_any_shape_is_carried_not_trusted(tmp_path, extracted):
     assert converted.quant == rwsfmt.QuantConfig(bits=16)
     delta = next(i for i in converted.infos if i.kind == "delta")
     assert delta.stats["rel_norm"] is None and isinstance(delta.stats["quant_rel_error"], float)
+
+
+# ------------------------------------------------------------------ storage (format 1.2)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """An 8-bit signature of 21,504 parameters in two tensors: its header is a small part
+    of it, so bits per parameter are mostly the tensors'."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(64 * 32 * 9 + 10 * 256, generator=g) - 0.5
+    laplace = -torch.sign(u) * torch.log1p(-2 * u.abs())
+    tensors = {
+        "conv.weight": laplace[: 64 * 32 * 9].view(64, 32, 3, 3),
+        "fc.weight": laplace[64 * 32 * 9 :].view(10, 256),
+    }
+    path = tmp_path_factory.mktemp("wide") / "wide.rws"
+    rwsfmt.save(rwsfmt.from_tensors(tensors, label="wide"), path)
+    return path
+
+
+def _stored(path: Path) -> rwsfmt.QuantConfig:
+    """The quantization a file records, after `rwsfmt verify` passed on it."""
+    result = _invoke("verify", path)
+    assert result.exit_code == 0, result.output
+    return rwsfmt.load(path).quant
+
+
+def test_cli_converts_to_the_new_schemes_and_keeps_what_is_left_out(tmp_path, extracted):
+    def convert(source: Path, name: str, *args: str) -> Path:
+        out = tmp_path / name
+        result = _invoke("convert", source, "-o", out, *args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == "", result.stderr
+        return out
+
+    Q = rwsfmt.QuantConfig
+    signs = convert(extracted[8], "signs.rws", "--bits", "1", "--density", "0.1")
+    assert _stored(signs) == Q(bits=1, density=0.1)
+    delta = next(i for i in rwsfmt.load(signs).infos if i.kind == "delta")
+    assert delta.scheme == "sparse" and delta.values_quant["scheme"] == "sign"
+    # left out: the density (and granularity) of the input
+    int2 = convert(signs, "int2.rws", "--bits", "2")
+    assert _stored(int2) == Q(bits=2, density=0.1)
+    dense = convert(int2, "dense.rws", "--density", "1")
+    assert _stored(dense) == Q(bits=2)
+    channel = convert(
+        extracted[8], "ch.rws", "--bits", "4", "--density", "0.2", "--sparsity", "channel"
+    )
+    assert _stored(channel) == Q(bits=4, density=0.2, sparsity="channel")
+    assert _stored(convert(channel, "ch1.rws", "--bits", "1")) == Q(
+        bits=1, density=0.2, sparsity="channel"
+    )
+    # an affine input goes to signs without complaint: its --affine does not apply to them
+    affine = convert(
+        extracted[8], "affine.rws", "--bits", "4", "--affine", "--granularity", "group"
+    )
+    assert _stored(convert(affine, "g1.rws", "--bits", "1")) == Q(bits=1, granularity="group")
+
+
+def test_cli_bits_auto_fits_and_is_kept_or_left(tmp_path, wide):
+    out = tmp_path / "auto.rws"
+    result = _invoke("convert", wide, "-o", out, "--bits", "auto", "--target-bpp", "2", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    parameters = 64 * 32 * 9 + 10 * 256
+    assert summary["bits_per_parameter"] == 8 * os.path.getsize(out) / parameters <= 2
+    assert summary["to"] == rwsfmt.QuantConfig(bits="auto", target_bpp=2.0).to_json()
+    assert _stored(out) == rwsfmt.QuantConfig(bits="auto", target_bpp=2.0)
+    # --target-bpp alone re-fits a file stored with --bits auto; --bits 4 leaves auto
+    refit = tmp_path / "refit.rws"
+    assert _invoke("convert", out, "-o", refit, "--target-bpp", "1.5").exit_code == 0
+    assert _stored(refit) == rwsfmt.QuantConfig(bits="auto", target_bpp=1.5)
+    assert 8 * os.path.getsize(refit) / parameters <= 1.5  # the header alone takes ~0.9
+    four = tmp_path / "four.rws"
+    assert _invoke("convert", out, "-o", four, "--bits", "4").exit_code == 0
+    assert _stored(four) == rwsfmt.QuantConfig(bits=4)
+
+
+def test_cli_refuses_storage_the_input_cannot_take(tmp_path, extracted):
+    signs = tmp_path / "signs.rws"
+    assert _invoke("convert", extracted[8], "-o", signs, "--bits", "1").exit_code == 0
+    out = tmp_path / "out.rws"
+    cases = [
+        (extracted[8], ["--target-bpp", "1"], "it does not apply to the input (8-bit)"),
+        (extracted[8], ["--bits", "auto"], "--bits auto needs --target-bpp B"),
+        (signs, ["--affine"], "the input holds 1-bit signs and a scale, which have none"),
+        (extracted[8], ["--density", "0"], "--density 0 is not a share of entries"),
+        (extracted[8], ["--density", "1.5"], "--density 1.5 is not a share of entries"),
+    ]
+    for source, args, message in cases:
+        result = _invoke("convert", source, "-o", out, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and "  fix: " in result.stderr, (args, result.stderr)
+        assert not out.exists()

@@ -198,7 +198,7 @@ def test_bad_input_is_exit_2_with_a_message_and_no_output(tmp_path, fog, task_ve
         ("would overwrite the input signature", ["export", copy, "-o", copy]),
         ("would overwrite the input safetensors file", ["import", task_vector, "-o", task_vector]),
         ("does not end in .safetensors", ["export", fog, "-o", tmp_path / "out.pt"]),
-        ("'--bits'", ["import", task_vector, "-o", out_rws, "--bits", "2"]),
+        ("--bits 3 is not a width", ["import", task_vector, "-o", out_rws, "--bits", "3"]),
     ]
     for expected, args in cases:
         result = _invoke(*args)

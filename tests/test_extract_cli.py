@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -169,3 +170,172 @@ class MakesFolder:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
+
+
+# ------------------------------------------------------------------ storage (format 1.2)
+
+
+@pytest.mark.parametrize(
+    "args, quant, stored",
+    [
+        (["--bits", "1"], {"bits": 1}, {"scheme": "sign", "granularity": "channel"}),
+        (["--bits", "2"], {"bits": 2}, {"scheme": "int2", "symmetric": True}),
+        (
+            ["--bits", "2", "--affine", "--granularity", "tensor"],
+            {"bits": 2, "symmetric": False, "granularity": "tensor"},
+            {"scheme": "int2", "symmetric": False, "granularity": "tensor"},
+        ),
+        (
+            ["--bits", "1", "--density", "0.1"],
+            {"bits": 1, "density": 0.1},
+            {"scheme": "sparse", "values": {"scheme": "sign", "bits": 1}},
+        ),
+        (
+            ["--bits", "4", "--density", "0.25", "--sparsity", "channel"],
+            {"bits": 4, "density": 0.25, "sparsity": "channel"},
+            {"scheme": "sparse", "values": {"scheme": "linear", "bits": 4}},
+        ),
+        (
+            ["--bits", "2", "--density", "0.5", "--granularity", "group", "--group-size", "8"],
+            {"bits": 2, "density": 0.5, "granularity": "group", "group_size": 8},
+            {"scheme": "sparse", "values": {"scheme": "int2", "group_size": 8}},
+        ),
+        (
+            ["--bits", "32", "--density", "0.3"],
+            {"bits": 32, "density": 0.3},
+            {"scheme": "sparse", "values": {"scheme": "float", "bits": 32}},
+        ),
+    ],
+)
+def test_storage_options_reach_the_file_and_verify(checkpoints, args, quant, stored):
+    d = checkpoints
+    out = d / "fog.rws"
+    result = run("extract", d / "std.pt", d / "fog.pt", d / "init.pt", "-o", out, "-q", *args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # every option given has an effect: no warning
+    assert run("verify", out).exit_code == 0
+    sig = rwsfmt.load(out)
+    assert sig.quant == rwsfmt.QuantConfig(**quant)
+    conv = sig.info("0.weight")
+    assert _within(conv.quant, stored), conv.quant
+    if quant.get("density", 1) < 1:  # the share asked of the 81 entries, or of each channel's 27
+        by_channel = quant.get("sparsity") == "channel"
+        density = quant["density"]
+        assert conv.nnz == (3 * round(density * 27) if by_channel else round(density * 81))
+    targets = [i for i in sig.infos if i.kind == "target"]
+    assert targets and all(i.quant == {"scheme": "float", "bits": 32} for i in targets)
+
+
+def _within(quant: dict, expected: dict) -> bool:
+    """Whether `quant` holds every key of `expected` (nested objects too) with its value."""
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            if not _within(quant.get(key, {}), value):
+                return False
+        elif quant.get(key) != value:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "args, message, fix",
+    [
+        (["--bits", "1", "--affine"], "--bits 1 stores signs", "drop --affine, or give --bits 2"),
+        (["--density", "0"], "--density 0 is not a share", "e.g. --density 0.1"),
+        (["--density", "1.5"], "--density 1.5 is not a share", "e.g. --density 0.1"),
+        (["--density", "nan"], "--density nan is not a share", "e.g. --density 0.1"),
+        (
+            ["--target-bpp", "0.5"],
+            "--target-bpp is the budget of --bits auto; it does not apply to --bits 8",
+            "add --bits auto",
+        ),
+        (
+            ["--bits", "4", "--target-bpp", "0.5"],
+            "it does not apply to --bits 4",
+            "add --bits auto",
+        ),
+        (["--bits", "auto"], "--bits auto needs --target-bpp B", "--bits auto --target-bpp 0.5"),
+        (
+            ["--bits", "auto", "--target-bpp", "0"],
+            "--target-bpp 0 is not a number of bits per parameter",
+            "--bits auto --target-bpp 0.5",
+        ),
+        (["--bits", "3"], "--bits 3 is not a width rwsfmt stores", "use --bits 1, 2, 4, 8, 16"),
+    ],
+)
+def test_bad_storage_options_are_usage_errors_with_a_fix(checkpoints, args, message, fix):
+    d = checkpoints
+    before = set(os.listdir(d))
+    result = run("extract", d / "std.pt", d / "fog.pt", d / "init.pt", "-o", d / "o.rws", *args)
+    assert result.exit_code == 2, result.output
+    error, fix_line = result.stderr.splitlines()
+    assert error.startswith("error: ") and message in error, error
+    assert fix_line.startswith("  fix: ") and fix in fix_line, fix_line
+    assert set(os.listdir(d)) == before
+
+
+@pytest.mark.parametrize(
+    "args, warning",
+    [
+        (["--sparsity", "channel"], "--sparsity has no effect"),
+        (["--bits", "32", "--granularity", "group"], "--granularity has no effect"),
+        (["--bits", "1", "--symmetric"], "--affine/--symmetric has no effect"),
+        (["--bits", "2", "--group-size", "8"], "--group-size has no effect"),
+    ],
+)
+def test_storage_options_without_effect_warn(checkpoints, args, warning):
+    d = checkpoints
+    out = d / "w.rws"
+    result = run("extract", d / "std.pt", d / "fog.pt", d / "init.pt", "-o", out, "-q", *args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {warning}" in result.stderr and "fix: " in result.stderr
+    assert rwsfmt.verify(out).ok
+
+
+@pytest.fixture(scope="module")
+def vgg(tmp_path_factory):
+    """The six shallowest convolutions of VGG-16 at half width (32 to 128 channels): init,
+    and std and robust moved from it by heavy-tailed (Laplace) steps whose scale varies by
+    output channel, as trained deltas do. The default 5 layers hold 139,424 parameters."""
+    d = tmp_path_factory.mktemp("vgg")
+    g = torch.Generator().manual_seed(0)
+    widths = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+    init = {}
+    for index, (cin, cout) in zip((0, 2, 5, 7, 10, 12), widths, strict=True):
+        init[f"features.{index}.weight"] = (
+            torch.randn(cout, cin, 3, 3, generator=g) / (4.5 * cin) ** 0.5
+        )
+        init[f"features.{index}.bias"] = torch.zeros(cout)
+
+    def moved(scale: float) -> dict:
+        out = {}
+        for name, v in init.items():
+            u = torch.rand(v.shape, generator=g) - 0.5
+            laplace = -torch.sign(u) * torch.log1p(-2 * u.abs())
+            channel = torch.exp(0.7 * torch.randn(v.shape[0], generator=g))
+            out[name] = v + scale * channel.view(-1, *[1] * (v.dim() - 1)) * laplace
+        return out
+
+    torch.save(init, d / "init.pt")
+    torch.save(moved(0.002), d / "std.pt")
+    torch.save(moved(0.003), d / "robust.pt")
+    return d
+
+
+def test_bits_auto_fits_the_target_over_the_whole_file(vgg):
+    """Measured (seed 0): 0.4853 bits per parameter for a target of 0.5 (0.9925 for 1)."""
+    target = 0.5
+    out = vgg / "auto.rws"
+    args = ["--bits", "auto", "--target-bpp", target, "--json"]
+    result = run("extract", vgg / "std.pt", vgg / "robust.pt", vgg / "init.pt", "-o", out, *args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # it fits: no warning
+    parameters = sum(info.numel for info in rwsfmt.load(out).infos)
+    assert parameters == 139_424
+    bits = 8 * os.path.getsize(out) / parameters
+    assert json.loads(result.stdout)["bits_per_parameter"] == bits
+    assert 0.9 * target <= bits <= target  # every byte counted, header included
+    sig = rwsfmt.load(out)
+    assert sig.quant == rwsfmt.QuantConfig(bits="auto", target_bpp=target)
+    assert len({info.scheme for info in sig.infos}) > 1  # a scheme per tensor
+    assert run("verify", out).exit_code == 0

@@ -279,3 +279,43 @@ def test_cli_bad_input_exits_2_and_writes_nothing(files, tmp_path):
 
 def test_cli_methods_are_the_registry():
     assert sorted(METHODS) == sorted(REGISTRY)
+
+
+def test_cli_storage_options_and_their_inheritance(files, tmp_path):
+    """--store-density (merge's own --density is TIES's and DARE's) and the other storage
+    options reach the merged file; left out, they are the first signature's."""
+    runner = CliRunner()
+
+    def merge(out, *args: str) -> rwsfmt.QuantConfig:
+        result = runner.invoke(main, ["merge", *map(str, args), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert result.stderr == "", result.stderr
+        assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+        return rwsfmt.load(out).quant
+
+    sparse = tmp_path / "sparse.rws"
+    stored = ["--bits", "1", "--store-density", "0.5", "--sparsity", "channel"]
+    assert merge(sparse, *files, "-m", "ties", "--density", "0.4", *stored) == rwsfmt.QuantConfig(
+        bits=1, density=0.5, sparsity="channel"
+    )
+    conv = rwsfmt.load(sparse).info("conv.weight")
+    assert conv.scheme == "sparse" and conv.nnz == 8 * round(0.5 * 27)
+    # the first file's storage, with --bits 2 changed: still half of each channel kept
+    again = merge(tmp_path / "again.rws", sparse, files[1], "--bits", "2")
+    assert again == rwsfmt.QuantConfig(bits=2, density=0.5, sparsity="channel")
+
+
+def test_cli_storage_usage_errors_name_the_flags(files, tmp_path):
+    bad = tmp_path / "bad.rws"
+    cases = [
+        (["--density", "0.5"], "--store-density D stores the merged signature sparse"),
+        (["--store-density", "0"], "--store-density 0 is not a share of entries"),
+        (["--bits", "1", "--affine"], "--bits 1 stores signs and a scale"),
+        (["--bits", "auto"], "--bits auto needs --target-bpp B"),
+        (["--target-bpp", "1"], "it does not apply to the first signature (32-bit)"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["merge", *files, "-o", str(bad), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+        assert not bad.exists()

@@ -162,8 +162,11 @@ def test_a_reader_without_the_scheme_asks_to_upgrade(tmp_path, monkeypatch):
 
     path, _ = _round_trip(tmp_path, {"w": _conv(4)}, QuantConfig(bits=2))
     monkeypatch.delitem(schemes.SCHEMES, "int2")
-    with pytest.raises(rwsfmt.RwsError, match="unknown quantization scheme 'int2'.*upgrade"):
+    with pytest.raises(rwsfmt.RwsError, match="(?s)unknown quantization scheme 'int2'.*upgrade"):
         rwsfmt.load(path)
+    with pytest.raises(rwsfmt.RwsError) as err:
+        rwsfmt.verify(path)
+    assert not isinstance(err.value, rwsfmt.IntegrityError)  # a newer file, not a damaged one
 
 
 @pytest.mark.parametrize("target", [0.25, 0.5, 1.0, 2.0])

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 Quant = dict[str, Any]
 Shape = tuple[int, ...]
-Bad = Callable[[str], Exception]  # makes the error for one entry's problem
+Bad = Callable[..., Exception]  # bad(problem, newer=False): the error for an entry's problem
 
 
 class Scheme(ABC):
@@ -31,7 +31,8 @@ class Scheme(ABC):
 
     @abstractmethod
     def validate(self, q: Quant, shape: Shape, bad: Bad) -> None:
-        """Raise `bad(problem)` when `q` breaks the scheme's header rules (spec 3.1)."""
+        """Raise `bad(problem)` when `q` breaks the scheme's header rules (spec 3.1), or
+        `bad(problem, newer=True)` for a value a newer version of the format may define."""
 
     @abstractmethod
     def values_offset(self, q: Quant, shape: Shape, count: int) -> int:

@@ -35,7 +35,7 @@ class Sparse(Scheme):
     def validate(self, q: Quant, shape: Shape, bad: Bad) -> None:
         index = q.get("index")
         if index not in INDEXES:
-            raise bad(f"unknown sparse index {index!r}; upgrade rwsfmt (pip install -U rwsfmt)")
+            raise bad(f"unknown sparse index {index!r}", newer=True)
         nnz, numel = q.get("nnz"), math.prod(shape)
         if not whole(nnz) or not 0 <= nnz <= numel:
             raise bad(f"quant.nnz {nnz!r} must be a whole number from 0 to {numel}")
@@ -45,10 +45,12 @@ class Sparse(Scheme):
         scheme, bits = values.get("scheme"), values.get("bits")
         if not whole(bits) or bits != q["bits"]:
             raise bad(f"quant.values.bits {bits!r} must equal quant.bits {q['bits']}")
-        if type(scheme) is not str or scheme == self.name or scheme not in self._registry:
-            raise bad(f"unknown scheme {scheme!r} for the values of a sparse tensor")
+        if type(scheme) is not str or scheme == self.name:
+            raise bad(f"scheme {scheme!r} cannot code the values of a sparse tensor")
+        if scheme not in self._registry:
+            raise bad(f"unknown scheme {scheme!r} for the values of a sparse tensor", newer=True)
         self._registry[scheme].validate(values, shape, bad)
-        if values.get("granularity") == "channel" and values.get("axis") != 0:
+        if _by_channel(values) and values.get("axis") != 0:
             raise bad("the values of a sparse tensor have channels along axis 0 only")
 
     def entry_minor(self, q: Quant) -> int:
@@ -73,13 +75,20 @@ class Sparse(Scheme):
         return self.inner(q).check(payload[bitmap:], q["values"], shape, q["nnz"], filt)
 
     def decode(self, raw, q, shape, count, filt, channel_counts=None) -> torch.Tensor:  # noqa: ANN001
+        import numpy as np
         import torch
 
-        bitmap = (count + 7) // 8
-        shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
-        kept = ((raw[:bitmap, None] >> shifts) & 1).view(-1)[:count].bool()
-        values = q["values"]
-        counts = kept.view(_rows(shape)).sum(dim=1) if _by_channel(values) else None
+        bitmap, values = (count + 7) // 8, q["values"]
+        if raw.device.type == "cpu":  # numpy unpacks and counts bits 20-40x faster
+            bits = np.unpackbits(raw[:bitmap].numpy(), count=count, bitorder="little")
+            kept = torch.from_numpy(bits).view(torch.bool)
+            counts = None
+            if _by_channel(values):
+                counts = torch.from_numpy(bits.reshape(_rows(shape)).sum(axis=1, dtype=np.int64))
+        else:
+            shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
+            kept = ((raw[:bitmap, None] >> shifts) & 1).view(-1)[:count].bool()
+            counts = kept.view(_rows(shape)).sum(dim=1) if _by_channel(values) else None
         coded = raw[bitmap:] if bitmap % 4 == 0 else raw[bitmap:].clone()  # float32-aligned
         decoded = self.inner(q).decode(coded, values, shape, q["nnz"], filt, counts)
         out = torch.zeros(count, dtype=torch.float32, device=raw.device)
@@ -88,10 +97,12 @@ class Sparse(Scheme):
     def decode_numpy(self, raw, q, shape, count, filt, channel_counts=None) -> np.ndarray:  # noqa: ANN001
         import numpy as np
 
-        bitmap = (count + 7) // 8
-        kept = np.unpackbits(raw[:bitmap], count=count, bitorder="little").view(bool)
-        values = q["values"]
-        counts = kept.reshape(_rows(shape)).sum(axis=1) if _by_channel(values) else None
+        bitmap, values = (count + 7) // 8, q["values"]
+        bits = np.unpackbits(raw[:bitmap], count=count, bitorder="little")
+        counts = None
+        if _by_channel(values):
+            counts = bits.reshape(_rows(shape)).sum(axis=1, dtype=np.int64)
+        kept = bits.view(bool)
         decoded = self.inner(q).decode_numpy(raw[bitmap:], values, shape, q["nnz"], filt, counts)
         out = np.zeros(count, dtype=np.float32)
         out[kept] = decoded.reshape(-1)
