@@ -205,7 +205,11 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
     filt, coded = _encode_values(flat, values_quant, shape, channel_counts, name)
     payload = b"".join([*parts, *coded])
     info = TensorInfo(name, "delta", shape, "float32", quant, filt, "raw", 0, 0, 0, "")
-    error = decode(bytearray(payload), info, x32.device).sub_(x32)
+    error = decode(bytearray(payload), info, x32.device).sub_(x32).reshape(-1)
+    if not config.sparse and values_quant["scheme"] != "float":
+        # summed as rows, as rwsfmt before 1.2 did, so 1.0 files keep their bytes (the
+        # float32 sum of a zero-padded last group rounds differently)
+        error = _as_rows(error, values_quant, shape, None)[0]
     norm = vector_norm(x32)
     return Encoded(quant, filt, payload, vector_norm(error) / norm if norm else 0.0)
 

@@ -1,6 +1,7 @@
 """A second `.rws` v1 reader, written from `spec/rws-format.md` alone (numpy, zstandard and
 the standard library; nothing from rwsfmt). The tests decode the golden files and random
 files with it and with rwsfmt, and require identical float32 bits and identical verdicts.
+It reads every scheme of version 1.2: `float`, `linear`, `int2`, `sign` and `sparse`.
 
     header, tensors = read("fog.rws")   # raises Invalid on any rule of the spec's section 9
 """
@@ -166,10 +167,10 @@ def _entry(e) -> None:
     if e["filter"] not in ("none", "byteplane") or e["codec"] not in ("zstd", "raw"):
         raise Invalid("filter or codec")
     n = math.prod(shape)
-    groups, bits, symmetric = _quant(e["quant"], shape, n)
-    if e["filter"] == "byteplane" and bits not in (16, 32):
+    expected_length = _payload_length(e["quant"], shape, n)
+    if e["filter"] == "byteplane" and e["quant"]["bits"] not in (16, 32):
         raise Invalid("byteplane on a width other than 16 or 32 bits")
-    if e["decoded_length"] != 4 * groups * (1 if symmetric else 2) + (n * bits + 7) // 8:
+    if e["decoded_length"] != expected_length:
         raise Invalid("decoded_length")
     if e["codec"] == "raw" and e["length"] != e["decoded_length"]:
         raise Invalid("raw length")
@@ -177,20 +178,30 @@ def _entry(e) -> None:
         raise Invalid("zstd ratio bound")
 
 
+# bits allowed per scheme with scale groups (sections 3.1 and 3.7); `float` is 32 bits only
+GROUPED_BITS = {"linear": (4, 8, 16), "int2": (2,), "sign": (1,)}
+
+
 def _quant(q, shape: list, n: int) -> tuple[int, int, bool]:
-    """(number of scale groups, bits, symmetric) of a valid quant object."""
+    """(number of scale groups, bits, symmetric) of a valid quant object of a dense scheme
+    coding `n` values (the tensor's elements, or a sparse entry's `nnz` kept values).
+    `symmetric` is True when no zero points are stored (`float` and `sign` too)."""
     if not isinstance(q, dict):
         raise Invalid("quant")
     bits = q.get("bits")
     if not _is_int(bits):
         raise Invalid("bits")
-    if q.get("scheme") == "float":
+    scheme = q.get("scheme")
+    if scheme == "float":
         if bits != 32:
             raise Invalid("float bits")
         return 0, 32, True
-    if q.get("scheme") != "linear" or bits not in (4, 8, 16):
+    allowed = next((b for s, b in GROUPED_BITS.items() if scheme == s), None)
+    if allowed is None:  # `==` only: a scheme of the wrong type (a list) is just unknown
+        raise Invalid("unknown scheme: upgrade")
+    if bits not in allowed:
         raise Invalid("scheme or bits")
-    if not isinstance(q.get("symmetric"), bool):
+    if scheme != "sign" and not isinstance(q.get("symmetric"), bool):
         raise Invalid("symmetric")
     granularity = q.get("granularity")
     if granularity == "tensor":
@@ -207,11 +218,42 @@ def _quant(q, shape: list, n: int) -> tuple[int, int, bool]:
         groups = -(-n // size)
     else:
         raise Invalid("granularity")
-    return groups, bits, q["symmetric"]
+    return groups, bits, scheme == "sign" or q["symmetric"]
+
+
+def _sparse(q: dict, shape: list, n: int) -> tuple[int, dict]:
+    """(nnz, values quant) of a valid `sparse` quant object (section 3.7.3)."""
+    if q.get("index") != "bitmap":
+        raise Invalid("unknown sparse index: upgrade")
+    nnz = q.get("nnz")
+    if not _is_int(nnz) or not 0 <= nnz <= n:
+        raise Invalid("nnz")
+    values = q.get("values")
+    if not isinstance(values, dict):
+        raise Invalid("sparse values")
+    if values.get("scheme") == "sparse":
+        raise Invalid("sparse values stored sparse")
+    _quant(values, shape, nnz)  # float, linear, int2 or sign, valid for the entry's shape
+    if values["bits"] != q["bits"]:
+        raise Invalid("sparse values.bits differs from bits")
+    if values["scheme"] != "float" and values["granularity"] == "channel" and values["axis"] != 0:
+        raise Invalid("sparse values with channels along an axis other than 0")
+    return nnz, values
+
+
+def _payload_length(q, shape: list, n: int) -> int:
+    """decoded_length of a valid quant object for `n` elements of `shape` (3.1, 3.7)."""
+    if isinstance(q, dict) and q.get("scheme") == "sparse":
+        if not _is_int(q.get("bits")):
+            raise Invalid("bits")
+        nnz, values = _sparse(q, shape, n)
+        return (n + 7) // 8 + _payload_length(values, shape, nnz)
+    groups, bits, symmetric = _quant(q, shape, n)
+    return 4 * groups * (1 if symmetric else 2) + (n * bits + 7) // 8
 
 
 def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
-    """Check one tensor's blob and decode it to float32 (section 3.3)."""
+    """Check one tensor's blob and decode it to float32 (sections 3.3 and 3.7)."""
     start = data_offset + e["offset"]
     blob = data[start : start + e["length"]]
     if len(blob) != e["length"] or hashlib.sha256(blob).hexdigest() != e["sha256"]:
@@ -219,12 +261,38 @@ def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
     payload = blob if e["codec"] == "raw" else _unzstd(blob, e["decoded_length"])
     shape, q = e["shape"], e["quant"]
     n = math.prod(shape)
-    groups, bits, symmetric = _quant(q, shape, n)
     body = np.frombuffer(payload, dtype=np.uint8)
+    if q["scheme"] != "sparse":
+        return _values(body, q, shape, n, e["filter"], _group_index(q, shape, n)).reshape(shape)
+    nnz, values = _sparse(q, shape, n)
+    bitmap = (n + 7) // 8
+    kept = np.unpackbits(body[:bitmap], bitorder="little")[:n].astype(bool)  # padding dropped
+    if int(kept.sum()) != nnz:
+        raise Invalid("bitmap does not hold nnz positions")
+    positions = np.flatnonzero(kept)  # row-major, so the i-th kept element takes value i
+    if values["scheme"] == "float":
+        group_of = None
+    elif values["granularity"] == "tensor":
+        group_of = np.zeros(nnz, dtype=np.int64)
+    elif values["granularity"] == "group":
+        group_of = np.arange(nnz, dtype=np.int64) // values["group_size"]
+    else:  # channel, axis 0: the kept element's index along axis 0
+        group_of = positions // math.prod(shape[1:])
+    out = np.zeros(n, dtype=np.float32)  # elements not kept decode to +0.0
+    out[positions] = _values(body[bitmap:], values, shape, nnz, e["filter"], group_of)
+    return out.reshape(shape)
+
+
+def _values(
+    body: np.ndarray, q: dict, shape: list, n: int, filt: str, group_of: np.ndarray | None
+) -> np.ndarray:
+    """Check and decode the `n` values of a dense payload (3.1-3.3, 3.6, 3.7.1, 3.7.2), flat;
+    `group_of` gives each value's scale group."""
+    groups, bits, symmetric = _quant(q, shape, n)
     values = body[4 * groups * (1 if symmetric else 2) :]
     if bits == 32:
-        items = values.reshape(4, n).T if e["filter"] == "byteplane" else values.reshape(n, 4)
-        out = np.ascontiguousarray(items).view("<f4").reshape(shape)
+        items = values.reshape(4, n).T if filt == "byteplane" else values.reshape(n, 4)
+        out = np.ascontiguousarray(items).view("<f4").reshape(n)
         if not np.isfinite(out).all():
             raise Invalid("non-finite value")
         return out.astype(np.float32)
@@ -233,6 +301,9 @@ def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
     if (np.signbit(scales) & ~legacy_zero).any() or not np.isfinite(scales).all():
         raise Invalid("scale")
     scales = np.where(legacy_zero, np.float32(0), scales)
+    if q["scheme"] == "sign":  # levels -1 and +1: finite exactly when the scale is (3.6)
+        u = _codes(values, bits, n)
+        return np.where(u == 1, scales[group_of], -scales[group_of]).astype(np.float32)
     if symmetric:
         zero_points = np.full(groups, 2 ** (bits - 1), dtype=np.float32)
     else:
@@ -243,20 +314,30 @@ def decode(data: bytes, e: dict, data_offset: int) -> np.ndarray:
         extremes = [(np.float32(u) - zero_points) * scales for u in (0, 2**bits - 1)]
     if not all(np.isfinite(e).all() for e in extremes):
         raise Invalid("a code decodes to a non-finite value")
-    if bits == 8:
-        u = values
-    elif bits == 16:
-        lo_hi = values.reshape(2, n) if e["filter"] == "byteplane" else values.reshape(n, 2).T
+    if bits == 16:
+        lo_hi = values.reshape(2, n) if filt == "byteplane" else values.reshape(n, 2).T
         u = lo_hi[0].astype(np.uint32) + 256 * lo_hi[1].astype(np.uint32)
     else:
-        u = np.stack([values & 0x0F, values >> 4], axis=1).reshape(-1)[:n]
-    group_of = _group_index(q, shape, n)
+        u = _codes(values, bits, n)
     u = u.astype(np.float32)
-    return ((u - zero_points[group_of]) * scales[group_of]).astype(np.float32).reshape(shape)
+    return ((u - zero_points[group_of]) * scales[group_of]).astype(np.float32)
 
 
-def _group_index(q: dict, shape: list, n: int) -> np.ndarray:
-    """The scale group of every element, in row-major order."""
+def _codes(values: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The first `n` codes of `bits` <= 8 bits (3.2): element `k * (8 / B) + j` is
+    `(byte_k >> (B * j)) & (2^B - 1)`; bits past the last element are ignored."""
+    if bits == 8:
+        return values[:n]
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    codes = (values[: -(-n // per_byte), None] >> shifts) & (2**bits - 1)
+    return codes.reshape(-1)[:n]
+
+
+def _group_index(q: dict, shape: list, n: int) -> np.ndarray | None:
+    """The scale group of every element of a dense tensor, in row-major order."""
+    if q["scheme"] == "float":
+        return None
     if q["granularity"] == "tensor":
         return np.zeros(n, dtype=np.int64)
     if q["granularity"] == "group":

@@ -1,6 +1,6 @@
 """Re-signed header mutations (issue #8, item 7): edit the header JSON of small valid files,
-recompute the header digest (and, for the `frames` family, the blob's SHA-256) so the edit
-gets past the checksums, and require for every case:
+recompute the header digest (and, for the `frames` and `payload` families, the blob's
+SHA-256) so the edit gets past the checksums, and require for every case:
 
 - rwsfmt (load + decode every tensor, verify, and `rwsfmt inspect`, which runs
   `rwsfmt.summary.describe`) raises nothing but `RwsError`, and the CLI exits 0 or 2 with no
@@ -10,7 +10,10 @@ gets past the checksums, and require for every case:
 - accepted tensors hold finite values only;
 - every case ends in bounded time, and a sample of them in bounded memory.
 
-The campaign is deterministic (one seeded `random.Random`), so the case count is fixed.
+The campaign is deterministic (one seeded `random.Random`), so the case count is fixed. The
+bases include every scheme of format 1.2 (int2, sign, sparse), which the `new_quant` and
+`payload` families edit, and `test_targeted_1_2_mutations` applies every edit of a fixed
+table of the 1.2 fields and payload numbers to them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import random
 import signal
+import struct
 import time
 import tracemalloc
 from collections import Counter, defaultdict
@@ -59,7 +63,21 @@ LINEAR = [
     for s in (True, False)
     for g in ("tensor", "channel", "group")
 ]
-SETTINGS = [{"bits": 32}, *LINEAR]
+# format 1.2 (spec 3.7): int2, sign, and sparse entries with values in every inner scheme
+NEW_SETTINGS = [
+    {"bits": 2, "symmetric": True, "granularity": "channel"},
+    {"bits": 2, "symmetric": False, "granularity": "group", "group_size": 8},
+    {"bits": 1, "granularity": "channel"},
+    {"bits": 1, "granularity": "group", "group_size": 8},
+    {"bits": 1, "density": 0.1, "sparsity": "channel"},
+    {"bits": 2, "symmetric": False, "granularity": "tensor", "density": 0.3},
+    {"bits": 8, "granularity": "group", "group_size": 8, "density": 0.2},
+    {"bits": 32, "density": 0.3},
+    {"bits": 16, "symmetric": False, "density": 0.5, "sparsity": "channel"},
+]
+SETTINGS = [{"bits": 32}, *LINEAR, *NEW_SETTINGS]
+NEW_SCHEMES = ("int2", "sign", "sparse")
+FLT_MAX = float(np.finfo(np.float32).max)
 
 # JSON values no writer produces: huge, negative, fractional and boolean numbers, wrong types,
 # rich markup, control and bidi characters, long strings, deep nesting
@@ -139,24 +157,44 @@ def _empty_as_zstd(data: bytes) -> bytes:
 
 
 def _negative_zero_scales(data: bytes) -> bytes:
-    """A file as rwsfmt 0.1.0 wrote it on big tensors: zero-group scales stored as -0.0."""
+    """A file as rwsfmt 0.1.0 wrote it on big tensors: zero-group scales stored as -0.0
+    (for the 1.2 schemes, which 0.1.0 never wrote, a valid file all the same: spec 3.6)."""
     fields, doc, blobs = _blobs(data)
     patched = 0
     for i, entry in enumerate(doc["tensors"]):
-        groups = reference_reader._quant(entry["quant"], entry["shape"], 0)[0]
-        zstd = entry["codec"] == "zstd"
-        payload = np.frombuffer(
-            zstandard.ZstdDecompressor().decompress(blobs[i]) if zstd else blobs[i], np.uint8
-        ).copy()
-        scales = payload[: 4 * groups].view("<u4")
+        start, groups, _ = _numbers(entry)
+        payload = np.frombuffer(_payload_of(entry, blobs[i]), np.uint8).copy()
+        scales = payload[start : start + 4 * groups].view("<u4")
         patched += int((scales == 0).sum())
         scales[scales == 0] = 0x8000_0000
-        blobs[i] = payload.tobytes()
-        if zstd:
-            blobs[i] = zstandard.ZstdCompressor(write_checksum=True).compress(blobs[i])
+        blobs[i] = _stored(entry, payload.tobytes())
     assert patched
     _relayout(doc, blobs)
     return assemble(doc, b"".join(blobs), **fields)
+
+
+def _payload_of(entry: dict, blob: bytes) -> bytes:
+    """The payload of a blob (zstd frames decompressed)."""
+    return zstandard.ZstdDecompressor().decompress(blob) if entry["codec"] == "zstd" else blob
+
+
+def _stored(entry: dict, payload: bytes) -> bytes:
+    """The blob holding `payload` with the entry's codec (a new frame with a checksum)."""
+    if entry["codec"] == "zstd":
+        return zstandard.ZstdCompressor(write_checksum=True).compress(payload)
+    return payload
+
+
+def _numbers(entry: dict) -> tuple[int, int, bool]:
+    """(byte offset of the scales in the payload, number of scales, zero points stored) of a
+    valid entry: after the bitmap for a sparse entry (spec 3.1, 3.7). Raises Invalid."""
+    shape, q = entry["shape"], entry["quant"]
+    n, start = math.prod(shape), 0
+    if isinstance(q, dict) and q.get("scheme") == "sparse":
+        n, q = reference_reader._sparse(q, shape, n)[0], q["values"]
+        start = (math.prod(shape) + 7) // 8
+    groups, _, symmetric = reference_reader._quant(q, shape, n)
+    return start, groups, not symmetric
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +205,8 @@ def bases(tmp_path_factory) -> list[bytes]:
         path = folder / f"{seed}.rws"
         rwsfmt.save(_base_signature(setting, seed), path)
         out.append(path.read_bytes())
+    out.append(_negative_zero_scales(out[SETTINGS.index(NEW_SETTINGS[2])]))  # sign, channel
+    out.append(_negative_zero_scales(out[SETTINGS.index(NEW_SETTINGS[4])]))  # sparse sign
     out.append(_empty_as_zstd(out[1]))
     out.append(_negative_zero_scales(out[SETTINGS.index(LINEAR[4])]))  # 4 bits, affine, channel
     out.append(_negative_zero_scales(out[SETTINGS.index(LINEAR[7])]))  # 8 bits, sym., channel
@@ -208,12 +248,10 @@ def _decoded_length(shape: list, quant: dict) -> int | None:
     """The spec's decoded_length for a shape and quant (None when either is invalid)."""
     if not all(type(d) is int and d >= 0 for d in shape):
         return None
-    n = math.prod(shape)
     try:
-        groups, bits, symmetric = reference_reader._quant(quant, shape, n)
+        return reference_reader._payload_length(quant, shape, math.prod(shape))
     except reference_reader.Invalid:
         return None
-    return 4 * groups * (1 if symmetric else 2) + (n * bits + 7) // 8
 
 
 def _pick(rng: random.Random, doc: dict) -> dict:
@@ -243,7 +281,11 @@ def _maybe_resize(rng: random.Random, entry: dict) -> str:
 def _random_quant(rng: random.Random) -> dict:
     if rng.random() < 0.2:
         return {"scheme": "float", "bits": 32}
-    q = {"scheme": "linear", "bits": rng.choice([4, 8, 16]), "symmetric": rng.random() < 0.5}
+    scheme = rng.choice(["linear", "linear", "int2", "sign"])
+    bits = {"int2": 2, "sign": 1}.get(scheme) or rng.choice([4, 8, 16])
+    q = {"scheme": scheme, "bits": bits}
+    if scheme != "sign":
+        q["symmetric"] = rng.random() < 0.5
     q["granularity"] = rng.choice(["tensor", "channel", "group"])
     if q["granularity"] == "channel":
         q["axis"] = rng.choice([0, 1])
@@ -369,8 +411,8 @@ def mutate_quant(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
     if rng.random() < 0.08 or not isinstance(quant, dict):
         return _set(rng, entry, "quant", [{}, {"scheme": "float", "bits": 32}, _random_quant(rng)])
     choices = {
-        "scheme": ["float", "linear", "log", "Linear"],
-        "bits": [4, 8, 16, 32, 2, 64],
+        "scheme": ["float", "linear", "log", "Linear", "int2", "sign", "sparse"],
+        "bits": [4, 8, 16, 32, 2, 1, 64],
         "symmetric": [True, False, 1, 0, "true"],
         "granularity": ["tensor", "channel", "group", "row"],
         "axis": [0, 1, 2, 3, 8, -1],
@@ -521,6 +563,167 @@ def mutate_top(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
     return _set(rng, doc, rng.choice(["future", "[/x]"]), [{"x": 1}, HUGE])
 
 
+# ---- format 1.2 fields (spec 3.7): targeted edits of int2, sign and sparse entries
+
+
+def _new_entries(doc: dict) -> list[int]:
+    """Indexes of the entries in a scheme of version 1.2 (still objects with a quant)."""
+    return [
+        i
+        for i, e in enumerate(doc["tensors"])
+        if isinstance(e, dict)
+        and isinstance(e.get("quant"), dict)
+        and e["quant"].get("scheme") in NEW_SCHEMES
+    ]
+
+
+def _random_values(rng: random.Random, bits: int | None = None) -> dict:
+    """A `values` object a sparse entry may hold (channels along axis 0 only)."""
+    q = _random_quant(rng)
+    if bits in (1, 2, 4, 8, 16, 32) and rng.random() < 0.7:  # keep the width: more are valid
+        while q["bits"] != bits:
+            q = _random_quant(rng)
+    if q.get("axis") is not None:
+        q["axis"] = 0
+    return q
+
+
+def mutate_new_quant(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
+    """The 1.2 quant fields: `nnz`, `index`, `values` (replaced, nested sparse, wrong types,
+    unhashable values where strings are expected) and the scheme, bits, granularity, axis,
+    group_size and symmetric keys of `values` or of an int2/sign entry. Half the time
+    decoded_length follows, so that only the edited field is wrong."""
+    candidates = _new_entries(doc)
+    if not candidates:
+        return mutate_quant(rng, doc, blobs)
+    entry = doc["tensors"][rng.choice(candidates)]
+    quant = entry["quant"]
+    sparse = quant.get("scheme") == "sparse"
+    values = quant.get("values")
+    n = math.prod(entry["shape"]) if isinstance(entry.get("shape"), list) else 0
+    if sparse and rng.random() < 0.45:
+        nnz = quant.get("nnz") if isinstance(quant.get("nnz"), int) else 0
+        choices = {
+            "nnz": [nnz - 1, nnz + 1, 0, n, n + 1, -1, 2**48, float(nnz), True, str(nnz), [nnz]],
+            "index": ["bitmap", "rle", "Bitmap", "", ["bitmap"], {"bitmap": 1}, None],
+            "values": [
+                copy.deepcopy(quant),  # nested sparse
+                {**copy.deepcopy(values), "scheme": "sparse"} if isinstance(values, dict) else {},
+                _random_values(rng, quant.get("bits")),
+                {"scheme": "float", "bits": 32},
+                {},
+                [],
+                "sign",
+                [copy.deepcopy(values)],
+            ],
+            "bits": [1, 2, 4, 8, 16, 32, 3, True, 2.0, "1", [1]],
+        }
+        key = rng.choice(list(choices))
+        what = _set(rng, quant, key, choices[key])
+        if key == "values" and isinstance(quant.get("values"), dict) and rng.random() < 0.5:
+            quant["bits"] = quant["values"].get("bits")  # the width follows the new values
+            what += " +bits"
+        return what + _maybe_resize(rng, entry)
+    target = values if sparse and isinstance(values, dict) else quant
+    where = "values." if target is not quant else ""
+    choices = {
+        "scheme": ["float", "linear", "int2", "sign", "sparse", "int3", "Sign", ["sign"], {"s": 1}],
+        "bits": [1, 2, 4, 8, 16, 32, 3, True, 2.0, "1", [1]],
+        "symmetric": [True, False, 1, "true", None, [True]],
+        "granularity": ["tensor", "channel", "group", "row", ["channel"], {"g": 1}],
+        "axis": [0, 1, 2, 3, -1, True, 0.0, "0", [0]],
+        "group_size": [1, 2, 3, 8, 2**31, 2**31 + 1, 0, -1, 8.0, "8", [8]],
+        "future_key": [1, "x", [1], {"k": "v"}],
+    }
+    key = rng.choice(list(choices))
+    what = where + _set(rng, target, key, choices[key])
+    if key == "bits" and sparse and target is values and rng.random() < 0.5:
+        quant["bits"] = copy.deepcopy(values.get("bits"))  # keep values.bits == bits
+        what += " +bits"
+    return what + _maybe_resize(rng, entry)
+
+
+def mutate_payload(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
+    """Payload numbers of int2, sign and sparse entries, blob checksums (and zstd frames)
+    recomputed, so that the payload checks of spec 3.6 and 3.7.3 must decide: bitmap bits
+    flipped (popcount != nnz), moved (valid) or set in the padding (valid); scales and zero
+    points negative, NaN, infinite, -0.0 (valid) or huge; codes changed (valid); or the
+    values re-described with another quant and the payload cut or padded to fit."""
+    if not _parallel(doc, blobs):
+        return mutate_new_quant(rng, doc, blobs)
+    candidates = _new_entries(doc)
+    if not candidates:
+        return mutate_frames(rng, doc, blobs)
+    i = rng.choice(candidates)
+    entry = doc["tensors"][i]
+    try:
+        start, groups, affine = _numbers(entry)
+        payload = bytearray(_payload_of(entry, blobs[i]))
+    except (reference_reader.Invalid, zstandard.ZstdError, TypeError, KeyError, ValueError):
+        return mutate_new_quant(rng, doc, blobs)  # an earlier edit broke the entry
+    if len(payload) != entry.get("decoded_length"):
+        return mutate_new_quant(rng, doc, blobs)
+    n = math.prod(entry["shape"])
+    sparse = entry["quant"]["scheme"] == "sparse"
+    op = rng.choice(["bitmap", "bitmap", "scale", "scale", "scale", "zero point", "codes"])
+    if op == "bitmap" and sparse and n:
+        bits = np.unpackbits(np.frombuffer(bytes(payload[:start]), np.uint8), bitorder="little")
+        kind = rng.choice(["flip", "flip", "move", "padding"])
+        if kind == "padding" and n % 8:
+            bits[rng.randrange(n, len(bits))] ^= 1
+        elif kind == "move" and 0 < bits[:n].sum() < n:
+            bits[rng.choice(np.flatnonzero(bits[:n]))] = 0
+            bits[rng.choice(np.flatnonzero(bits[:n] == 0))] = 1
+        else:
+            kind = "flip"
+            bits[rng.randrange(n)] ^= 1
+        payload[:start] = np.packbits(bits, bitorder="little").tobytes()
+        what = f"bitmap bit {kind}"
+    elif op in ("scale", "zero point") and groups and (op == "scale" or affine):
+        k = rng.randrange(groups)
+        at = start + 4 * (k + (groups if op == "zero point" else 0))
+        special = [-1.0, math.nan, -math.nan, math.inf, -math.inf, -0.0, 0.0, FLT_MAX]
+        special += [FLT_MAX / 2, FLT_MAX / 4, 1e38, 5e-45, 2.5, -3.0, 1e-30]
+        value = rng.choice(special)
+        payload[at : at + 4] = struct.pack("<f", value)
+        what = f"{op} {k} = {value!r}"
+    elif op == "codes" and len(payload) > start + 4 * groups * (2 if affine else 1):
+        at = rng.randrange(start + 4 * groups * (2 if affine else 1), len(payload))
+        payload[at] = rng.randrange(256)
+        what = f"code byte {at} changed"
+    else:
+        return _requant(rng, doc, blobs, i, payload, start)
+    blobs[i] = _stored(entry, bytes(payload))
+    _relayout(doc, blobs)
+    return f"{entry['name']}: {what}"
+
+
+def _requant(
+    rng: random.Random, doc: dict, blobs: list[bytes], i: int, payload: bytearray, start: int
+) -> str:
+    """Re-describe an entry's values (a sparse entry's values object, or a dense int2/sign
+    quant) with another quant, and cut or zero-pad the payload to its decoded_length: the
+    same bytes read another way, which both readers must take or refuse alike."""
+    entry = doc["tensors"][i]
+    if entry["quant"]["scheme"] == "sparse":
+        values = _random_values(rng)
+        entry["quant"] = {**entry["quant"], "bits": values["bits"], "values": values}
+    else:
+        entry["quant"] = _random_quant(rng)
+        if entry["quant"].get("axis") is not None:
+            entry["quant"]["axis"] = rng.randrange(max(len(entry["shape"]), 1))
+    length = _decoded_length(entry["shape"], entry["quant"])
+    if length is None:
+        return f"{entry['name']}: requant to {_short(entry['quant'])} (invalid)"
+    entry["decoded_length"] = length
+    bits = entry["quant"]["bits"]
+    entry["filter"] = "byteplane" if bits in (16, 32) and rng.random() < 0.7 else "none"
+    payload = payload[:length] + bytes(max(0, length - len(payload)))
+    blobs[i] = _stored(entry, bytes(payload))
+    _relayout(doc, blobs)
+    return f"{entry['name']}: requant to {_short(entry['quant'])}, payload fitted"
+
+
 FAMILIES: dict[str, Callable[[random.Random, dict, list[bytes]], str]] = {
     "layout": mutate_layout,
     "shape": mutate_shape,
@@ -531,6 +734,8 @@ FAMILIES: dict[str, Callable[[random.Random, dict, list[bytes]], str]] = {
     "stats": mutate_stats,
     "provenance": mutate_provenance,
     "top": mutate_top,
+    "new_quant": mutate_new_quant,
+    "payload": mutate_payload,
 }
 
 
@@ -687,6 +892,167 @@ def test_resigned_header_mutations(tmp_path, bases, capsys):
     assert peak_memory < MAX_PEAK_BYTES
     assert min(family_counts.values()) > CASES // 20
     assert accepted > CASES // 20  # the campaign reaches the decoders
+
+
+# --------------------------------------------------------------------------- 1.2 fields, targeted
+
+DELETE = object()  # an edit that removes the key
+SPARSE_EDITS = [  # (where, key, value): `nnz` values are offsets from the entry's own
+    *(("quant", "nnz", v) for v in ("-1", "nnz-1", "nnz+1", "0", "n", "n+1", "2**48")),
+    *(("quant", "nnz", v) for v in (1.0, True, "1", [1], None, DELETE)),
+    *(("quant", "index", v) for v in ("rle", "Bitmap", ["bitmap"], {"bitmap": 1}, None, DELETE)),
+    *(("quant", "values", v) for v in ("nested", "as sparse", {}, [], "sign", "list", DELETE)),
+    *(("values", "scheme", v) for v in ("float", "linear", "int2", "sign", "int3", ["sign"])),
+    *(("values", "scheme", v) for v in ({"s": 1}, None, DELETE)),
+    *(("values", "bits", v) for v in (1, 2, 4, 8, 16, 32, True, 2.0, "1")),
+    *(("both", "bits", v) for v in (1, 2, 4, 8, 16, 32, True, 2.0, "1", [1])),
+    *(("values", "granularity", v) for v in ("tensor", "channel", "group", "row", ["channel"])),
+    *(("values", "granularity", v) for v in ({"g": 1}, DELETE)),
+    *(("values", "axis", v) for v in (0, 1, -1, True, 0.0, "0", [0], DELETE)),
+    *(("values", "group_size", v) for v in (1, 3, 2**31, 2**31 + 1, 0, 8.0, [8], DELETE)),
+    *(("values", "symmetric", v) for v in (True, False, "true", [True], DELETE)),
+]
+DENSE_EDITS = [  # int2 and sign entries
+    *(("quant", "scheme", v) for v in ("linear", "int2", "sign", "sparse", "float", ["int2"])),
+    *(("quant", "bits", v) for v in (1, 2, 4, True, 2.0, [2])),
+    *(("quant", "symmetric", v) for v in (True, False, "false", [False], DELETE)),
+    *(("quant", "granularity", v) for v in ("tensor", "channel", "group", ["group"], DELETE)),
+    *(("quant", "axis", v) for v in (0, 1, 3, True, [0], DELETE)),
+    *(("quant", "group_size", v) for v in (1, 5, 2**31 + 1, 0, [8], DELETE)),
+]
+PAYLOAD_EDITS = [
+    *(("bitmap", kind, None) for kind in ("flip", "move", "padding")),
+    *(("scale", "", v) for v in (-1.0, math.nan, math.inf, -math.inf, -0.0, 0.0, FLT_MAX)),
+    *(("scale", "", v) for v in (FLT_MAX / 2, FLT_MAX / 1.5, 5e-45)),
+    ("scale bits", "", 0x8000_0001),
+    *(("zero point", "", v) for v in (math.nan, -math.inf, 1e38, 2.5, -3.0)),
+]
+
+
+def _edit_header(entry: dict, where: str, key: str, value: object) -> str:
+    """Apply one header edit to a 1.2 entry, then make decoded_length follow when it can."""
+    quant = entry["quant"]
+    n = math.prod(entry["shape"])
+    target = quant["values"] if where == "values" else quant
+    if isinstance(value, str) and key == "nnz" and value != "1":
+        value = eval(value, {"nnz": quant["nnz"], "n": n})  # noqa: S307 (the table above)
+    elif value == "nested":
+        value = copy.deepcopy(quant)
+    elif value == "as sparse":
+        value = {**copy.deepcopy(quant["values"]), "scheme": "sparse"}
+    elif value == "list":
+        value = [copy.deepcopy(quant["values"])]
+    if value is DELETE:
+        target.pop(key, None)
+    else:
+        target[key] = copy.deepcopy(value)
+        if where == "both":
+            quant["values"][key] = copy.deepcopy(value)
+    length = _decoded_length(entry["shape"], quant)
+    if length is not None:
+        entry["decoded_length"] = length
+    shown = "del" if value is DELETE else _short(value)
+    return f"{entry['name']}: {where}.{key} = {shown} (decoded_length {length})"
+
+
+def _edit_payload(entry: dict, blob: bytes, kind: str, detail: str, value: object) -> bytes:
+    """Apply one payload edit (the first scale / zero point of the payload, or the bitmap)
+    and return the new blob, stored with the entry's codec."""
+    start, groups, affine = _numbers(entry)
+    payload = bytearray(_payload_of(entry, blob))
+    n = math.prod(entry["shape"])
+    if kind == "bitmap":
+        bits = np.unpackbits(np.frombuffer(bytes(payload[:start]), np.uint8), bitorder="little")
+        kept = np.flatnonzero(bits[:n])
+        if detail == "flip":
+            bits[n // 2] ^= 1
+        elif detail == "move":
+            bits[kept[0]] = 0
+            bits[np.flatnonzero(bits[:n] == 0)[-1]] = 1
+        else:
+            bits[n] ^= 1
+        payload[:start] = np.packbits(bits, bitorder="little").tobytes()
+    else:
+        at = start + (4 * groups if kind == "zero point" else 0)
+        packed = struct.pack("<I" if kind == "scale bits" else "<f", value)
+        payload[at : at + 4] = packed
+    return _stored(entry, bytes(payload))
+
+
+def _applies(entry: dict, kind: str, detail: str) -> bool:
+    """Whether a payload edit means something for an entry of this layout."""
+    q, n = entry["quant"], math.prod(entry["shape"])
+    start, groups, affine = _numbers(entry)
+    if kind == "bitmap":
+        nnz = q.get("nnz", 0)
+        return (
+            q["scheme"] == "sparse"
+            and {
+                "flip": n > 0,
+                "move": 0 < nnz < n,
+                "padding": n % 8 != 0,
+            }[detail]
+        )
+    return groups > 0 and (kind != "zero point" or affine)
+
+
+def targeted_cases(bases: list[bytes]):
+    """Every edit of the tables above on the 1.2 entries of every base holding some: each
+    header edit on one entry per base (in turn), each payload edit on one entry of each
+    payload layout it applies to. Yields (file bytes, description)."""
+    for b, data in enumerate(bases):
+        fields, doc, blobs = _blobs(data)
+        new = _new_entries(doc)
+        if not new:
+            continue
+        sparse = [i for i in new if doc["tensors"][i]["quant"]["scheme"] == "sparse"]
+        dense = [i for i in new if i not in sparse]
+        for table, pool in ((SPARSE_EDITS, sparse), (DENSE_EDITS, dense)):
+            for k, (where, key, value) in enumerate(table):
+                if not pool:
+                    break
+                case = copy.deepcopy(doc)
+                what = _edit_header(case["tensors"][pool[k % len(pool)]], where, key, value)
+                yield assemble(case, b"".join(blobs), **fields), f"base {b}: {what}"
+        layouts = set()
+        for i in new:
+            e = doc["tensors"][i]
+            values = e["quant"].get("values", e["quant"])
+            layout = (e["quant"]["scheme"], e["codec"], math.prod(e["shape"]) == 0)
+            layout += (values["scheme"], values.get("granularity"), values.get("symmetric"))
+            if layout in layouts:  # one entry of each layout per base
+                continue
+            layouts.add(layout)
+            for kind, detail, value in PAYLOAD_EDITS:
+                if not _applies(doc["tensors"][i], kind, detail):
+                    continue
+                case, edited = copy.deepcopy(doc), list(blobs)
+                edited[i] = _edit_payload(case["tensors"][i], blobs[i], kind, detail, value)
+                _relayout(case, edited)
+                what = f"{kind} {detail} {value!r}".strip()
+                name = case["tensors"][i]["name"]
+                yield assemble(case, b"".join(edited), **fields), f"base {b}: {name}: {what}"
+
+
+def test_targeted_1_2_mutations(tmp_path, bases, capsys):
+    """Each edit of the 1.2 fields (nnz, index, values and its keys, the int2 and sign keys)
+    and of their payload numbers (bitmaps, scales, zero points), checksums recomputed: both
+    readers give the same verdict, accepted files decode to the same bits, rwsfmt raises
+    only RwsError and the CLI never crashes."""
+    runner = CliRunner()
+    findings = Findings()
+    path = tmp_path / "case.rws"
+    cases = accepted = 0
+    started = time.perf_counter()
+    for data, done in targeted_cases(bases):
+        _overwrite(path, data)
+        accepted += check_case(path, done, findings, runner, table=cases % TABLE_EVERY == 0)
+        cases += 1
+    elapsed = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\n{cases} targeted 1.2 mutations in {elapsed:.1f} s ({accepted} accepted)")
+    assert not findings.counts, findings.report()
+    assert cases > 1000 and cases // 5 < accepted < cases // 2
 
 
 # --------------------------------------------------------------------------- metadata display

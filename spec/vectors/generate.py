@@ -1,4 +1,4 @@
-"""Generate the golden `.rws` v1.0 files in this folder and their expected decoded values.
+"""Generate the golden `.rws` v1.x files in this folder and their expected decoded values.
 
 The committed files are FROZEN: the tests read them and never call this script. It exists so
 that anyone can see exactly how they were made. It refuses to overwrite existing files unless
@@ -155,6 +155,231 @@ def legacy_negzero_scale() -> rwsfmt.Signature:
     return Signature(sig.meta, infos, blobs)
 
 
+# ---- version 1.2 (spec section 3.7): int2, sign and sparse entries; these files have minor 2
+
+
+def _per_tensor(label: str, tensors: list, **build) -> rwsfmt.Signature:
+    """A signature whose tensors are each stored with their own QuantConfig:
+    `tensors` lists (name, tensor, config, add() keywords)."""
+    builder = SignatureBuilder(label)
+    for name, tensor, config, extra in tensors:
+        builder.quant = config  # one setting per tensor
+        builder.add(name, tensor, **extra)
+    return builder.build(**build)
+
+
+def int2_sym_channel() -> rwsfmt.Signature:
+    """2-bit symmetric per output channel (ternary: codes 1, 2, 3), with an all-zero channel,
+    a channel of one repeated value, a rank-1 bias (one scale) and a compressible tensor."""
+    g = _gen(7)
+    weight = 0.05 * torch.randn(6, 4, 3, generator=g)
+    weight[2] = 0.0
+    weight[4] = -0.25
+    builder = SignatureBuilder("fog", QuantConfig(bits=2))
+    builder.add("conv.weight", weight)
+    builder.add("conv.bias", 0.01 * torch.randn(6, generator=g))
+    builder.add("smooth", torch.linspace(-1, 1, 64).repeat(8, 1))  # a zstd frame
+    return builder.build(provenance={"method": "project", "layers": 1})
+
+
+def int2_affine_group() -> rwsfmt.Signature:
+    """2-bit affine per group of 12: a short last group, element counts that leave padding
+    bits in the last byte, all-positive values (zero point 0) and a scalar."""
+    g = _gen(8)
+    config = QuantConfig(bits=2, symmetric=False, granularity="group", group_size=12)
+    builder = SignatureBuilder("snow", config)
+    builder.add("fc.weight", torch.randn(5, 7, generator=g))
+    builder.add("positive", torch.rand(27, generator=g) + 0.5)
+    builder.add("scalar", torch.tensor(-1.25))
+    builder.add("wide", torch.randn(12, 16, generator=g))  # 16 groups: a zstd frame
+    return builder.build()
+
+
+def sign_channel() -> rwsfmt.Signature:
+    """1 bit per value and one scale per output channel: a dead (all-zero) channel decodes
+    to +0.0, a channel with zeros among its values, and a rank-1 bias (one scale)."""
+    g = _gen(9)
+    weight = 0.02 * torch.randn(8, 3, 3, 3, generator=g)
+    weight[5] = 0.0
+    weight[1, 0] = 0.0
+    builder = SignatureBuilder("contrast", QuantConfig(bits=1))
+    builder.add("features.0.weight", weight)
+    builder.add("features.0.bias", 0.01 * torch.randn(8, generator=g))
+    return builder.build(provenance={"method": "project", "layers": 1})
+
+
+def sign_group() -> rwsfmt.Signature:
+    """1 bit per value, one scale per group of 10: 53 elements leave a short last group of 3
+    and 3 padding bits; a float16 source."""
+    g = _gen(10)
+    builder = SignatureBuilder(
+        "motion_blur", QuantConfig(bits=1, granularity="group", group_size=10)
+    )
+    builder.add("proj.weight", 0.1 * torch.randn(53, generator=g))
+    builder.add("head.weight", (0.1 * torch.randn(4, 5, generator=g)).half())
+    return builder.build()
+
+
+def sparse_sign_channel() -> rwsfmt.Signature:
+    """The largest 10% of each output channel's values (sparsity 'channel'), stored as signs
+    with one scale per channel: channels keep different counts (ties, zeros dropped), a dead
+    channel keeps nothing and still has its scale."""
+    g = _gen(11)
+    weight = torch.randn(16, 4, 18, generator=g)  # a zstd frame (the bitmap is mostly 0)
+    weight[3] = 0.0
+    weight[7, :, 1:] = 0.0  # 4 nonzero values: round(0.1 * 72) = 7 kept, only 4 stored
+    weight[8, 0, :9] = 9.0  # a tie at the threshold: the earliest seven are kept
+    builder = SignatureBuilder("fog", QuantConfig(bits=1, density=0.1, sparsity="channel"))
+    builder.add("conv.weight", weight)
+    builder.add("conv.bias", torch.randn(16, generator=g))  # rank 1: kept per tensor
+    return builder.build(provenance={"method": "project", "layers": 1})
+
+
+def sparse_int8_tensor() -> rwsfmt.Signature:
+    """The largest 20% of each tensor (sparsity 'tensor'), as 8-bit codes: per channel of
+    axis 0 (channels with no kept value keep their scale), per tensor, and affine per group
+    of kept values."""
+    g = _gen(12)
+    weight = torch.randn(6, 9, generator=g)
+    weight[0] *= 10  # channel 0 holds most of the largest values
+    return _per_tensor(
+        "snow",
+        [
+            ("fc.weight", weight, QuantConfig(bits=8, density=0.2), {}),
+            ("fc.bias", torch.randn(11, generator=g), QuantConfig(bits=8, density=0.2), {}),
+            (
+                "proj.weight",
+                torch.randn(7, 7, generator=g),
+                QuantConfig(
+                    bits=8, symmetric=False, granularity="group", group_size=4, density=0.2
+                ),
+                {},
+            ),
+        ],
+        provenance={"quantization": {"bits": 8, "density": 0.2, "sparsity": "tensor"}},
+    )
+
+
+def sparse_float32() -> rwsfmt.Signature:
+    """The largest 30% stored as exact float32 values split into byte planes, with -0.0
+    and a subnormal that are not kept, and a 16-bit per-channel variant (byteplane too)."""
+    g = _gen(13)
+    weight = torch.randn(5, 6, generator=g)
+    weight[0, :2] = torch.tensor([-0.0, 1e-40])
+    return _per_tensor(
+        "contrast",
+        [
+            ("w", weight, QuantConfig(bits=32, density=0.3), {}),
+            ("w16", torch.randn(4, 7, generator=g), QuantConfig(bits=16, density=0.3), {}),
+        ],
+    )
+
+
+def sparse_empty() -> rwsfmt.Signature:
+    """Sparse entries that keep nothing (nnz = 0): all-zero tensors in every values scheme
+    and granularity (a per-channel or per-tensor scale is still stored; per-group scales are
+    not), a zero scalar and zero-element tensors."""
+    zeros = torch.zeros(4, 6)
+    return _per_tensor(
+        "empty",
+        [
+            ("sign_channel", zeros, QuantConfig(bits=1, density=0.1, sparsity="channel"), {}),
+            ("int2_tensor", zeros, QuantConfig(bits=2, granularity="tensor", density=0.5), {}),
+            (
+                "int8_group",
+                zeros,
+                QuantConfig(bits=8, granularity="group", group_size=4, density=0.5),
+                {},
+            ),
+            ("float", zeros, QuantConfig(bits=32, density=0.5), {}),
+            ("scalar", torch.tensor(0.0), QuantConfig(bits=1, density=0.5), {}),
+            ("no_rows", torch.zeros(0, 5), QuantConfig(bits=8, density=0.5), {}),
+            (
+                "no_columns",
+                torch.zeros(5, 0),
+                QuantConfig(bits=1, density=0.5, sparsity="channel"),
+                {},
+            ),
+        ],
+    )
+
+
+def mixed_1_2() -> rwsfmt.Signature:
+    """Every scheme in one file, in model order: exact targets, 8- and 4-bit linear, int2,
+    sign, and sparse values in each of float, linear, int2 and sign; other source dtypes,
+    a scalar and an empty tensor, stats and a provenance record."""
+    g = _gen(14)
+    stats = {"rel_norm": 0.125, "cos_base": 0.5}
+    conv = 0.1 * torch.randn(4, 2, 3, 3, generator=g)
+    sign = QuantConfig(bits=1)
+    tensors = [
+        ("conv1.weight", conv, QuantConfig(bits=2), {"stats": stats}),
+        ("bn1.weight", 0.1 * torch.randn(4, generator=g), sign, {}),
+        ("bn1.bias", 0.1 * torch.randn(4, generator=g), QuantConfig(bits=8), {}),
+        ("bn1.running_mean", torch.randn(4, generator=g), sign, {"kind": "target"}),
+        ("bn1.running_var", torch.rand(4, generator=g) + 0.5, sign, {"kind": "target"}),
+        (
+            "conv2.weight",
+            0.1 * torch.randn(6, 4, 3, 3, generator=g),
+            QuantConfig(bits=1, density=0.25, sparsity="channel"),
+            {},
+        ),
+        (
+            "conv2.bias",
+            0.1 * torch.randn(6, generator=g),
+            QuantConfig(bits=4, symmetric=False, granularity="group", group_size=4),
+            {},
+        ),
+        (
+            "fc1.weight",
+            (0.1 * torch.randn(8, 16, generator=g)).half(),
+            QuantConfig(bits=2, symmetric=False, density=0.5),
+            {},
+        ),
+        (
+            "fc1.bias",
+            (0.1 * torch.randn(8, generator=g)).bfloat16(),
+            QuantConfig(bits=32, density=0.5),
+            {},
+        ),
+        (
+            "fc2.weight",
+            0.1 * torch.randn(3, 16, generator=g),
+            QuantConfig(bits=16, granularity="group", group_size=5, density=0.4),
+            {},
+        ),
+        (
+            "fc2.bias",
+            0.1 * torch.randn(3, generator=g),
+            QuantConfig(bits=1, granularity="group", group_size=2),
+            {},
+        ),
+        (
+            "proj.weight",
+            0.1 * torch.randn(3, 10, generator=g),
+            QuantConfig(bits=2, granularity="group", group_size=8),
+            {},
+        ),
+        ("scale", torch.tensor(0.75), QuantConfig(bits=2, symmetric=False), {}),
+        ("empty", torch.zeros(0, 5), QuantConfig(bits=1), {}),
+    ]
+    sig = _per_tensor("fog", tensors)
+    model = [(i.name, i.shape) for i in sig.infos] + [("head.weight", (10, 3))]
+    return _per_tensor(
+        "fog",
+        tensors,
+        provenance={
+            "method": "project",
+            "layers": 3,
+            "corruption": "fog",
+            "severity": 5,
+            "dataset": "digits-32",
+            "meta": {"note": "golden file, format 1.2"},
+        },
+        model_fingerprint=rwsfmt.architecture_fingerprint(model),
+    )
+
+
 VECTORS = [
     sym8_channel,
     sym16_byteplane,
@@ -162,6 +387,15 @@ VECTORS = [
     affine4_group,
     mixed,
     legacy_negzero_scale,
+    int2_sym_channel,
+    int2_affine_group,
+    sign_channel,
+    sign_group,
+    sparse_sign_channel,
+    sparse_int8_tensor,
+    sparse_float32,
+    sparse_empty,
+    mixed_1_2,
 ]
 
 

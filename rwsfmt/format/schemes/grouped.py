@@ -3,13 +3,11 @@
 Their payload is `scales (float32 x G) | zero points (float32 x G, affine only) | codes`;
 element `i` of group `g` decodes to `(level(u[i]) - zp[g]) * scale[g]` in float32. Codes of
 fewer than 8 bits are packed little-end first: element `k * (8 / B) + j` sits in bits
-`[B*j, B*j + B)` of byte `k`. Decoding looks each byte up in a table of its elements' levels
-(one gather instead of shifts and masks).
+`[B*j, B*j + B)` of byte `k`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 from .base import Bad, Quant, Scheme, Shape, whole
@@ -37,9 +35,13 @@ class Grouped(Scheme):
     def implied_zero_point(self, q: Quant) -> float:
         return float(1 << (q["bits"] - 1))
 
-    def levels(self, bits: int) -> list[float]:
-        """The level each code `u` stands for before the zero point: `u` itself."""
-        return [float(u) for u in range(1 << bits)]
+    def level_range(self, bits: int) -> tuple[float, float]:
+        """The lowest and highest level a code stands for before the zero point."""
+        return 0.0, float((1 << bits) - 1)
+
+    def to_levels(self, u: Any) -> Any:
+        """The levels of float32 codes `u`, in place: the codes themselves."""
+        return u
 
     # ---- header rules and layout
     def validate(self, q: Quant, shape: Shape, bad: Bad) -> None:
@@ -86,8 +88,7 @@ class Grouped(Scheme):
                 return "has a non-finite zero point"
         else:
             zero_points = np.float32(self.implied_zero_point(q))
-        levels = self.levels(q["bits"])
-        if not decodes_finite(scales, zero_points, min(levels), max(levels)).all():
+        if not decodes_finite(scales, zero_points, *self.level_range(q["bits"])).all():
             return "has a scale and zero point that decode codes beyond the float32 range"
         return ""
 
@@ -113,8 +114,8 @@ class Grouped(Scheme):
             pairs = values.view(2, count).t() if filt == "byteplane" else values.view(count, 2)
             u = (pairs[:, 0].to(torch.int32) | (pairs[:, 1].to(torch.int32) << 8)).float()
         else:
-            table = _level_table(self, bits, "torch", str(raw.device))
-            u = table[values.long()].view(-1)[:count]
+            u = _unpack(values, bits, count).to(torch.float32)
+        u = self.to_levels(u)
         if zp is None:
             zp = self.implied_zero_point(q)
             zp = None if zp == 0 else torch.full_like(scale, zp)
@@ -143,7 +144,8 @@ class Grouped(Scheme):
             )
             u = (low.astype(np.uint16) | (high.astype(np.uint16) << 8)).astype(np.float32)
         else:
-            u = _level_table(self, bits, "numpy", "")[values].reshape(-1)[:count]
+            u = _unpack_numpy(values, bits, count).astype(np.float32)
+        u = self.to_levels(u)
         if zp is None:
             zp = self.implied_zero_point(q)
             zp = None if zp == 0 else np.full(g, zp, dtype=np.float32)
@@ -162,19 +164,23 @@ def decodes_finite(scales: Any, zero_points: Any, lowest: float, highest: float)
     return np.isfinite(low) & np.isfinite(high)
 
 
-@functools.cache
-def _level_table(scheme: Grouped, bits: int, library: str, device: str) -> Any:
-    """[256, 8 // bits] float32: the levels of the elements packed in each byte value."""
-    per_byte, mask = 8 // bits, (1 << bits) - 1
-    levels = scheme.levels(bits)
-    rows = [[levels[(b >> (bits * j)) & mask] for j in range(per_byte)] for b in range(256)]
-    if library == "numpy":
-        import numpy as np
-
-        return np.array(rows, dtype=np.float32)
+def _unpack(values: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The `count` uint8 codes of `bits` (1, 2 or 4) packed in `values` (spec 3.2)."""
     import torch
 
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+    if bits == 1 and values.device.type == "cpu":  # numpy's unpackbits: 5x faster
+        return torch.from_numpy(_unpack_numpy(values.numpy(), 1, count))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=values.device)
+    return ((values[:, None] >> shifts) & ((1 << bits) - 1)).view(-1)[:count]
+
+
+def _unpack_numpy(values: np.ndarray, bits: int, count: int) -> np.ndarray:
+    import numpy as np
+
+    if bits == 1:
+        return np.unpackbits(values, count=count, bitorder="little")
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((values[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
 
 
 def _per_group(

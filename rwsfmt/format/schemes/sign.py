@@ -4,7 +4,7 @@ magnitude of its group's values, which minimises the squared error for the given
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .base import Quant
 from .grouped import Grouped
@@ -21,8 +21,14 @@ class Sign(Grouped):
     def implied_zero_point(self, q: Quant) -> float:
         return 0.0
 
-    def levels(self, bits: int) -> list[float]:
-        return [-1.0, 1.0]
+    def level_range(self, bits: int) -> tuple[float, float]:
+        return -1.0, 1.0
+
+    def to_levels(self, u: Any) -> Any:
+        """Bit 1 stands for +1, bit 0 for -1: `2u - 1`, exact in float32."""
+        u *= 2
+        u -= 1
+        return u
 
     def quantize(
         self, rows: torch.Tensor, counts: torch.Tensor, q: Quant

@@ -34,6 +34,8 @@ class Sparse(Scheme):
 
     def validate(self, q: Quant, shape: Shape, bad: Bad) -> None:
         index = q.get("index")
+        if type(index) is not str:
+            raise bad(f"quant.index {index!r} must name how positions are stored")
         if index not in INDEXES:
             raise bad(f"unknown sparse index {index!r}", newer=True)
         nnz, numel = q.get("nnz"), math.prod(shape)
