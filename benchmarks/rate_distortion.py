@@ -120,6 +120,17 @@ def grid() -> list[Scheme]:
             for d in DENSITIES
         ]
     rows += [("auto", f"auto, target {t:g}", {"bits": "auto", "target_bpp": t}) for t in TARGETS]
+    # the default scales keep the signature's direction (fit="direction"); for comparison,
+    # the least-squares scales (fit="error") of the same codes
+    rows += [
+        ("least-squares scales", f"{label}, fit error", {**kw, "fit": "error"})
+        for label, kw in (
+            ("2-bit", {"bits": 2}),
+            ("1-bit", {"bits": 1}),
+            ("sparse 1-bit, density 0.5", {"bits": 1, "density": 0.5}),
+            ("sparse 1-bit, density 0.1", {"bits": 1, "density": 0.1}),
+        )
+    ]
     return [Scheme(family, label, QuantConfig(**kw)) for family, label, kw in rows]
 
 
