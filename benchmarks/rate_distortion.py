@@ -5,7 +5,9 @@
 
 Every storage scheme of `rwsfmt.QuantConfig` in `grid()` (the paper's 32/16/8 bits, 4 bits,
 2 and 1 bits per channel and per group of 64, sparse 1-, 2- and 8-bit values keeping 50% down
-to 1% of the entries, and `bits="auto"` at a target rate) is measured three ways:
+to 1% of the entries, and `bits="auto"` at a target rate, all with the default scales that
+keep the signature's direction (`fit="direction"`), and four of them again with least-squares
+scales (`fit="error"`) for comparison) is measured three ways:
 
 * Digits (`paper_digits.py`'s set-up, seed 0, recipe `digits.PAPER`): the 19 robust models'
   32-bit signatures (Eq. 1), of the 5 shallowest layers (the paper's default, 8,936
