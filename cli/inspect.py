@@ -335,4 +335,7 @@ def describe_quant(q: object) -> str:
     if isinstance(density, (int, float)) and not isinstance(density, bool) and density < 1:
         where = "output channel" if q.get("sparsity") == "channel" else "tensor"
         text += f"; the largest {_percent(density)} of each {where} kept"
+    fit = q.get("fit")
+    if fit in ("direction", "error"):
+        text += "; scales keep the direction" if fit == "direction" else "; least-squares scales"
     return text
