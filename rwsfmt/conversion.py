@@ -40,7 +40,7 @@ def convert(
     reencoded = 0
     for name in track(sig.names, len(sig), "converting"):
         info = sig.info(name)
-        if builder.config_for(info.kind).describes(info.quant, info.shape):
+        if builder.config_for(info.kind, info.shape).describes(info.quant, info.shape):
             builder.copy(sig, name)
             continue
         stats = dict(info.stats)

@@ -191,9 +191,15 @@ class SignatureBuilder:
         self._choices: list[list[_Encoding]] = []  # per tensor, in the order added
         self._names: set[str] = set()
 
-    def config_for(self, kind: str) -> QuantConfig:
-        """How a tensor of `kind` is stored: targets as exact float32 whatever the setting."""
-        return self.quant if kind == "delta" else _TARGET_QUANT
+    def config_for(self, kind: str, shape: tuple[int, ...]) -> QuantConfig:
+        """How a tensor of `kind` and `shape` is stored: targets as exact float32 whatever
+        the setting; vectors (rank < 2: biases) at 8 bits at least, dense, where the setting
+        is below 4 bits or sparse (see `_VECTOR_QUANT`)."""
+        if kind != "delta":
+            return _TARGET_QUANT
+        if len(shape) < 2 and (self.quant.bits in (1, 2) or self.quant.sparse):
+            return _VECTOR_QUANT
+        return self.quant
 
     def add(
         self,
@@ -225,7 +231,7 @@ class SignatureBuilder:
                 "signatures store",
                 fix="scale the tensor down, or leave it out",
             )
-        config = self.config_for(kind)
+        config = self.config_for(kind, tuple(tensor.shape))
         configs = config.candidates() if config.bits == "auto" else [config]
         norm = vector_norm(tensor.detach().to(torch.float32)) if len(configs) > 1 else 0.0
         choices = []
@@ -353,6 +359,11 @@ class _Encoding:
 # Normalization statistics are targets: small 1-D vectors whose exact values matter
 # (running_var near zero), so they are stored as exact float32 whatever the delta setting.
 _TARGET_QUANT = QuantConfig(bits=32)
+# A bias shifts a whole channel: a sign or ternary code with one shared scale moves every
+# channel by about the same amount, which on the digits signatures cost much of the gain
+# (benchmarks/rate_distortion.py). Vectors are a tiny share of a signature's parameters, so
+# 8 bits cost next to nothing.
+_VECTOR_QUANT = QuantConfig(bits=8)
 
 
 def from_tensors(

@@ -161,8 +161,9 @@ def test_inspect_shows_the_depth_order_and_verify_prints_odd_paths_as_they_are(t
 
 @pytest.fixture
 def sparse_signs(tmp_path):
-    """A signed file of 1-bit signs of the largest 10% of each tensor (format 1.2), with a
-    float32 target: every byte of it (blobs, header, signature block) counts."""
+    """A signed file of 1-bit signs of the largest 10% of each weight (format 1.2), with an
+    8-bit bias and a float32 target: every byte of it (blobs, header, signature block)
+    counts."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -204,13 +205,9 @@ def test_inspect_counts_every_byte_in_bits_per_parameter(sparse_signs):
         numel = math.prod(entry["shape"])
         assert t["bits_per_parameter"] == 8 * entry["length"] / numel
         q = entry["quant"]
-        if entry["kind"] == "target":
-            assert (t["scheme"], t["values_scheme"], t["nnz"], t["density"]) == (
-                "float",
-                "float",
-                numel,
-                1.0,
-            )
+        if entry["kind"] == "target" or len(entry["shape"]) < 2:  # vectors: exact or 8-bit
+            assert (t["values_scheme"], t["nnz"], t["density"]) == (q["scheme"], numel, 1.0)
+            assert t["scheme"] == ("float" if entry["kind"] == "target" else "linear")
             continue
         assert (t["scheme"], t["values_scheme"]) == ("sparse", "sign")
         assert t["nnz"] == q["nnz"] == round(0.1 * numel)
@@ -229,7 +226,7 @@ def test_inspect_counts_every_byte_in_bits_per_parameter(sparse_signs):
     assert "sparse 10% · sign, channel" in rows["features.0.weight"]
     assert f"{8 * conv['length'] / 720:.3g}" in rows["features.0.weight"].split()
     assert "72" in rows["features.0.weight"].split()  # kept: 10% of 720
-    assert "sparse 12.5% · sign, tensor" in rows["features.0.bias"]  # 2 of 16
+    assert "linear 8 sym, tensor" in rows["features.0.bias"]  # vectors: 8 bits
     assert "f32" in rows["bn.running_var"] and "all" in rows["bn.running_var"].split()
 
 

@@ -324,3 +324,15 @@ def test_the_cli_stores_with_either_fit(tmp_path):
         ["convert", str(source), "-o", str(tmp_path / "8.rws"), "--bits", "8", "--fit", "error"],
     )
     assert result.exit_code == 0 and "--fit has no effect" in result.output
+
+
+@pytest.mark.parametrize(
+    "quant", [QuantConfig(bits=1), QuantConfig(bits=2), QuantConfig(bits=4, density=0.5)]
+)
+def test_vectors_are_stored_at_8_bits_under_low_bit_or_sparse_settings(tmp_path, quant):
+    """A bias shifts a whole channel, and costs next to nothing at 8 bits."""
+    tensors = {"w": _conv(11, channels=16), "b": torch.randn(16) * 0.01, "s": torch.tensor(0.5)}
+    _, sig = _round_trip(tmp_path, tensors, quant)
+    assert sig.info("w").quant["scheme"] != "linear" or quant.sparse
+    for name in ("b", "s"):
+        assert sig.info(name).quant == QuantConfig(bits=8).values_metadata(tensors[name].shape)
