@@ -713,7 +713,7 @@ def _requant(
         if entry["quant"].get("axis") is not None:
             entry["quant"]["axis"] = rng.randrange(max(len(entry["shape"]), 1))
     length = _decoded_length(entry["shape"], entry["quant"])
-    if length is None:
+    if length is None or length > 1 << 26:  # (a huge mutated shape: nothing to pad to)
         return f"{entry['name']}: requant to {_short(entry['quant'])} (invalid)"
     entry["decoded_length"] = length
     bits = entry["quant"]["bits"]
