@@ -5,9 +5,10 @@
 
 Every storage scheme of `rwsfmt.QuantConfig` in `grid()` (the paper's 32/16/8 bits, 4 bits,
 2 and 1 bits per channel and per group of 64, sparse 1-, 2- and 8-bit values keeping 50% down
-to 1% of the entries, and `bits="auto"` at a target rate, all with the default scales that
-keep the signature's direction (`fit="direction"`), and four of them again with least-squares
-scales (`fit="error"`) for comparison) is measured three ways:
+to 1% of the entries, and `bits="auto"` at a target rate, all with scales that keep the
+signature's direction (`fit="direction"`; it changes nothing at 4 bits or more), and four of
+them again with rwsfmt's default least-squares scales (`fit="error"`)) is measured three
+ways:
 
 * Digits (`paper_digits.py`'s set-up, seed 0, recipe `digits.PAPER`): the 19 robust models'
   32-bit signatures (Eq. 1), of the 5 shallowest layers (the paper's default, 8,936
@@ -122,8 +123,9 @@ def grid() -> list[Scheme]:
             for d in DENSITIES
         ]
     rows += [("auto", f"auto, target {t:g}", {"bits": "auto", "target_bpp": t}) for t in TARGETS]
-    # the default scales keep the signature's direction (fit="direction"); for comparison,
-    # the least-squares scales (fit="error") of the same codes
+    # scales that keep the signature's direction (fit="direction"), and for comparison the
+    # least-squares scales (fit="error", rwsfmt's default) of the same codes
+    rows = [(family, label, {**kw, "fit": "direction"}) for family, label, kw in rows]
     rows += [
         ("least-squares scales", f"{label}, fit error", {**kw, "fit": "error"})
         for label, kw in (

@@ -90,8 +90,8 @@ def quant_options(*, inherit: str | None = None, density_flag: str = "--density"
         "With --bits auto: bits per parameter for the whole file, header included.",
         "Share (0 < D <= 1) of each tensor's entries kept, the largest; the rest are 0.",
         f"Keep the {density_flag} share of each tensor, or of each output channel.",
-        "Scales of 1/2-bit and sparse storage: keep the signature's direction (its projection "
-        "on the original), or the least squared error.",
+        "Scales of 1/2-bit and sparse storage: the least squared error, or keep the "
+        "signature's direction (its projection on the original).",
         "One scale per output channel, per tensor, or per group of values.",
         "Values per scale with --granularity group.",
         "Affine (scale + zero point) or symmetric quantization.",
@@ -134,8 +134,8 @@ def quant_options(*, inherit: str | None = None, density_flag: str = "--density"
         ),
         click.option(
             "--fit",
-            type=click.Choice(["direction", "error"]),
-            default="direction",
+            type=click.Choice(["error", "direction"]),
+            default="error",
             show_default=show,
             help=helps[4],
         ),

@@ -42,11 +42,13 @@ class QuantConfig:
     `density` < 1 keeps only that share of each tensor's entries, the largest in magnitude,
     chosen per tensor or per output channel (`sparsity`).
     `fit` says how the scales of 1- and 2-bit codes and of sparse tensors are chosen:
-    'direction' (default) so that the stored tensor's projection on the original is the
-    original, group by group (what patching along the signature needs: measured on the
-    digits signatures, 1-bit codes keep 0.96 of the gain instead of 0.74); 'error' for the
-    least squared error, which shrinks the stored direction. 4/8/16-bit dense codes round
-    without that bias and always use their 1.0 scales.
+    'error' (default) for the least squared error, which shrinks the stored direction;
+    'direction' so that the stored tensor's projection on the original is the original,
+    group by group, which on the digits signatures kept more of the robustness gain at
+    2 bits (0.98 against 0.90) and for sparse signs (density 0.5: 1.04 against 0.95), and
+    less for dense signs (0.51 against 0.83) and the sparsest storage, whose few kept values
+    it scales up many times (`benchmarks/results/rate_distortion.md`). 4/8/16-bit dense
+    codes round without that bias and always use their 1.0 scales.
     """
 
     bits: int | str = 8
@@ -56,7 +58,7 @@ class QuantConfig:
     density: float = 1.0
     sparsity: str = "tensor"
     target_bpp: float | None = None
-    fit: str = "direction"
+    fit: str = "error"
 
     def __post_init__(self) -> None:
         """Refuse settings no file can hold (they may come from another file's provenance)."""

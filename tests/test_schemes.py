@@ -259,7 +259,7 @@ def test_provenance_records_the_settings_and_reads_them_back(tmp_path):
         "group_size": 128,
         "density": 0.1,
         "sparsity": "channel",
-        "fit": "direction",
+        "fit": "error",
     }
     assert sig.quant == quant
 
@@ -277,12 +277,12 @@ def test_converting_to_the_same_sparse_setting_copies_tensors_unchanged(tmp_path
 @pytest.mark.parametrize(
     "quant",
     [
-        QuantConfig(bits=1),
-        QuantConfig(bits=2),
-        QuantConfig(bits=1, density=0.1, sparsity="channel"),
-        QuantConfig(bits=8, density=0.2),
-        QuantConfig(bits=32, density=0.2),
-        QuantConfig(bits=1, granularity="group", group_size=64, density=0.3),
+        QuantConfig(bits=1, fit="direction"),
+        QuantConfig(bits=2, fit="direction"),
+        QuantConfig(bits=1, density=0.1, sparsity="channel", fit="direction"),
+        QuantConfig(bits=8, density=0.2, fit="direction"),
+        QuantConfig(bits=32, density=0.2, fit="direction"),
+        QuantConfig(bits=1, granularity="group", group_size=64, density=0.3, fit="direction"),
     ],
     ids=lambda q: str(q.to_json()),
 )
