@@ -111,8 +111,7 @@ class TensorInfo:
 
     @property
     def affine(self) -> bool:
-        q = self.values_quant
-        return q["scheme"] in ("linear", "int2") and not q["symmetric"]
+        return scheme_of(self.quant).affine(self.quant)
 
     @property
     def values_offset(self) -> int:

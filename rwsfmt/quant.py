@@ -285,16 +285,16 @@ def _encode_values(
         if isinstance(lost, torch.Tensor):  # sparse exact values: scaled up as a whole
             flat = (flat.double() * lost).float()
         return "byteplane", [_planes(flat.cpu().view(torch.uint8), 4)]
-    bits, count = q["bits"], flat.numel()
+    bits, count, scheme = q["bits"], flat.numel(), scheme_of(q)
     rows, counts, order = _as_rows(flat, q, shape, channel_counts)
-    scale, zp, u = scheme_of(q).quantize(rows, counts, q)
+    scale, zp, u = scheme.quantize(rows, counts, q)
     if lost is not None:
         scale = _direction_scales(rows, u, zp, q, lost, scale)
     scale_np = scale.cpu().numpy()
     parts = [scale_np.tobytes()]
-    if q["scheme"] != "sign" and not q["symmetric"]:
+    if scheme.affine(q):
         zp_np = zp.cpu().numpy()
-        if not decodes_finite(scale_np, zp_np, 0, (1 << bits) - 1).all():
+        if not decodes_finite(scale_np, zp_np, *scheme.level_range(bits)).all():
             raise RwsError(
                 f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
                 f"{bits}-bit affine quantization: they would decode to infinity",

@@ -46,6 +46,10 @@ class Scheme(ABC):
         """Number of stored scales (0 for schemes without)."""
         return 0
 
+    def affine(self, q: Quant) -> bool:
+        """Whether zero points are stored beside the scales."""
+        return False
+
     def entry_minor(self, q: Quant) -> int:
         """The lowest format minor version that can hold an entry with this `quant`."""
         return self.minor

@@ -32,14 +32,30 @@ class Float32(Scheme):
             return "holds NaN or infinite values"
         return ""
 
-    def decode(self, raw, q, shape, count, filt, channel_counts=None) -> torch.Tensor:  # noqa: ANN001
+    def decode(
+        self,
+        raw: torch.Tensor,
+        q: Quant,
+        shape: Shape,
+        count: int,
+        filt: str,
+        channel_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         import torch
 
         if filt == "byteplane":
             raw = raw.view(4, count).t().contiguous().reshape(-1)
         return raw.view(torch.float32)
 
-    def decode_numpy(self, raw, q, shape, count, filt, channel_counts=None) -> np.ndarray:  # noqa: ANN001
+    def decode_numpy(
+        self,
+        raw: np.ndarray,
+        q: Quant,
+        shape: Shape,
+        count: int,
+        filt: str,
+        channel_counts: np.ndarray | None = None,
+    ) -> np.ndarray:
         import numpy as np
 
         if filt == "byteplane":

@@ -28,10 +28,6 @@ class Grouped(Scheme):
     bits_allowed: tuple[int, ...]
 
     # ---- what a subclass decides
-    def affine(self, q: Quant) -> bool:
-        """Whether zero points are stored (else they are implied)."""
-        return False
-
     def implied_zero_point(self, q: Quant) -> float:
         return float(1 << (q["bits"] - 1))
 

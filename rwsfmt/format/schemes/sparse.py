@@ -58,6 +58,9 @@ class Sparse(Scheme):
     def entry_minor(self, q: Quant) -> int:
         return max(self.minor, self.inner(q).entry_minor(q["values"]))
 
+    def affine(self, q: Quant) -> bool:
+        return self.inner(q).affine(q["values"])
+
     def scale_groups(self, q: Quant, shape: Shape, count: int) -> int:
         return self.inner(q).scale_groups(q["values"], shape, q["nnz"])
 
@@ -76,17 +79,22 @@ class Sparse(Scheme):
             return f"has a bitmap of {np.count_nonzero(kept)} positions for nnz {q['nnz']}"
         return self.inner(q).check(payload[bitmap:], q["values"], shape, q["nnz"], filt)
 
-    def decode(self, raw, q, shape, count, filt, channel_counts=None) -> torch.Tensor:  # noqa: ANN001
-        import numpy as np
+    def decode(
+        self,
+        raw: torch.Tensor,
+        q: Quant,
+        shape: Shape,
+        count: int,
+        filt: str,
+        channel_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         import torch
 
         bitmap, values = (count + 7) // 8, q["values"]
         if raw.device.type == "cpu":  # numpy unpacks and counts bits 20-40x faster
-            bits = np.unpackbits(raw[:bitmap].numpy(), count=count, bitorder="little")
+            bits, counts = _kept_numpy(raw[:bitmap].numpy(), count, shape, values)
             kept = torch.from_numpy(bits).view(torch.bool)
-            counts = None
-            if _by_channel(values):
-                counts = torch.from_numpy(bits.reshape(_rows(shape)).sum(axis=1, dtype=np.int64))
+            counts = None if counts is None else torch.from_numpy(counts)
         else:
             shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
             kept = ((raw[:bitmap, None] >> shifts) & 1).view(-1)[:count].bool()
@@ -96,19 +104,37 @@ class Sparse(Scheme):
         out = torch.zeros(count, dtype=torch.float32, device=raw.device)
         return out.masked_scatter_(kept, decoded.reshape(-1))
 
-    def decode_numpy(self, raw, q, shape, count, filt, channel_counts=None) -> np.ndarray:  # noqa: ANN001
+    def decode_numpy(
+        self,
+        raw: np.ndarray,
+        q: Quant,
+        shape: Shape,
+        count: int,
+        filt: str,
+        channel_counts: np.ndarray | None = None,
+    ) -> np.ndarray:
         import numpy as np
 
         bitmap, values = (count + 7) // 8, q["values"]
-        bits = np.unpackbits(raw[:bitmap], count=count, bitorder="little")
-        counts = None
-        if _by_channel(values):
-            counts = bits.reshape(_rows(shape)).sum(axis=1, dtype=np.int64)
+        bits, counts = _kept_numpy(raw[:bitmap], count, shape, values)
         kept = bits.view(bool)
         decoded = self.inner(q).decode_numpy(raw[bitmap:], values, shape, q["nnz"], filt, counts)
         out = np.zeros(count, dtype=np.float32)
         out[kept] = decoded.reshape(-1)
         return out
+
+
+def _kept_numpy(
+    bitmap: np.ndarray, count: int, shape: Shape, values: Quant
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The bitmap unpacked to `count` uint8 flags, and with channel scales the number of
+    kept values per channel (int64), else None."""
+    import numpy as np
+
+    bits = np.unpackbits(bitmap, count=count, bitorder="little")
+    if not _by_channel(values):
+        return bits, None
+    return bits, bits.reshape(_rows(shape)).sum(axis=1, dtype=np.int64)
 
 
 def _rows(shape: Shape) -> tuple[int, int]:
