@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .console import console, plain, print_table, progress_bar, say
+from .console import console, json_text, plain, print_table, progress_bar, say
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -62,7 +62,7 @@ def compare(
 
         plot_comparison(result, plot)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+        click.echo(json_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False)))
         return
     render(result)
     if plot is not None:

@@ -26,7 +26,13 @@ MIN_NAME_WIDTH = 12  # a name column narrower than this is not worth the folding
 # C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
 _CONTROL = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
 _ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROL}
+# lone surrogates, which a strict UTF-8 stream refuses: a file name's undecodable byte N
+# (os.fsdecode makes it U+DC00+N) printed as \xNN, any other surrogate as \uNNNN
+_SURROGATES = range(0xD800, 0xE000)
+_BYTES = range(0xDC80, 0xDD00)
+_ESCAPES.update({c: f"\\x{c - 0xDC00:02x}" if c in _BYTES else f"\\u{c:04x}" for c in _SURROGATES})
 _ESCAPES_BUT_NEWLINE = {c: e for c, e in _ESCAPES.items() if c != ord("\n")}
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _SURROGATES}
 
 
 class UsageError(click.UsageError):
@@ -42,6 +48,13 @@ def printable(value: object, newlines: bool = False) -> str:
     """Text from files and users made safe for a terminal: control characters escaped (an
     ESC in a label must not drive the terminal, a newline not break a row or a line)."""
     return str(value).translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
+
+
+def json_text(text: str) -> str:
+    """JSON text (from json.dumps with ensure_ascii=False) that a strict UTF-8 stream takes:
+    lone surrogates (an undecodable file name's bytes) written as JSON escapes, which
+    json.loads reads back to the very same string (os.fsencode gives back the name)."""
+    return text.translate(_JSON_ESCAPES)
 
 
 def print_error(message: str) -> None:
@@ -100,7 +113,7 @@ def print_table(
     rows = [[printable(cell) for cell in row] for row in rows]
     longest = max((len(row[0]) for row in rows), default=0)
     key = max(len(header[0]), longest)
-    widths = [max(len(h), *(len(row[j]) for row in rows)) + 2 for j, h in enumerate(header)]
+    widths = [max([len(h)] + [len(row[j]) for row in rows]) + 2 for j, h in enumerate(header)]
     widths = widths[1:]
     if key + sum(widths) <= out.width:
         chunks = [range(len(widths))]

@@ -17,6 +17,7 @@ from .console import (
     EXIT_USAGE,
     console,
     human_bytes,
+    json_text,
     plain,
     print_error,
     print_table,
@@ -71,9 +72,9 @@ def inspect(
             if not as_json and not quiet:
                 print_error(str(exc))
     if as_json and len(files) == 1:
-        click.echo(_json(infos[0]))
+        click.echo(json_text(_json(infos[0])))
     elif as_json:
-        click.echo("[\n" + ",\n".join(map(_json, infos)) + "\n]")
+        click.echo(json_text("[\n" + ",\n".join(map(_json, infos)) + "\n]"))
     elif not quiet:
         for n, info in enumerate(i for i in infos if "error" not in i):
             if n:

@@ -48,8 +48,7 @@ def verify(files: tuple[str, ...], as_json: bool, quiet: bool, key: str | None) 
             worst = max(worst, EXIT_OK if report["ok"] else EXIT_VERIFY_FAILED)
         except RwsError as exc:
             report = {"path": path, "ok": False, "problems": [exc.problem], "error": str(exc)}
-            if exc.fix:
-                report["fix"] = exc.fix
+            report["fix"] = exc.fix
             worst = EXIT_USAGE
         results.append(report)
     if as_json:

@@ -50,6 +50,12 @@ FILTERS = ("none", "byteplane")
 SOURCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 _UPGRADE = "upgrade rwsfmt (pip install -U rwsfmt) to read it"
+# the fix for a file whose checksums match but whose contents break the format: it was
+# written so (by a broken or hostile writer), and copying it again gives the same bytes
+_MALFORMED = (
+    "the file was written this way (its checksums match): re-create it with rwsfmt "
+    "(extract, merge or convert), or report the problem to the tool that wrote it"
+)
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
@@ -224,7 +230,9 @@ def write_file(
             blob = stored(entry)
             if len(blob) != entry.length:
                 raise RwsError(
-                    f"blob of tensor {entry.name!r} is {len(blob)} bytes, expected {entry.length}"
+                    f"blob of tensor {entry.name!r} is {len(blob)} bytes, expected {entry.length}",
+                    path=path,
+                    fix="do not change the source file while it is copied; try again",
                 )
             f.write(blob)
 
@@ -293,7 +301,7 @@ class RwsReader:
             )
         return preamble, body
 
-    def verify_tensors(self) -> tuple[int, list[str]]:
+    def verify_tensors(self) -> tuple[int, list[IntegrityError]]:
         """Read, check and decode every tensor: (bytes checked, problems found)."""
         checked, problems = 0, []
         for info in self.header.tensors:
@@ -301,7 +309,7 @@ class RwsReader:
                 self.read_payload(info)
                 checked += info.length
             except IntegrityError as exc:
-                problems.append(exc.problem)
+                problems.append(exc)
         return checked, problems
 
     def read_stored(self, info: TensorInfo) -> bytearray:
@@ -362,7 +370,7 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
     raw = np.frombuffer(payload, dtype=np.uint8)
     problem = scheme_of(info.quant).check(raw, info.quant, info.shape, info.numel, info.filter)
     if problem:
-        raise IntegrityError(f"tensor {info.name!r} {problem}", path=path)
+        raise IntegrityError(f"tensor {info.name!r} {problem}", path=path, fix=_MALFORMED)
 
 
 def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
@@ -375,16 +383,19 @@ def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
         params = zstandard.get_frame_parameters(bytes(stored[:18]))
         frame_length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
     except zstandard.ZstdError:
-        raise IntegrityError(damaged, path=path) from None
+        raise IntegrityError(damaged, path=path, fix=_MALFORMED) from None
     if params.content_size != info.decoded_length:
         raise IntegrityError(
             f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
             f"says {info.decoded_length}",
             path=path,
+            fix=_MALFORMED,
         )
     if not params.has_checksum or params.dict_id or frame_length != len(stored):
         raise IntegrityError(
-            f"{damaged} with a checksum, no dictionary and nothing after it", path=path
+            f"{damaged} with a checksum, no dictionary and nothing after it",
+            path=path,
+            fix=_MALFORMED,
         )
     out = bytearray(info.decoded_length)
     try:
@@ -397,9 +408,9 @@ def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
                 got += n
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{damaged} ({exc})", path=path) from None
+        raise IntegrityError(f"{damaged} ({exc})", path=path, fix=_MALFORMED) from None
     if got != info.decoded_length or extra:
-        raise IntegrityError(f"{damaged} of the declared length", path=path)
+        raise IntegrityError(f"{damaged} of the declared length", path=path, fix=_MALFORMED)
     return out
 
 
@@ -455,6 +466,8 @@ def read_header(f: BinaryIO, path: str) -> Header:
         raise IntegrityError(
             f"header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit",
             path=path,
+            fix="the preamble is damaged, or the file was not written by a conforming writer: "
+            "copy or download it again, or re-create it with rwsfmt",
         )
     if body is None or data_offset > size:
         raise IntegrityError(
@@ -471,7 +484,9 @@ def read_header(f: BinaryIO, path: str) -> Header:
     if flags & ~FLAG_TRAILER:
         raise RwsError(f"unknown flags 0x{flags:08x} in the preamble", path=path, fix=_UPGRADE)
     if data_offset % ALIGNMENT:
-        raise IntegrityError(f"data section offset {data_offset} is not 64-byte aligned", path=path)
+        raise IntegrityError(
+            f"data section offset {data_offset} is not 64-byte aligned", path=path, fix=_MALFORMED
+        )
     end = data_offset + data_len
     if end > size or (end < size and not flags & FLAG_TRAILER):
         raise IntegrityError(
@@ -509,7 +524,11 @@ def header_digest(head: bytes, body: bytes, major: int | None = None) -> bytes:
 
 def _not_rws(head: bytes, path: str, size: int) -> RwsError:
     if size == 0:
-        return RwsError("file is empty, not a .rws file", path=path)
+        return RwsError(
+            "file is empty, not a .rws file",
+            path=path,
+            fix="the copy or download was cut off: get the file again",
+        )
     if len(head) < len(MAGIC) and MAGIC.startswith(head):
         return IntegrityError(
             f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble",
@@ -553,9 +572,10 @@ def _parse_json(body: bytes, path: str) -> dict[str, Any]:
         if _SURROGATE_ESCAPE.search(text):  # rare: then check the pairs by encoding
             canonical_json(doc)
     except ValueError as exc:  # (UnicodeError is one)
-        raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
+        problem = f"header is not valid JSON ({exc})"
+        raise IntegrityError(problem, path=path, fix=_MALFORMED) from None
     if not isinstance(doc, dict):
-        raise IntegrityError("header is not a JSON object", path=path)
+        raise IntegrityError("header is not a JSON object", path=path, fix=_MALFORMED)
     return doc
 
 
@@ -565,35 +585,44 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def _field(doc: dict[str, Any], key: str, typ: type, path: str, default: Any) -> Any:
     value = doc.get(key, default)
     if not isinstance(value, typ):
-        raise IntegrityError(f"header field {key!r} must be a {typ.__name__}", path=path)
+        raise IntegrityError(
+            f"header field {key!r} must be a {typ.__name__}", path=path, fix=_MALFORMED
+        )
     return value
 
 
 def _validate_tensors(doc: dict[str, Any], data_len: int, path: str) -> list[TensorInfo]:
     entries = doc.get("tensors")
     if not isinstance(entries, list):
-        raise IntegrityError("header has no 'tensors' list", path=path)
+        raise IntegrityError("header has no 'tensors' list", path=path, fix=_MALFORMED)
     if len(entries) > MAX_TENSORS:
         raise IntegrityError(
-            f"{len(entries):,} tensors exceed the limit of {MAX_TENSORS:,}", path=path
+            f"{len(entries):,} tensors exceed the limit of {MAX_TENSORS:,}",
+            path=path,
+            fix=_MALFORMED,
         )
     out, names, offset = [], set(), 0
     for i, e in enumerate(entries):
         info = _validate_entry(e, i, path)
         if info.name in names:
-            raise IntegrityError(f"tensor name {info.name!r} appears twice", path=path)
+            raise IntegrityError(
+                f"tensor name {info.name!r} appears twice", path=path, fix=_MALFORMED
+            )
         names.add(info.name)
         if info.offset != offset:
             raise IntegrityError(
                 f"tensor {info.name!r} starts at {info.offset}, expected {offset} "
                 "(blobs must be contiguous, in header order)",
                 path=path,
+                fix=_MALFORMED,
             )
         offset += info.length
         out.append(info)
     if offset != data_len:
         raise IntegrityError(
-            f"tensors cover {offset:,} bytes but the data section has {data_len:,}", path=path
+            f"tensors cover {offset:,} bytes but the data section has {data_len:,}",
+            path=path,
+            fix=_MALFORMED,
         )
     return out
 
@@ -626,7 +655,7 @@ def _validate_entry(e: Any, i: int, path: str) -> TensorInfo:
         """The error for a damaged entry, or (`newer`) one only a newer reader understands."""
         if newer:
             return RwsError(f"{where}: {problem}", path=path, fix=_UPGRADE)
-        return IntegrityError(f"{where}: {problem}", path=path)
+        return IntegrityError(f"{where}: {problem}", path=path, fix=_MALFORMED)
 
     if not isinstance(e, dict):
         raise bad("entry is not a JSON object")
@@ -713,16 +742,25 @@ def _validate_quant(q: dict[str, Any], shape: list[int], bad: Any) -> None:
 
 @dataclass
 class VerifyReport:
-    """What `verify` found in one file: `problems` is empty when every check passed."""
+    """What `verify` found in one file: `problems` is empty when every check passed, and
+    `fixes` says how to fix them (each fix once)."""
 
     path: str
     ok: bool
     tensors: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)
     version: str | None = None
     signed_by: str | None = None  # the signing key's fingerprint, for a signed file
     signature_verified: bool | None = None  # None when no key was given
+
+    def failed(self, problems: list[IntegrityError]) -> VerifyReport:
+        """The report with `problems` (none: every check passed) and their fixes."""
+        self.problems = [exc.problem for exc in problems]
+        self.fixes = list(dict.fromkeys(exc.fix for exc in problems))
+        self.ok = not problems
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -732,6 +770,7 @@ class VerifyReport:
             "tensors": self.tensors,
             "bytes_checked": self.bytes_checked,
             "problems": self.problems,
+            **({"fix": "; ".join(self.fixes)} if self.fixes else {}),
             "signed_by": self.signed_by,
             "signature_verified": self.signature_verified,
         }
@@ -758,14 +797,13 @@ def verify(
     try:
         reader = RwsReader(path, max_decoded_bytes=max_decoded_bytes)
     except IntegrityError as exc:
-        report.problems.append(exc.problem)
-        return report
+        return report.failed([exc])
     with reader:
         h = reader.header
         report.version = f"{h.version[0]}.{h.version[1]}"
         report.tensors = len(h.tensors)
         report.signed_by = h.signature.fingerprint if h.signature else None
-        report.bytes_checked, report.problems = reader.verify_tensors()
+        report.bytes_checked, problems = reader.verify_tensors()
     if key is not None:
         from .signing.verify import check_signature
 
@@ -773,6 +811,5 @@ def verify(
             check_signature(h, key, path)
             report.signature_verified = True
         except IntegrityError as exc:
-            report.problems.append(exc.problem)
-    report.ok = not report.problems
-    return report
+            problems.append(exc)
+    return report.failed(problems)

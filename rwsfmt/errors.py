@@ -6,17 +6,19 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+DAMAGED = "the file is damaged: copy or download it again, or re-create it with rwsfmt"
+
 
 class RwsError(ValueError):
     """A problem with an input file, a checkpoint or an argument.
 
-    The message names the file (when there is one), what is wrong and, where there
-    is one, how to fix it, so the command line can print it as it is.
+    The message names the file (when there is one), what is wrong and how to fix it, so the
+    command line can print it as it is: `fix` is required, and never empty.
     """
 
-    def __init__(
-        self, problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None
-    ) -> None:
+    def __init__(self, problem: str, *, path: str | os.PathLike | None = None, fix: str) -> None:
+        if not fix:
+            raise TypeError(f"{type(self).__name__}({problem!r}) was raised without a fix")
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         self.fix = fix
@@ -27,7 +29,13 @@ class IntegrityError(RwsError):
     """The bytes of a `.rws` file disagree with its checksums or its declared layout.
 
     Raised for damaged or truncated files; `rwsfmt verify` reports these with exit code 1.
+    The fix, unless one more precise is given: get the file again (`DAMAGED`).
     """
+
+    def __init__(
+        self, problem: str, *, path: str | os.PathLike | None = None, fix: str = DAMAGED
+    ) -> None:
+        super().__init__(problem, path=path, fix=fix)
 
 
 class SignatureError(IntegrityError):

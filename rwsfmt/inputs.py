@@ -38,7 +38,11 @@ def open_input(path: str | os.PathLike, expected: str = "a file") -> BinaryIO:
         raise RwsError("no such file", path=path, fix="check the path") from None
     except OSError as exc:  # e.g. a socket (ENXIO) or no permission
         _refuse_special(path, _mode(path), expected)
-        raise RwsError(f"cannot be read ({exc.strerror})", path=path) from None
+        raise RwsError(
+            f"cannot be read ({exc.strerror})",
+            path=path,
+            fix="check the file's permissions, or that it is a regular file",
+        ) from None
     try:
         mode = os.fstat(fd).st_mode
         _refuse_special(path, mode, expected)

@@ -42,6 +42,7 @@ from .undo import UndoRecorder, check_undoable, is_undo, restored, undo_plan
 
 DEFAULT_ALPHA = 0.8
 MAX_USUAL_ALPHA = 2.0  # a larger |alpha| is warned about (RwsWarning)
+MAX_ALPHA = torch.finfo(torch.float32).max  # a larger |alpha| is refused: deltas scale in float32
 
 SignatureLike = Signature | str | os.PathLike
 Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
@@ -154,12 +155,24 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
     out = []
     for item in pairs:
         if not (isinstance(item, tuple) and len(item) == 2):
-            raise RwsError(f"expected (signature, alpha) pairs, got {item!r}")
+            raise RwsError(
+                f"expected (signature, alpha) pairs, got {item!r}",
+                fix="pass [(sig, 0.8), ...]: a signature or its path, and its alpha",
+            )
         sig, a = item
         sig = sig if isinstance(sig, Signature) else load(sig)
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise RwsError(
-                f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}"
+                f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}",
+                fix=f"give {spell('--alpha', 'alpha')} a number such as 0.8",
+            )
+        if abs(a) > MAX_ALPHA:
+            raise RwsError(
+                f"alpha {a:g} for {sig.label or sig.path!r} lies beyond float32's range "
+                f"(+-{MAX_ALPHA:.3g}), in which signatures are scaled: every patched value "
+                "would overflow to infinity",
+                fix=f"use {spell('--alpha', 'an alpha')} between -{MAX_USUAL_ALPHA:g} and "
+                f"{MAX_USUAL_ALPHA:g} (the paper uses 0.5 to 1)",
             )
         if abs(a) > MAX_USUAL_ALPHA:
             warn(

@@ -68,7 +68,7 @@ class QuantConfig:
                 f"bits={self.bits!r} is not supported", fix="use 1, 2, 4, 8, 16, 32 or 'auto'"
             )
         if not isinstance(self.symmetric, bool):
-            raise RwsError(f"symmetric={self.symmetric!r} must be True or False")
+            raise RwsError(f"symmetric={self.symmetric!r} must be True or False", fix="pass a bool")
         if self.bits == 1 and not self.symmetric:
             raise RwsError(
                 "1-bit codes store signs, which have no zero point to make them affine",
@@ -81,11 +81,13 @@ class QuantConfig:
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise RwsError(
                 f"group_size={self.group_size!r} must be a whole number from 1 to "
-                f"{MAX_GROUP_SIZE:,}"
+                f"{MAX_GROUP_SIZE:,}",
+                fix="use a group size such as 64 or 128",
             )
         if not _real(self.density) or not 0 < self.density <= 1:
             raise RwsError(
-                f"density={self.density!r} must be a share of entries kept, above 0 and at most 1"
+                f"density={self.density!r} must be a share of entries kept, above 0 and at most 1",
+                fix="use e.g. density=0.1 to keep the largest 10%, or 1 to keep every entry",
             )
         if not isinstance(self.sparsity, str) or self.sparsity not in SPARSITIES:
             raise RwsError(f"unknown sparsity {self.sparsity!r}", fix=f"use one of {SPARSITIES}")
@@ -99,7 +101,8 @@ class QuantConfig:
         if auto and (not _real(self.target_bpp) or not 0 < self.target_bpp <= 32):
             raise RwsError(
                 f"target_bpp={self.target_bpp!r} must be a number of bits per parameter, "
-                "above 0 and at most 32"
+                "above 0 and at most 32",
+                fix="use e.g. target_bpp=0.5",
             )
 
     @classmethod
@@ -203,7 +206,10 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
     float32 range, which only happens for values within a step of +-3.4e38.
     """
     if config.bits == "auto":
-        raise RwsError("encode() stores one tensor in one scheme; bits='auto' picks them per file")
+        raise RwsError(
+            "encode() stores one tensor in one scheme; bits='auto' picks them per file",
+            fix="pass a QuantConfig with bits=1, 2, 4, 8, 16 or 32 to encode()",
+        )
     x32 = x.detach().to(torch.float32)
     shape, flat = tuple(x.shape), x32.reshape(-1)
     values_quant = config.values_metadata(shape)

@@ -114,7 +114,9 @@ class Rule:
                     re.compile(pattern)
                 except re.error as exc:
                     raise RwsError(
-                        f"{_option(key, repr(pattern))} is not a regular expression: {exc}"
+                        f"{_option(key, repr(pattern))} is not a regular expression: {exc}",
+                        fix="write a Python regular expression, e.g. "
+                        + _option(key, repr("^features\\.")),
                     ) from None
         return cls(layers, include, exclude, energy, chosen)
 

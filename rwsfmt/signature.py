@@ -219,7 +219,10 @@ class SignatureBuilder:
         """
         self._check_entry(name, tuple(tensor.shape))
         if not torch.is_floating_point(tensor):
-            raise RwsError(f"tensor {name!r} is not floating point ({tensor.dtype})")
+            raise RwsError(
+                f"tensor {name!r} is not floating point ({tensor.dtype})",
+                fix="add only floating-point tensors (weights, biases, statistics)",
+            )
         if not all_finite(tensor):
             raise RwsError(
                 f"tensor {name!r} contains NaN or infinite values",
@@ -272,7 +275,10 @@ class SignatureBuilder:
     def _check_entry(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse what the `.rws` format cannot hold (spec section 9), before any encoding."""
         if name in self._names:
-            raise RwsError(f"tensor {name!r} added twice to signature {self.label!r}")
+            raise RwsError(
+                f"tensor {name!r} added twice to signature {self.label!r}",
+                fix="add each tensor once",
+            )
         if len(self._choices) >= MAX_TENSORS:
             raise RwsError(
                 f"a signature holds at most {MAX_TENSORS:,} tensors; {name!r} is one too many",
@@ -282,7 +288,8 @@ class SignatureBuilder:
             size = len(name.encode("utf-8"))
         except UnicodeEncodeError:
             raise RwsError(
-                f"tensor name {name!r} is not valid Unicode (it holds a lone surrogate)"
+                f"tensor name {name!r} is not valid Unicode (it holds a lone surrogate)",
+                fix="rename the tensor: .rws names are UTF-8 text",
             ) from None
         if not 1 <= size <= MAX_NAME_BYTES:
             raise RwsError(

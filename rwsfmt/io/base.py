@@ -193,7 +193,11 @@ class Checkpoint:
             return name
         if name in self.aliases:
             return self.aliases[name]
-        raise RwsError(f"no tensor named {name!r} in this checkpoint", path=self.path)
+        raise RwsError(
+            f"no tensor named {name!r} in this checkpoint",
+            path=self.path,
+            fix="check the name against `rwsfmt inspect` of the checkpoint",
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._known

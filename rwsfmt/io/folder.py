@@ -123,7 +123,11 @@ class FolderCheckpoint(Checkpoint):
             aliases.update(ckpt.aliases)
             for name in ckpt.names:
                 if name in self._where:
-                    raise RwsError(f"tensor {name!r} is in two shards", path=path)
+                    raise RwsError(
+                        f"tensor {name!r} is in two shards",
+                        path=path,
+                        fix="the folder mixes two saves: keep one set of shards (and its index)",
+                    )
                 self._where[name] = shard
                 ordered.append(name)
         # Shards split the state dict in order and their file names sort in that order, so

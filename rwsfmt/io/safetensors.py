@@ -256,7 +256,10 @@ def write_file(
     offset = 0
     for key, dtype, shape in specs:
         if dtype not in CODES:
-            raise RwsError(f"tensor {key!r} has dtype {dtype}, which safetensors cannot store")
+            raise RwsError(
+                f"tensor {key!r} has dtype {dtype}, which safetensors cannot store",
+                fix="write a PyTorch file (.pt) instead, or cast the tensor",
+            )
         nbytes = math.prod(shape) * dtype.itemsize
         header[key] = {
             "dtype": CODES[dtype],
@@ -274,7 +277,10 @@ def write_file(
         for key, dtype, shape in specs:
             value = fetch(key)
             if value.dtype != dtype or tuple(value.shape) != tuple(shape):
-                raise RwsError(f"tensor {key!r} changed dtype or shape while being written")
+                raise RwsError(
+                    f"tensor {key!r} changed dtype or shape while being written",
+                    fix="do not change the model while it is written; try again",
+                )
             value = value.detach().to("cpu").contiguous()
             if value.numel():
                 out.write(value.view(-1).view(torch.uint8).numpy().data)

@@ -93,7 +93,9 @@ def parse_block(data: bytes, path: str) -> SignatureBlock:
         )
     if length != BLOCK_BYTES:
         raise IntegrityError(
-            f"an Ed25519 signature block is {BLOCK_BYTES} bytes, this one {length:,}", path=path
+            f"an Ed25519 signature block is {BLOCK_BYTES} bytes, this one {length:,}",
+            path=path,
+            fix="copy or download the file again, or sign it again with rwsfmt sign",
         )
     key_end = FIXED.size + KEY_BYTES
     return SignatureBlock(data[FIXED.size : key_end], data[key_end : key_end + SIGNATURE_BYTES])

@@ -31,7 +31,7 @@ def sign(
         _, problems = reader.verify_tensors()
         if problems:
             raise IntegrityError(
-                f"is damaged, and a signature must not vouch for damage: {problems[0]}",
+                f"is damaged, and a signature must not vouch for damage: {problems[0].problem}",
                 path=reader.path,
                 fix="sign an intact copy (rwsfmt verify lists every problem)",
             )
