@@ -6,7 +6,7 @@ import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -17,6 +17,7 @@ from ..inputs import open_input
 from ..names import normalize_keys
 from .base import Checkpoint, Format, Layout, refuse_unsupported
 from .layouts import RESAVE, SAFE_GLOBALS, locate_state_dict
+from .storages import check_storages
 
 SAFE_TORCH = (2, 6)  # weights_only=True could be bypassed before 2.6 (CVE-2025-32434)
 
@@ -45,13 +46,23 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
     if not trust_pickle:
         require_safe_torch()
     misnamed = path.endswith(".safetensors")
+    mmap = False
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), open_input(path) as f:
-            mmap = zipfile.is_zipfile(f) and not misnamed
+            zipped = zipfile.is_zipfile(f)
+            mmap = zipped and not misnamed
             f.seek(0)
-            source = f if misnamed else path
-            return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+            source = f if misnamed else _utf8_name(path, f)
+            mmap = mmap and isinstance(source, str)
+            obj = torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+            if zipped:
+                check_storages(path, f, trust_pickle)
+            return obj
+    except RwsError:
+        raise
     except Exception as exc:  # torch raises many types for damaged files
+        if mmap:  # a storage that disagrees with its record explains the failure best
+            _explain(path, trust_pickle)
         message = str(exc)
         if "Weights only load failed" in message:
             detail = message.split("WeightsUnpickler error:", 1)[-1].strip().split(". ")[0]
@@ -69,6 +80,28 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
             path=path,
             fix="the file is damaged or not a checkpoint; re-download or re-save it",
         ) from None
+
+
+def _utf8_name(path: str, f: BinaryIO) -> str | BinaryIO:
+    """A name for the file open in `f` that torch can open (its C++ reader takes UTF-8
+    only): `path`, else /proc/self/fd/N (Linux), else `f` itself (then read, not mapped)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:  # bytes a file system allows, UTF-8 does not
+        fd = f"/proc/self/fd/{f.fileno()}"
+        return fd if os.path.exists(fd) else f
+
+
+def _explain(path: str, trust_pickle: bool) -> None:
+    """Raise the `check_storages` error of a zip file torch.load failed on, if it has one."""
+    try:
+        with open_input(path) as f:
+            check_storages(path, f, trust_pickle)
+    except RwsError:
+        raise
+    except Exception:  # torch's own error says what else is wrong
+        return
 
 
 def torch_save(

@@ -1,0 +1,220 @@
+"""Hostile input, round 2 (issue 20): lying PyTorch storages, a file of no tensors, alphas
+beyond float32, file names that are not UTF-8, and errors that always say the fix."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from lying_pytorch import lying_files
+from safetensors.torch import save_file
+from test_patch import make_net, make_sig
+
+import rwsfmt
+from rwsfmt.errors import RwsError
+from rwsfmt.io import open_checkpoint
+from rwsfmt.signature import SignatureBuilder
+from rwsfmt_cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: object):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A real model saved with torch.save, its signature, and init/robust checkpoints."""
+    folder = tmp_path_factory.mktemp("model")
+    net = make_net()
+    torch.save(net.state_dict(), folder / "std.pt")
+    rwsfmt.save(make_sig(net, 1), folder / "fog.rws")
+    return folder
+
+
+# ---------------------------------------------------------------- lying PyTorch storages
+
+LIES = ["short", "long", "declared_more", "declared_huge", "view_past", "overlap"]
+
+
+@pytest.fixture(scope="module")
+def lies(model, tmp_path_factory) -> dict[str, Path]:
+    return lying_files(model / "std.pt", tmp_path_factory.mktemp("lies"))
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_lying_storage_is_refused_before_any_weight_is_read(lies, lie):
+    with pytest.raises(RwsError, match="storages disagree with its contents") as caught:
+        open_checkpoint(str(lies[lie]))
+    assert caught.value.fix
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_every_command_refuses_a_lying_storage(model, lies, lie, tmp_path):
+    """apply (which wrote weights read from neighbouring records with exit 0), extract
+    (which died with a traceback), inspect: exit 2, a fix, nothing written."""
+    bad = lies[lie]
+    commands = {
+        "apply": ["apply", bad, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "out.pt"],
+        "extract": [
+            "extract",
+            bad,
+            model / "std.pt",
+            "--method",
+            "subtract",
+            "-o",
+            tmp_path / "x.rws",
+        ],
+        "extract-robust": [
+            "extract",
+            model / "std.pt",
+            bad,
+            "--method",
+            "subtract",
+            "-o",
+            tmp_path / "y.rws",
+        ],
+        "inspect": ["inspect", bad],
+    }
+    for what, args in commands.items():
+        code, out = run(*args)
+        assert code == 2, (what, out)
+        assert "storages disagree" in out and "fix:" in out, (what, out)
+        assert "Traceback" not in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_honest_file_rewritten_the_same_way_is_accepted(model, tmp_path):
+    """The check refuses lies, not rewritten zips: torch's writer, every record kept."""
+    from lying_pytorch import rewrite
+
+    same = rewrite(model / "std.pt", tmp_path / "same.pt", lambda recs: None)
+    with open_checkpoint(str(same)) as ckpt:
+        assert torch.equal(ckpt.tensor("features.0.weight"), make_net().features[0].weight)
+
+
+def test_views_and_shared_storages_pass(tmp_path):
+    """Tensors viewing part of a storage, at an offset, transposed or tied, in a wrapper."""
+    base = torch.arange(60, dtype=torch.float32)
+    state = {
+        "a.weight": base[10:40].view(5, 6),
+        "b.weight": base.view(6, 10).t(),
+        "c.weight": base,
+        "d.bias": torch.zeros(0),
+    }
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "views.pt")
+    with open_checkpoint(str(tmp_path / "views.pt")) as ckpt:
+        assert torch.equal(ckpt.tensor("a.weight"), base[10:40].view(5, 6))
+
+
+# ---------------------------------------------------------------- a file of no tensors
+
+
+def test_inspect_prints_a_file_of_no_tensors(tmp_path):
+    path = tmp_path / "empty.rws"
+    rwsfmt.save(SignatureBuilder("empty", rwsfmt.QuantConfig()).build(provenance={}), path)
+    code, out = run("inspect", path)
+    assert code == 0, out
+    assert "0 tensors" in out and "Traceback" not in out
+
+
+# ---------------------------------------------------------------- alpha beyond float32
+
+
+@pytest.mark.parametrize("alpha", [1e40, 3.5e38, -1e308])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_alpha_beyond_float32_is_refused(model, tmp_path, alpha, dtype):
+    net = make_net(dtype=dtype)
+    save_file(net.state_dict(), tmp_path / "m.safetensors")
+    with pytest.raises(RwsError, match="beyond float32's range") as caught:
+        rwsfmt.patch(net, model / "fog.rws", alpha)
+    assert "between -2 and 2" in caught.value.fix
+    with pytest.raises(RwsError, match="beyond float32's range"):
+        rwsfmt.apply(net.state_dict(), model / "fog.rws", alpha)
+    code, out = run(
+        "apply",
+        tmp_path / "m.safetensors",
+        model / "fog.rws",
+        f"--alpha={alpha}",
+        "-o",
+        tmp_path / "out.safetensors",
+    )
+    assert code == 2 and "fix: use --alpha between" in out, out
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------- names that are not UTF-8
+
+
+def test_names_that_are_not_utf8_print_escaped_under_a_strict_utf8_stdout(model, tmp_path):
+    """Every command, text and JSON: no UnicodeEncodeError; text shows `\\xff`, and JSON
+    reads back to the very name (os.fsencode gives the bytes again)."""
+    sig = tmp_path / os.fsdecode(b"f\xffog.rws")
+    std = tmp_path / os.fsdecode(b"m\xfe.pt")
+    sig.write_bytes((model / "fog.rws").read_bytes())
+    std.write_bytes((model / "std.pt").read_bytes())
+    out_pt = tmp_path / os.fsdecode(b"o\xfd.pt")
+    env = {
+        **os.environ,
+        "PYTHONIOENCODING": "utf-8:strict",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    runs = [
+        ["inspect", sig],
+        ["inspect", "--json", sig],
+        ["inspect", std],
+        ["verify", sig],
+        ["verify", "--json", sig],
+        ["apply", std, sig, "-a", "0.5", "-o", out_pt],
+        ["extract", std, std, "--method", "subtract", "-o", tmp_path / os.fsdecode(b"e\xfd.rws")],
+        ["compare", sig, sig, "--json"],
+        ["inspect", tmp_path / os.fsdecode(b"missing\xff.rws")],
+    ]
+    for args in runs:
+        done = subprocess.run(
+            [sys.executable, "-m", "rwsfmt", *map(str, args)], env=env, capture_output=True
+        )
+        text = (done.stdout + done.stderr).decode("utf-8")
+        assert "Traceback" not in text, text
+        assert done.returncode == (2 if "missing" in str(args[-1]) else 0), text
+        if "--json" in args:
+            report = json.loads(done.stdout)  # valid JSON
+            if args[0] == "inspect":
+                assert os.fsencode(report["path"]) == os.fsencode(sig)
+        elif args[0] in ("inspect", "verify"):
+            assert "\\xff" in text or "\\xfe" in text
+
+
+# ---------------------------------------------------------------- every error has a fix
+
+
+def _error_calls() -> list[str]:
+    """`file:line` of every RwsError (or subclass) raised without `fix=` in the package."""
+    errors = {"RwsError", "SignatureError"}  # IntegrityError's default fix: get the file again
+    missing = []
+    for path in [*(ROOT / "rwsfmt").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                keywords = {k.arg for k in node.keywords}
+                if name in errors and "fix" not in keywords and None not in keywords:
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return missing
+
+
+def test_no_error_is_raised_without_a_fix():
+    assert _error_calls() == []
+    with pytest.raises(TypeError):
+        RwsError("a problem")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="without a fix"):
+        RwsError("a problem", fix="")
+    assert "fix: the file is damaged" in str(rwsfmt.IntegrityError("a problem"))
