@@ -558,6 +558,10 @@ def mutate_top(rng: random.Random, doc: dict, blobs: list[bytes]) -> str:
             return _set(rng, doc, "fingerprint", [{}])
         key = rng.choice(["model", "signature"])
         return "fingerprint." + _set(rng, fp, key, [None, "sha256:" + "1" * 64, "[/x]"])
+    if roll < 0.75:  # a valid file: `rwsfmt.save` writes one for a signature of no tensors
+        doc["tensors"] = []
+        blobs.clear()
+        return "no tensors at all"
     if roll < 0.8:
         return _set(rng, doc, "tensors", [[], {}])
     return _set(rng, doc, rng.choice(["future", "[/x]"]), [{"x": 1}, HUGE])
@@ -831,6 +835,11 @@ def check_case(path: Path, done: str, findings: Findings, runner: CliRunner, tab
     header_read = isinstance(report, VerifyReport) and report.version is not None
     if isinstance(report, VerifyReport) and report.ok != accepted:
         findings.add(f"verify.ok={report.ok} but load+decode accepted={accepted}", done)
+    if isinstance(report, VerifyReport) and not report.ok and not report.fixes:
+        findings.add("verify found problems but says no fix", f"{report.problems} <- {done}")
+    for verdict in (ours, report):  # (RwsError requires a fix: this keeps it so)
+        if isinstance(verdict, rwsfmt.RwsError) and not verdict.fix:
+            findings.add("an error without a fix", f"{verdict.problem:.80} <- {done}")
     # inspect (rwsfmt.summary.describe) reads the header only: it shows what verify could open
     commands = [["inspect", "--json", str(path)]] + [["inspect", str(path)]] * table
     for args in commands:
@@ -839,6 +848,15 @@ def check_case(path: Path, done: str, findings: Findings, runner: CliRunner, tab
         if result.exit_code != (0 if header_read else 2) or crashed:
             what = f"{' '.join(args[:-1])} exit {result.exit_code} (header read: {header_read})"
             findings.add(what, f"{result.exception!r:.80} <- {done}")
+        elif result.exit_code and "\n  fix: " not in result.output:  # every error says its fix
+            findings.add(f"{' '.join(args[:-1])} error without a fix", f"{result.output:.120}")
+    if table:  # `verify` on the command line: exit 0 exactly when accepted, else a fix
+        result = runner.invoke(cli, ["verify", str(path)])
+        crashed = not isinstance(result.exception, (SystemExit, type(None)))
+        if crashed or (result.exit_code == 0) != accepted:
+            findings.add(f"verify exit {result.exit_code}", f"{result.exception!r:.80} <- {done}")
+        elif result.exit_code and "  fix: " not in result.output:
+            findings.add("verify error without a fix", f"{result.output:.120}")
     return accepted
 
 

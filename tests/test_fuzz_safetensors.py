@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from lying_pytorch import declare, patch_central, records, rewrite
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -39,6 +40,8 @@ JUNK: list = [
     "8", "F32", "", [], [1], [-1], [2**62, 2**62, 0], [1] * 70, {}, {"a": 1},
     json.loads("[" * 50 + "]" * 50),
 ]  # fmt: skip
+# alphas the command line takes: usual ones, and finite ones past float32's range (refused)
+ALPHAS = ["1", "0.5", "-2", "1e40", "-3.5e38", "1e308"]
 DTYPE_CODES = ["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "X", "f32"]
 
 
@@ -165,11 +168,99 @@ def test_only_rws_errors_escape_and_accepted_files_are_valid(files):
             assert_same(tensors, read_with_safetensors(out))
         if case % CLI_EVERY == 0:
             out.unlink(missing_ok=True)
-            result = runner.invoke(cli, ["apply", str(path), str(d / "sig.rws"), "-a", "1",
+            alpha = ALPHAS[case // CLI_EVERY % len(ALPHAS)]
+            result = runner.invoke(cli, ["apply", str(path), str(d / "sig.rws"), f"--alpha={alpha}",
                                          "-q", "-o", str(out)])  # fmt: skip
             assert result.exit_code in (0, 2), (case, family, result.output, result.exception)
             assert "Traceback" not in result.output, (case, family)
+            assert result.exit_code == 0 or "\n  fix: " in result.output, result.output
+            assert result.exit_code == 2 or float(alpha) < 1e38, (alpha, result.output)
             if result.exit_code == 0:
                 read_with_safetensors(out)
     refused = sum(n for (_, ok), n in outcomes.items() if not ok)
     assert 0 < refused < CASES, outcomes  # the campaign reaches both outcomes
+
+
+# ---------------------------------------------------------------- lying PyTorch files
+
+PT_CASES = 120
+PT_SEED = 20_261_206
+
+
+def mutate_pt(rng: random.Random, model_pt: Path, dst: Path) -> str:
+    """One lie in a real `torch.save` zip (records rewritten by torch's own writer, or the
+    central directory edited): what was done."""
+    _, found = records(model_pt)
+    keys = sorted(k.split("/")[1] for k in found if k.startswith("data/"))
+    key = rng.choice(keys)
+    record = found[f"data/{key}"]
+    family = rng.choice(["cut", "extend", "declare", "central"])
+    if family == "central":
+        grow = rng.choice([-4, 4, 64, 200, 1 << 20])
+        data = model_pt.read_bytes()
+        dst.write_bytes(patch_central(data, f"/data/{key}", grow=max(grow, -len(record))))
+        return f"central data/{key} {grow:+}"
+    if family == "declare":
+        numel = rng.choice(
+            [0, 1, len(record) // 4 - 1, len(record) // 4 + 1, 10 * len(record), 1 << 40]
+        )
+        edit = lambda recs: recs.update({"data.pkl": declare(recs["data.pkl"], key, numel)})  # noqa: E731
+        what = f"declare storage {key} as {numel} elements"
+    elif family == "cut":
+        n = rng.randrange(len(record))
+        edit = lambda recs: recs.update({f"data/{key}": record[:n]})  # noqa: E731
+        what = f"cut data/{key} to {n} of {len(record)} bytes"
+    else:
+        n = rng.choice([1, 4, 64, 4096])
+        edit = lambda recs: recs.update({f"data/{key}": record + bytes(n)})  # noqa: E731
+        what = f"extend data/{key} by {n} bytes"
+    rewrite(model_pt, dst, edit)
+    return what
+
+
+def test_lying_pytorch_storages_are_refused_or_read_as_torch_reads_them(tmp_path):
+    """A storage record cut short or extended, a storage declared with another size, a zip
+    entry covering more or less than its record: rwsfmt refuses (RwsError with a fix; `apply`
+    exits 2 with a fix line, every 10th case), or reads exactly what torch.load without
+    memory-mapping reads (which checks every record's size)."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 4)
+    )
+    model_pt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), model_pt)
+    sig = tmp_path / "sig.rws"
+    deltas = {
+        k: 0.01 * torch.ones(v.shape) for k, v in net.state_dict().items() if v.is_floating_point()
+    }
+    rwsfmt.save(rwsfmt.from_tensors(deltas, label="fuzz"), sig)
+    rng = random.Random(PT_SEED)
+    runner = CliRunner()
+    outcomes: Counter = Counter()
+    for case in range(PT_CASES):
+        path, out = tmp_path / "case.pt", tmp_path / "out.pt"
+        what = mutate_pt(rng, model_pt, path)
+        try:
+            with open_checkpoint(path) as ckpt:
+                ours = {name: ckpt.tensor(name).clone() for name in ckpt.names}
+        except RwsError as exc:
+            assert exc.fix, what
+            ours = None
+        try:
+            theirs = torch.load(path, weights_only=True, mmap=False)
+        except Exception:  # torch's own reader refuses it too
+            theirs = None
+        outcomes[what.split()[0], ours is not None] += 1
+        if ours is not None:
+            assert theirs is not None, f"rwsfmt read what torch refuses: {what}"
+            for name, t in ours.items():
+                assert torch.equal(t, theirs[name]), (what, name)
+        if case % CLI_EVERY == 0:
+            out.unlink(missing_ok=True)
+            result = runner.invoke(
+                cli, ["apply", str(path), str(sig), "-a", "1", "-q", "-o", str(out)]
+            )
+            assert result.exit_code == (0 if ours is not None else 2), (what, result.output)
+            assert result.exit_code == 0 or "\n  fix: " in result.output, (what, result.output)
+            assert "Traceback" not in result.output, what
+    refused = sum(n for (_, ok), n in outcomes.items() if not ok)
+    assert refused > PT_CASES // 2, outcomes
