@@ -68,7 +68,8 @@ class Match:
     `targets` maps each signature name to the model's name; `architecture` is 'same',
     'different' or 'unknown' (the signature records no model fingerprint); `aligned` is the
     prefix rename found automatically, `tied` the signature names that led to a tensor
-    already patched through another name.
+    already patched through another name (with the same values), `conflicts` the pairs of
+    different signature tensors that lead to one model tensor.
     """
 
     label: str
@@ -79,10 +80,11 @@ class Match:
     architecture: str = "unknown"
     aligned: tuple[str, str] | None = None
     tied: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.mismatched
+        return not self.missing and not self.mismatched and not self.conflicts
 
 
 def match(
@@ -106,7 +108,7 @@ def match(
         aligned = _align(sig, names, shapes, aliases)
         renames = [aligned] if aligned else []
     result = Match(label=sig.label, source=sig.path or sig.label or "<signature>", aligned=aligned)
-    patched: set[str] = set()
+    patched: dict[str, str] = {}  # model name -> the signature name patching it
     for info, name in zip(sig.infos, names, strict=True):
         target = rename(name, renames)
         target = aliases.get(target, target)
@@ -120,11 +122,15 @@ def match(
             result.mismatched.append(
                 f"{target}: signature {_shape(info.shape)}, model {_shape(shape)}"
             )
-        elif target in patched:
+        elif target in patched and _same_values(sig, patched[target], info.name):
             result.tied.append(f"{info.name} -> {target}")
+        elif target in patched:
+            result.conflicts.append(
+                f"{patched[target]} and {info.name} both lead to {target}, with different values"
+            )
         else:
             result.targets[info.name] = target
-            patched.add(target)
+            patched[target] = info.name
     expected = sig.model_fingerprint
     if expected:
         inverse = [(new, old) for old, new in renames]
@@ -133,6 +139,16 @@ def match(
         )
         result.architecture = "same" if actual == expected else "different"
     return result
+
+
+def _same_values(sig: Signature, a: str, b: str) -> bool:
+    """Whether signature tensors `a` and `b` hold the same values (tied weights stored under
+    both names): the same stored bytes, or the same decoded float32 values."""
+    first, second = sig.info(a), sig.info(b)
+    if first.kind != second.kind:
+        return False
+    stored = first.sha256 == second.sha256 and first.quant == second.quant
+    return stored or bool((sig.tensor(a) == sig.tensor(b)).all())
 
 
 def _align(
@@ -164,6 +180,8 @@ def require(matches: Sequence[Match], *, strict: bool, model: str) -> None:
             lines.append(f"{m.source}: {name} is missing from the model")
         for what in m.mismatched:
             lines.append(f"{m.source}: shape mismatch for {what}")
+        for what in m.conflicts:
+            lines.append(f"{m.source}: {what}")
         if strict and m.architecture != "same":
             why = "was made on a different architecture"
             if m.architecture == "unknown":
@@ -177,7 +195,12 @@ def require(matches: Sequence[Match], *, strict: bool, model: str) -> None:
         "model names its layers differently, "
         "or use a signature extracted from this architecture"
     )
-    if strict and all(not m.missing and not m.mismatched for m in matches):
+    if any(m.conflicts for m in matches):
+        fix = (
+            "keep one of each pair in the signature: wrapper prefixes (module., _orig_mod.) "
+            "are stripped, so module.X and X name one model tensor"
+        )
+    elif strict and all(not m.missing and not m.mismatched for m in matches):
         fix = spell("drop --strict", "pass strict=False") + (
             " to patch a model that shares only these tensors"
         )

@@ -690,6 +690,7 @@ def _check_output(
                     "pass the model's own path as output with in_place=True, or in_place=False",
                 ),
             )
+        ckpt.check_write(in_place=True)
         return ckpt.path
     refuse_overwriting_inputs(
         output,
@@ -699,7 +700,8 @@ def _check_output(
             "pass in_place=True to overwrite it, or choose another output",
         ),
     )
-    output_format(ckpt, output)
+    if output_format(ckpt, output).folder:
+        ckpt.check_write(in_place=False)
     return output
 
 

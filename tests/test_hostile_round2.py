@@ -218,3 +218,99 @@ def test_no_error_is_raised_without_a_fix():
     with pytest.raises(TypeError, match="without a fix"):
         RwsError("a problem", fix="")
     assert "fix: the file is damaged" in str(rwsfmt.IntegrityError("a problem"))
+
+
+# ---------------------------------------------------------------- symbolic links in folders
+
+
+def _folder(tmp_path: Path, net: torch.nn.Module) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(net.state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_a_companion_linking_out_of_the_folder_is_never_copied(model, tmp_path):
+    """`apply` copied README.md -> /outside/secret into the output as a regular file."""
+    folder = _folder(tmp_path, make_net())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for publishing")
+    (folder / "README.md").symlink_to(secret)
+    code, out = run("apply", folder, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "out")
+    assert code == 2, out
+    assert "README.md is a symbolic link" in out and "fix: replace the link" in out
+    assert not (tmp_path / "out").exists()
+    with open_checkpoint(str(folder)) as ckpt:  # reading the weights alone is fine
+        with pytest.raises(RwsError, match="outside the model folder"):
+            ckpt.write(tmp_path / "out", {})
+    assert not (tmp_path / "out").exists()
+
+
+def test_in_place_never_writes_through_a_link_out_of_the_folder(model, tmp_path):
+    folder = _folder(tmp_path, make_net())
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    before = outside.read_bytes()
+    code, out = run("apply", folder, model / "fog.rws", "-a", "0.5", "--in-place")
+    assert code == 2 and "writing in place would change that file" in out, out
+    assert outside.read_bytes() == before
+    code, out = run("apply", folder, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "new")
+    assert code == 0, out  # a new folder: the linked shard is read, as a checkpoint
+    assert not (tmp_path / "new" / "model.safetensors").is_symlink()
+
+
+def test_a_hugging_face_cache_snapshot_made_of_links_still_works(model, tmp_path):
+    """Snapshot folders (models--ORG--NAME/snapshots/REV) are links into ../../blobs: links
+    inside the repository folder are followed; one leading out of it is refused."""
+    repo = tmp_path / "hub" / "models--org--net"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    save_file(make_net().state_dict(), blobs / "1111")
+    (blobs / "2222").write_text("{}")
+    (blobs / "3333").write_text("# net")
+    for name, blob in [
+        ("model.safetensors", "1111"),
+        ("config.json", "2222"),
+        ("README.md", "3333"),
+    ]:
+        (snapshot / name).symlink_to(Path("../../blobs") / blob)
+    code, out = run("apply", snapshot, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "out")
+    assert code == 0, out
+    assert (tmp_path / "out" / "README.md").read_text() == "# net"
+    code, out = run("apply", snapshot, model / "fog.rws", "-a", "0.5", "--in-place")
+    assert code == 2 and "shared blobs" in out, out
+    (tmp_path / "secret").write_text("x")
+    (snapshot / "notes.txt").symlink_to(tmp_path / "secret")
+    code, out = run("apply", snapshot, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "out2")
+    assert code == 2 and "notes.txt is a symbolic link" in out, out
+
+
+# ---------------------------------------------------------------- aliased names
+
+
+def test_two_different_tensors_for_one_model_tensor_are_an_error_naming_both(tmp_path):
+    """`fc.weight` and `module.fc.weight` were applied as if tied: the second dropped."""
+    net = make_net()
+    shape = net.state_dict()["features.0.weight"].shape
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    aliased = rwsfmt.from_tensors(
+        {"features.0.weight": first, "module.features.0.weight": second}, label="aliased"
+    )
+    with pytest.raises(RwsError, match="features.0.weight and module.features.0.weight") as caught:
+        rwsfmt.apply(net.state_dict(), aliased, 0.5)
+    assert "keep one of each pair" in caught.value.fix
+    path = tmp_path / "aliased.rws"
+    rwsfmt.save(aliased, path)
+    save_file(net.state_dict(), tmp_path / "m.safetensors")
+    code, out = run("apply", tmp_path / "m.safetensors", path, "-a", "0.5", "-o", tmp_path / "o.pt")
+    assert code == 2 and "both lead to features.0.weight" in out, out
+    tied = rwsfmt.from_tensors(
+        {"features.0.weight": first, "module.features.0.weight": first}, label="tied"
+    )
+    patched = rwsfmt.apply(net.state_dict(), tied, 0.5)  # the same values: tied, applied once
+    expected = net.state_dict()["features.0.weight"] + 0.5 * tied.tensor("features.0.weight")
+    assert torch.equal(patched["features.0.weight"], expected)

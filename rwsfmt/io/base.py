@@ -184,6 +184,11 @@ class Checkpoint:
         """
         raise NotImplementedError
 
+    def check_write(self, in_place: bool) -> None:
+        """Refuse, before any work, a write that would read a file from outside the checkpoint
+        into the output or write through to one (a folder's symbolic links); a single file
+        has nothing to check."""
+
     def close(self) -> None:
         """Release open files and memory maps."""
 

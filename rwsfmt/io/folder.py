@@ -14,7 +14,7 @@ import torch
 
 from ..applied import RECORD_FILE, encode, read_folder_record
 from ..atomic import atomic_folder, atomic_path, atomic_write
-from ..errors import RwsError
+from ..errors import RwsError, spell
 from ..inputs import open_input, strict_json
 from ..names import natural_sorted
 from .base import Checkpoint
@@ -171,6 +171,8 @@ class FolderCheckpoint(Checkpoint):
         atomically."""
         out = os.fspath(out_path)
         new = self._checked_replacements(replacements)
+        in_place = os.path.isdir(out) and os.path.samefile(out, self.path)
+        self.check_write(in_place)
         if os.path.exists(out) and not os.path.isdir(out):
             raise RwsError(
                 "is a file, but the checkpoint is a folder",
@@ -179,7 +181,7 @@ class FolderCheckpoint(Checkpoint):
                 ".safetensors or .pt to convert",
             )
         if os.path.isdir(out):  # each file replaced atomically
-            self._write_files(out, new, applied, in_place=os.path.samefile(out, self.path))
+            self._write_files(out, new, applied, in_place=in_place)
         else:  # a new folder appears only once complete
             with atomic_folder(out) as tmp:
                 self._write_files(tmp, new, applied, in_place=False)
@@ -209,6 +211,34 @@ class FolderCheckpoint(Checkpoint):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(record)
 
+    def check_write(self, in_place: bool) -> None:
+        """Refuse, before any work, a write that would copy a file from outside the folder
+        into the output (a companion that is a symbolic link leading out of `link_root`) or,
+        `in_place`, write through a symbolic link to a file outside the folder."""
+        if in_place:
+            folder = os.path.realpath(self.path)
+            for shard in self._shards:
+                real = os.path.realpath(os.path.join(self.path, shard))
+                if not _inside(real, folder):
+                    raise RwsError(
+                        f"shard {shard} is a symbolic link to {real}, outside the folder: "
+                        "writing in place would change that file",
+                        path=self.path,
+                        fix=spell("write a new folder with -o OUT", "write to a new folder")
+                        + " (in a Hugging Face cache the shards are links to shared blobs)",
+                    )
+            return
+        root = link_root(self.path)
+        for rel, full in _companions(self.path):
+            real = os.path.realpath(full)
+            if not _inside(real, root) and not (rel in self._shards or self._is_other_weights(rel)):
+                raise RwsError(
+                    f"{rel} is a symbolic link to {real}, outside the model folder: rwsfmt "
+                    "copies no file from outside the folder into its output",
+                    path=self.path,
+                    fix=f"replace the link by a copy of the file, or remove {rel} from the folder",
+                )
+
     def skipped_files(self) -> list[str]:
         """Weight files of other formats in the folder, which a written copy leaves out."""
         return sorted(rel for rel, _ in _companions(self.path) if self._is_other_weights(rel))
@@ -227,6 +257,24 @@ class FolderCheckpoint(Checkpoint):
     def close(self) -> None:
         for ckpt in self._shards.values():
             ckpt.close()
+
+
+def link_root(folder: str) -> str:
+    """The real folder that the symbolic links in model folder `folder` may lead into: the
+    folder itself or, for a snapshot of the Hugging Face cache
+    (`models--ORG--NAME/snapshots/REVISION`, whose files are links to `../../blobs/`), its
+    repository folder `models--ORG--NAME`."""
+    real = os.path.realpath(folder)
+    snapshots, repo = os.path.dirname(real), os.path.dirname(os.path.dirname(real))
+    is_snapshot = os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(
+        ("models--", "datasets--", "spaces--")
+    )
+    return repo if is_snapshot else real
+
+
+def _inside(real: str, root: str) -> bool:
+    """Whether real path `real` lies in folder `root` (a real path too)."""
+    return os.path.commonpath([real, root]) == root
 
 
 def _companions(folder: str) -> list[tuple[str, str]]:
