@@ -25,6 +25,9 @@ from .console import (
 )
 
 ROWS = 100  # tensor rows shown without --all
+# metadata values longer than this are cut in the tables (--json shows them whole): rich
+# folds a cell line by line, in time quadratic in its length (7 s for 16 MB)
+MAX_CELL = 2_000
 
 
 @click.command()
@@ -118,7 +121,7 @@ def _render_model(info: dict) -> None:
         ("tensors", tensors),
         ("applied", f"{len(info['applied'])} signature(s) recorded" if info["applied"] else "none"),
     ]:
-        summary.add_row(plain(key), plain(value))
+        summary.add_row(plain(key), plain(clip(value)))
     out.print(summary)
     if not info["applied"]:
         return
@@ -199,7 +202,7 @@ def render(info: dict) -> None:
     for key, value in sorted(meta.items()) if isinstance(meta, dict) else []:
         rows.append((f"meta: {key}", str(value)))
     for key, value in rows:
-        summary.add_row(plain(key), plain(value))
+        summary.add_row(plain(clip(key)), plain(clip(value)))
     out.print(summary)
 
     tensors = info["tensors"]
@@ -251,6 +254,13 @@ def storage(t: dict) -> str:
     density = t["density"]
     kept = "-" if density is None else _percent(density)
     return f"sparse {kept} · {values}"
+
+
+def clip(text: str) -> str:
+    """`text` cut to MAX_CELL characters, saying how long it is (for a table cell)."""
+    if len(text) <= MAX_CELL:
+        return text
+    return f"{text[:MAX_CELL]}… ({len(text):,} characters: --json shows them all)"
 
 
 def _percent(share: float) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .container import TensorInfo
 from .extraction import Progress
 from .provenance import base_provenance, input_record
 from .quant import QuantConfig
@@ -37,14 +38,22 @@ def convert(
     """
     track = progress or (lambda items, total, description: items)
     builder = SignatureBuilder(sig.label if label is None else label, quant)
+    kept = {
+        i.name for i in sig.infos if builder.config_for(i.kind, i.shape).describes(i.quant, i.shape)
+    }
+    builder.check_room(
+        ((i.name, i.kind, i.shape, i.dtype, _stats(i)) for i in sig.infos if i.name not in kept),
+        [i for i in sig.infos if i.name in kept],
+        requantized(sig.provenance, quant),
+    )
     reencoded = 0
     for name in track(sig.names, len(sig), "converting"):
         info = sig.info(name)
-        if builder.config_for(info.kind, info.shape).describes(info.quant, info.shape):
+        if name in kept:
             builder.copy(sig, name)
             continue
-        stats = dict(info.stats)
-        prior = prior_error(stats.pop("quant_rel_error", None))
+        stats = _stats(info)
+        prior = prior_error(info.stats.get("quant_rel_error"))
         builder.add(
             name,
             sig.tensor(name),
@@ -66,6 +75,11 @@ def convert(
     conversions = [*previous, record] if isinstance(previous, list) else [record]
     provenance = requantized(sig.provenance, quant, conversions=conversions)
     return builder.build(provenance, model_fingerprint=sig.model_fingerprint)
+
+
+def _stats(info: TensorInfo) -> dict[str, Any]:
+    """A tensor's statistics to keep when it is stored anew (its error is measured anew)."""
+    return {k: v for k, v in info.stats.items() if k != "quant_rel_error"}
 
 
 def requantized(

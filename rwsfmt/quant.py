@@ -140,6 +140,20 @@ class QuantConfig:
             q["granularity"] = "tensor"
         return q
 
+    def metadata(self, shape: tuple[int, ...], nnz: int) -> dict[str, Any]:
+        """The header's `quant` object for a tensor of this shape (`nnz`: the entries a
+        sparse one keeps); `bits='auto'` has none of its own."""
+        values = self.values_metadata(shape)
+        if not self.sparse:
+            return values
+        return {
+            "scheme": "sparse",
+            "bits": self.bits,
+            "index": "bitmap",
+            "nnz": nnz,
+            "values": values,
+        }
+
     def describes(self, quant: dict[str, Any], shape: tuple[int, ...]) -> bool:
         """Whether a tensor stored with `quant` is stored as this config would store it."""
         if self.bits == "auto":
@@ -225,13 +239,7 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
         flat = flat[kept]
         if by_channel:
             channel_counts = kept.view(shape[0], math.prod(shape[1:])).sum(dim=1)
-        quant = {
-            "scheme": "sparse",
-            "bits": config.bits,
-            "index": "bitmap",
-            "nnz": flat.numel(),
-            "values": values_quant,
-        }
+        quant = config.metadata(shape, nnz=flat.numel())
         parts.append(_pack_codes(kept.to(torch.uint8), 1))
     else:
         quant = values_quant

@@ -18,6 +18,7 @@ import torch
 
 from .allocation import Option, allocate
 from .container import (
+    MAX_HEADER_BYTES,
     MAX_NAME_BYTES,
     MAX_RANK,
     MAX_TENSORS,
@@ -25,6 +26,7 @@ from .container import (
     RwsReader,
     TensorInfo,
     build_header,
+    canonical_json,
     decode_blob,
     encode_blob,
     write_file,
@@ -302,6 +304,38 @@ class SignatureBuilder:
                 f"tensor {name!r} has {len(shape)} dimensions; a signature holds at most "
                 f"{MAX_RANK}",
                 fix="reshape the tensor before storing it",
+            )
+
+    def check_room(
+        self,
+        added: Iterable[tuple[str, str, tuple[int, ...], torch.dtype | str, Mapping[str, Any]]],
+        copied: Iterable[TensorInfo] = (),
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Refuse, before any encoding, a signature whose header could not fit the format's
+        limit: `added` holds `(name, kind, shape, dtype, stats)` of each tensor to be
+        `add`ed, `copied` the entries to be copied, `provenance` what is known of it. The
+        header is estimated from below (the shortest quantization, codec, lengths and error
+        a tensor can get), so a refusal is certain; a pass costs milliseconds."""
+        shortest = {"scheme": "float", "bits": 32}
+        entries = list(copied)
+        for name, kind, shape, dtype, stats in added:
+            config = self.config_for(kind, shape)
+            quant = shortest if config.bits == "auto" else config.metadata(shape, nnz=0)
+            stats = {**stats, "quant_rel_error": 0.0}
+            dtype = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, "float32")
+            entries.append(
+                TensorInfo(name, kind, shape, dtype, quant, "none", "raw", 0, 0, 0, "0" * 64, stats)
+            )
+        prov = {**base_provenance(), "quantization": self.quant.to_json(), **(provenance or {})}
+        fingerprint = {"signature": "sha256:" + "0" * 64, "model": None}
+        meta = {"label": self.label, "fingerprint": fingerprint, "provenance": prov}
+        size = len(canonical_json({**meta, "tensors": [e.to_json() for e in entries]}))
+        if size > MAX_HEADER_BYTES:
+            raise RwsError(
+                f"the signature of {len(entries):,} tensors would not fit one file: its header "
+                f"would take at least {size:,} bytes, over the format's {MAX_HEADER_BYTES:,}",
+                fix="split the tensors over several files, or shorten the metadata",
             )
 
     def build(

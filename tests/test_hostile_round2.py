@@ -4,10 +4,13 @@ beyond float32, file names that are not UTF-8, and errors that always say the fi
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from safetensors.torch import save_file
 from test_patch import make_net, make_sig
 
 import rwsfmt
+from rwsfmt.container import MAX_TENSORS, TensorInfo, write_file
 from rwsfmt.errors import RwsError
 from rwsfmt.io import open_checkpoint
 from rwsfmt.signature import SignatureBuilder
@@ -51,11 +55,23 @@ def lies(model, tmp_path_factory) -> dict[str, Path]:
     return lying_files(model / "std.pt", tmp_path_factory.mktemp("lies"))
 
 
+@pytest.mark.parametrize("trust_pickle", [False, True])
 @pytest.mark.parametrize("lie", LIES)
-def test_a_lying_storage_is_refused_before_any_weight_is_read(lies, lie):
+def test_a_lying_storage_is_refused_before_any_weight_is_read(lies, lie, trust_pickle):
     with pytest.raises(RwsError, match="storages disagree with its contents") as caught:
-        open_checkpoint(str(lies[lie]))
+        open_checkpoint(str(lies[lie]), trust_pickle=trust_pickle)
     assert caught.value.fix
+
+
+def test_a_trusted_pickle_is_checked_without_running_its_code_twice(tmp_path):
+    """The check reads a trusted pickle with every class but tensors stubbed out: its code
+    runs once, in torch.load (a second run would fail here: the folder exists)."""
+    from test_checkpoint import MakesFolder
+
+    marker = tmp_path / "marker"
+    torch.save({"w": torch.ones(3), "payload": MakesFolder(str(marker))}, tmp_path / "t.pt")
+    with open_checkpoint(str(tmp_path / "t.pt"), trust_pickle=True) as ckpt:
+        assert torch.equal(ckpt.tensor("w"), torch.ones(3)) and marker.exists()
 
 
 @pytest.mark.parametrize("lie", LIES)
@@ -314,3 +330,73 @@ def test_two_different_tensors_for_one_model_tensor_are_an_error_naming_both(tmp
     patched = rwsfmt.apply(net.state_dict(), tied, 0.5)  # the same values: tied, applied once
     expected = net.state_dict()["features.0.weight"] + 0.5 * tied.tensor("features.0.weight")
     assert torch.equal(patched["features.0.weight"], expected)
+
+
+# ---------------------------------------------------------------- large valid files, early
+
+
+def _many_tensors(path: Path, count: int = MAX_TENSORS) -> Path:
+    """`count` one-element float32 tensors: a header near the format's 16 MiB."""
+    payload = struct.pack("<f", 1e-3)
+    digest = hashlib.sha256(payload).hexdigest()
+    float32 = {"scheme": "float", "bits": 32}
+    infos = [
+        TensorInfo(f"t{i}", "delta", (1,), "float32", float32, "none", "raw", 0, 4, 4, digest)
+        for i in range(count)
+    ]
+    write_file(path, {"label": "many", "provenance": {}}, infos, lambda _: payload)
+    return path
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    return _many_tensors(tmp_path_factory.mktemp("many") / "many.rws")
+
+
+@pytest.mark.parametrize("bits", [8, "auto"])
+def test_convert_refuses_a_header_past_the_limit_before_encoding(many, bits):
+    """65,536 tensors whose new entries outgrow 16 MiB: refused before any tensor is
+    encoded (it took 37 s, 308 s with bits='auto', before refusing at the end)."""
+    quant = rwsfmt.QuantConfig(bits=bits, target_bpp=8 if bits == "auto" else None)
+    started = []  # the progress callback runs when the encoding starts
+    progress = lambda items, total, what: started.append(what) or items  # noqa: E731
+    with rwsfmt.load(many) as sig, pytest.raises(RwsError, match="would not fit one file"):
+        rwsfmt.convert(sig, quant, progress=progress)
+    assert not started
+
+
+def test_merge_refuses_a_header_past_the_limit_before_merging(many, tmp_path):
+    other = tmp_path / "other.rws"
+    other.write_bytes(many.read_bytes())
+    started = []
+    progress = lambda items, total, what: started.append(what) or items  # noqa: E731
+    with rwsfmt.load(many) as a, rwsfmt.load(other) as b:
+        with pytest.raises(RwsError, match="would not fit one file"):
+            rwsfmt.merge([a, b], method="mean", quant=rwsfmt.QuantConfig(bits=8), progress=progress)
+    assert not started
+    code, out = run("merge", many, other, "--mean", "--bits", "8", "-o", tmp_path / "m.rws")
+    assert code == 2 and "would not fit one file" in out and "fix:" in out, out
+    assert not (tmp_path / "m.rws").exists()
+
+
+def test_a_header_that_fits_passes_the_early_check(tmp_path):
+    """The estimate is a lower bound: a file at the limit converts as it did."""
+    path = _many_tensors(tmp_path / "some.rws", 4_096)
+    with rwsfmt.load(path) as sig:
+        assert len(rwsfmt.convert(sig, rwsfmt.QuantConfig(bits=8)).names) == 4_096
+
+
+def test_inspect_of_a_16_mib_provenance_string_is_quick(tmp_path):
+    """Rich folded a 16 MB cell in quadratic time (7 s): long values are cut in the
+    table, with their length, and whole in --json."""
+    builder = SignatureBuilder("big", rwsfmt.QuantConfig())
+    builder.add("fc.weight", torch.ones(2, 2))
+    note = "x" * 16_000_000
+    path = tmp_path / "big.rws"
+    rwsfmt.save(builder.build(provenance={"meta": {"note": note}}), path)
+    start = time.perf_counter()
+    code, out = run("inspect", path)
+    assert time.perf_counter() - start < 3  # (0.2 s; 7 s before)
+    assert code == 0 and "16,000,000 characters: --json shows them all" in out
+    code, out = run("inspect", "--json", path)
+    assert json.loads(out)["provenance"]["meta"]["note"] == note

@@ -46,23 +46,18 @@ def torch_load(path: str, trust_pickle: bool) -> Any:
     if not trust_pickle:
         require_safe_torch()
     misnamed = path.endswith(".safetensors")
-    mmap = False
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), open_input(path) as f:
-            zipped = zipfile.is_zipfile(f)
-            mmap = zipped and not misnamed
+            checked = zipfile.is_zipfile(f) and _checked(path, f, trust_pickle)
             f.seek(0)
             source = f if misnamed else _utf8_name(path, f)
-            mmap = mmap and isinstance(source, str)
-            obj = torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
-            if zipped:
-                check_storages(path, f, trust_pickle)
-            return obj
+            # memory-mapped only once every storage is checked against its record: unchecked,
+            # torch.load reads the records, checking their sizes itself
+            mmap = checked and isinstance(source, str)
+            return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except RwsError:
         raise
     except Exception as exc:  # torch raises many types for damaged files
-        if mmap:  # a storage that disagrees with its record explains the failure best
-            _explain(path, trust_pickle)
         message = str(exc)
         if "Weights only load failed" in message:
             detail = message.split("WeightsUnpickler error:", 1)[-1].strip().split(". ")[0]
@@ -93,15 +88,16 @@ def _utf8_name(path: str, f: BinaryIO) -> str | BinaryIO:
         return fd if os.path.exists(fd) else f
 
 
-def _explain(path: str, trust_pickle: bool) -> None:
-    """Raise the `check_storages` error of a zip file torch.load failed on, if it has one."""
+def _checked(path: str, f: BinaryIO, trust_pickle: bool) -> bool:
+    """Whether `check_storages` passed the zip file open in `f`; False when it could not
+    read the pickle (torch.load says why, or it holds objects only running it builds)."""
     try:
-        with open_input(path) as f:
-            check_storages(path, f, trust_pickle)
+        check_storages(path, f, trust_pickle)
+        return True
     except RwsError:
         raise
-    except Exception:  # torch's own error says what else is wrong
-        return
+    except Exception:
+        return False
 
 
 def torch_save(

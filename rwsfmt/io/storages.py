@@ -14,6 +14,7 @@ import io
 import itertools
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -114,7 +115,8 @@ def _declared(
 
     unpickler = _unpickler(trust_pickle)(io.BytesIO(pickled), encoding="utf-8")
     unpickler.persistent_load = persistent_load
-    with safe_globals(SAFE_GLOBALS):
+    with safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's: typed storages are deprecated
         obj = unpickler.load()
     tensors = []
     for t in _tensors(obj):
@@ -125,18 +127,46 @@ def _declared(
 
 
 def _unpickler(trust_pickle: bool) -> Callable[..., Any]:
-    """The unpickler `torch.load` uses: its weights-only one, or (trusted) pickle's own, with
-    torch's renamed module."""
+    """The unpickler `torch.load` uses with `weights_only`, or (trusted) one that builds
+    tensors, storages and dicts and nothing else: a trusted pickle's code runs once, in
+    torch.load, not twice."""
     if not trust_pickle:
         from torch._weights_only_unpickler import Unpickler
 
         return Unpickler
 
-    class Trusted(pickle.Unpickler):
+    class TensorsOnly(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            return super().find_class("torch._tensor" if module == "torch.tensor" else module, name)
+            rebuild = module == "torch._utils" and name.startswith("_rebuild_")
+            storage = module == "torch" and name.endswith("Storage")
+            if rebuild or storage or (module, name) in _PLAIN:
+                return super().find_class(module, name)
+            return _Stub
 
-    return Trusted
+    return TensorsOnly
+
+
+# what torch.save pickles beside tensors and storages, none of which runs code
+_PLAIN = {
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch.nn.parameter", "Parameter"),
+}
+
+
+class _Stub:
+    """Stands in for every other class or function of a trusted pickle, doing nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -68,6 +68,7 @@ def merge(
     warn_repeated(signatures, "it counts twice in the merge")
     quant = quant or signatures[0].quant or QuantConfig()
     builder = SignatureBuilder(label or "+".join(s.label or "?" for s in signatures), quant)
+    builder.check_room((name, e.kind, e.shape, e.dtype, {}) for name, e in plan.items())
     track = progress or (lambda items, total, description: items)
     w = torch.tensor(applied, dtype=torch.float32)
     for name in track(plan, len(plan), f"merging ({spec.name})"):
