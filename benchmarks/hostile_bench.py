@@ -5,7 +5,12 @@ allows, and how much memory reading a file can cost, side by side with the basel
 
 1. `rwsfmt inspect` (tables, and `--json`) on files of 4,096 and 65,536 tensors (the format's
    maximum; 16 MiB of header), against `python -c pass`: the best of 5 wall times.
-2. How much the peak resident memory grows during `rwsfmt verify` and during a full read
+2. Valid files that cannot be worked on (issue 20): how long `convert` and `merge` of
+   65,536 tensors take to refuse a result whose header would pass 16 MiB, and `inspect` on
+   a 16 MiB header of one provenance string; and lying `torch.save` files (a storage record
+   shorter or longer than its pickle declares, a view past its storage, overlapping
+   records): the exit code and fix line of every command that reads models.
+3. How much the peak resident memory grows during `rwsfmt verify` and during a full read
    (`rwsfmt.load`, every tensor decoded to float32), each in a fresh process, for real
    signatures and for decompression bombs just under and far over
    the decode limit (`rwsfmt.limits`). The ratio to the limit is the guarantee: a file may
@@ -142,6 +147,78 @@ def added_peak(mode: str, path: Path) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+def one_string(path: Path, chars: int) -> None:
+    """One small tensor and a provenance string of `chars` characters (a 16 MiB header)."""
+    builder = SignatureBuilder("long", QuantConfig())
+    builder.add("fc.weight", torch.ones(2, 2))
+    rwsfmt.save(builder.build(provenance={"meta": {"note": "x" * chars}}), path)
+
+
+def run_once(args: list[str]) -> tuple[float, int, str]:
+    """(wall time, exit code, the last line of stderr) of one command."""
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True)
+    last = (done.stderr.strip().splitlines() or [""])[-1].strip()
+    return time.perf_counter() - start, done.returncode, last
+
+
+def early_refusals(folder: Path, cli: list[str]) -> list[str]:
+    """Valid files refused early or shown quickly, and lying PyTorch files refused."""
+    many = folder / "many65536.rws"
+    other = folder / "other.rws"
+    other.write_bytes(many.read_bytes())
+    long = folder / "long.rws"
+    one_string(long, 16_000_000)
+    out = folder / "out.rws"
+    lines = [
+        "",
+        "## Valid files: refused before the work, or shown quickly (one run each)",
+        "",
+        "| command | wall | exit | last line |",
+        "|---|---:|---:|---|",
+    ]
+    for label, args in [
+        ("convert --bits 8, 65,536 tensors", ["convert", many, "--bits", "8"]),
+        ("convert --bits auto, 65,536 tensors", ["convert", many, "--bits", "auto", "--target-bpp", "8"]),
+        ("merge --mean of two, 65,536 tensors", ["merge", many, other, "--mean"]),
+    ]:
+        wall, code, last = run_once([*cli, *map(str, args), "-o", str(out)])
+        lines.append(f"| {label} | {wall:.2f} s | {code} | {last[:90]} |")
+        print(lines[-1], flush=True)
+    for label, args in [("inspect", []), ("inspect --json", ["--json"])]:
+        wall, code, _ = run_once([*cli, "inspect", *args, str(long)])
+        lines.append(f"| {label}, 16 MB provenance string | {wall:.2f} s | {code} | |")
+        print(lines[-1], flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from lying_pytorch import lying_files
+
+    model = folder / "std.pt"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    torch.save(net.state_dict(), model)
+    sig = folder / "sig.rws"
+    deltas = {k: 0.01 * torch.ones(v.shape) for k, v in net.state_dict().items() if "num" not in k}
+    rwsfmt.save(rwsfmt.from_tensors(deltas, label="sig"), sig)
+    lines += [
+        "",
+        "## Lying PyTorch files: exit code of each command (2 and a fix line: refused)",
+        "",
+        "| file | apply | extract | inspect | fix line every time |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for lie, path in lying_files(model, folder / "lies").items():
+        commands = [
+            ["apply", path, sig, "-a", "0.5", "-o", folder / "patched.pt"],
+            ["extract", model, path, "--method", "subtract", "-o", folder / "x.rws"],
+            ["inspect", path],
+        ]
+        results = [run_once([*cli, *map(str, c)]) for c in commands]
+        fixed = all(last.startswith("fix:") for _, code, last in results if code)
+        codes = " | ".join(str(code) for _, code, _ in results)
+        lines.append(f"| {lie} | {codes} | {'yes' if fixed else 'NO'} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
@@ -171,6 +248,7 @@ def main() -> None:
             )
             print(lines[-1], flush=True)
 
+        lines += early_refusals(folder, rwsfmt_cli)
         lines += [
             "",
             "## Peak memory of reading one file (fresh process each)",

@@ -66,6 +66,7 @@ def patch_central(data: bytes, name: str, *, grow: int = 0) -> bytes:
 def lying_files(model_pt: Path, folder: Path) -> dict[str, Path]:
     """Every lie, made from `model_pt` (a torch.save state dict of at least three tensors,
     the first of 16 or more elements): name -> the lying file."""
+    folder.mkdir(parents=True, exist_ok=True)
     _, found = records(model_pt)
     first = found["data/0"]
     numel = len(first) // 4

@@ -31,7 +31,8 @@ LOCAL_MAGIC = b"PK\x03\x04"
 def check_storages(path: str, f: BinaryIO, trust_pickle: bool) -> None:
     """Refuse a `torch.save` zip (open in `f`) whose pickle declares a storage that its
     records do not hold exactly, or a tensor reaching past its storage, or whose records
-    overlap. Reads the pickle (no tensor data); `trust_pickle` as `torch.load`'s."""
+    overlap. Reads the pickle (no tensor data); `trust_pickle` as `torch.load`'s. Call it
+    where torch.load would run: within `safe_globals(SAFE_GLOBALS)` (which does not nest)."""
     with zipfile.ZipFile(f) as z:
         records = _records(path, f, z)
         folder = next(iter(records)).split("/", 1)[0]
@@ -109,13 +110,9 @@ def _declared(
         by_storage[storage._cdata] = key
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
-    from torch.serialization import safe_globals
-
-    from .layouts import SAFE_GLOBALS
-
     unpickler = _unpickler(trust_pickle)(io.BytesIO(pickled), encoding="utf-8")
     unpickler.persistent_load = persistent_load
-    with safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's: typed storages are deprecated
         obj = unpickler.load()
     tensors = []
