@@ -103,9 +103,8 @@ def _declared(
         _, storage_type, key, _, numel = saved_id
         key = key.decode("ascii") if isinstance(key, bytes) else str(key)
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = numel * dtype.itemsize
-        if declared.setdefault(key, nbytes) != nbytes:
-            raise pickle.UnpicklingError(f"storage {key!r} is declared with two sizes")
+        # as in torch.load, a storage named again is the one first declared, at its size
+        nbytes = declared.setdefault(key, numel * dtype.itemsize)
         storage = torch.UntypedStorage(nbytes, device="meta")
         by_storage[storage._cdata] = key
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
