@@ -365,6 +365,7 @@ def test_convert_refuses_a_header_past_the_limit_before_encoding(many, bits):
     assert not started
 
 
+@pytest.mark.filterwarnings("ignore:signature 2")  # (the same tensors twice: counted twice)
 def test_merge_refuses_a_header_past_the_limit_before_merging(many, tmp_path):
     other = tmp_path / "other.rws"
     other.write_bytes(many.read_bytes())
