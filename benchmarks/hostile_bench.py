@@ -179,7 +179,10 @@ def early_refusals(folder: Path, cli: list[str]) -> list[str]:
     ]
     for label, args in [
         ("convert --bits 8, 65,536 tensors", ["convert", many, "--bits", "8"]),
-        ("convert --bits auto, 65,536 tensors", ["convert", many, "--bits", "auto", "--target-bpp", "8"]),
+        (
+            "convert --bits auto, 65,536 tensors",
+            ["convert", many, "--bits", "auto", "--target-bpp", 8],
+        ),
         ("merge --mean of two, 65,536 tensors", ["merge", many, other, "--mean"]),
     ]:
         wall, code, last = run_once([*cli, *map(str, args), "-o", str(out)])

@@ -275,6 +275,12 @@ def test_in_place_never_writes_through_a_link_out_of_the_folder(model, tmp_path)
     code, out = run("apply", folder, model / "fog.rws", "-a", "0.5", "-o", tmp_path / "new")
     assert code == 0, out  # a new folder: the linked shard is read, as a checkpoint
     assert not (tmp_path / "new" / "model.safetensors").is_symlink()
+    (folder / "model.safetensors").unlink()
+    outside.rename(folder / "model.safetensors")
+    (folder / "rwsfmt_applied.json").symlink_to(tmp_path / "record.json")  # (missing: none yet)
+    code, out = run("apply", folder, model / "fog.rws", "-a", "0.5", "--in-place")
+    assert code == 2 and "rwsfmt_applied.json is a symbolic link" in out, out
+    assert not (tmp_path / "record.json").exists()
 
 
 def test_a_hugging_face_cache_snapshot_made_of_links_still_works(model, tmp_path):

@@ -217,11 +217,11 @@ class FolderCheckpoint(Checkpoint):
         `in_place`, write through a symbolic link to a file outside the folder."""
         if in_place:
             folder = os.path.realpath(self.path)
-            for shard in self._shards:
+            for shard in [*self._shards, RECORD_FILE]:  # the files an in-place write replaces
                 real = os.path.realpath(os.path.join(self.path, shard))
                 if not _inside(real, folder):
                     raise RwsError(
-                        f"shard {shard} is a symbolic link to {real}, outside the folder: "
+                        f"{shard} is a symbolic link to {real}, outside the folder: "
                         "writing in place would change that file",
                         path=self.path,
                         fix=spell("write a new folder with -o OUT", "write to a new folder")
