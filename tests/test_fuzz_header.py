@@ -1114,6 +1114,7 @@ def test_inspect_shows_any_metadata_value(tmp_path, bases):
                 result = runner.invoke(cli, args)
                 assert isinstance(result.exception, (SystemExit, type(None))), (value, args)
                 assert result.exit_code == (2 if refused else 0), (_short(value), result.output)
+                assert not refused or "\n  fix: " in result.output, result.output
                 if args[1] != "--json":  # (JSON escapes control characters itself)
                     assert "\x1b" not in result.output and "\u202e" not in result.output
 
@@ -1172,6 +1173,7 @@ def test_commands_take_any_metadata_value(tmp_path, bases):
                 )
                 assert result.exit_code == (2 if refused else 0), (_short(value), result.output)
                 assert output.exists() == (result.exit_code == 0)
+                assert result.exit_code == 0 or "\n  fix: " in result.output, result.output
                 outcomes[what, result.exit_code] += 1
                 if "\x1b" in json.dumps(value, ensure_ascii=False):
                     assert "\x1b" not in result.output
