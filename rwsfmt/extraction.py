@@ -26,6 +26,7 @@ from .errors import RwsError, spell, warn
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
+from .naming import record_of
 from .order import OrderReference
 from .provenance import as_text, input_record
 from .quant import QuantConfig
@@ -151,6 +152,8 @@ def extract(
             provenance["meta"] = dict(meta)
         if ref.aliases:
             provenance["tied"] = dict(sorted(ref.aliases.items()))
+        if naming := record_of(std, ref.path if ref.folder else None):
+            provenance["naming"] = naming  # transformers' names on disk or in memory
         return builder.build(provenance=provenance, model_fingerprint=ref.fingerprint())
 
 
