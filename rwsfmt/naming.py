@@ -77,6 +77,18 @@ def record_of(source: object, folder: str | None = None) -> dict[str, str] | Non
     return {k: v for k, v in record.items() if isinstance(v, str) and v}
 
 
+def describe(record: Mapping[str, Any]) -> str:
+    """A `naming` record in words, e.g. "transformers' names on disk (save_pretrained) of
+    ViTForImageClassification (vit), transformers 5.25.0"."""
+    kind = record.get("kind")
+    words = {DISK: _WHERE[LOAD][0], MODULE: _WHERE[LOAD][1]}
+    text = f"transformers' names {words[kind]}" if kind in words else str(kind)
+    model = ", ".join(str(record[k]) for k in ("architecture", "model_type") if k in record)
+    version = record.get("transformers")
+    text += f" of {model}" if model else ""
+    return text + (f", transformers {version}" if version else "")
+
+
 def _pretrained(obj: object) -> Any:
     """`obj` if it is a transformers `PreTrainedModel` (then transformers is imported), else
     None."""
