@@ -218,7 +218,7 @@ class Naming:
                 if new == list(names):
                     continue
                 fused = {
-                    i: f"{names[i]!r} (transformers makes it part of {r!r} with {ops}, "
+                    i: f"{names[i]!r} (transformers' {ops} maps it to {r!r} "
                     f"{_WHERE[direction][1]})"
                     for i, (r, ops) in enumerate(renamed)
                     if ops is not None
