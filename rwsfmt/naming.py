@@ -218,8 +218,7 @@ class Naming:
                 if new == list(names):
                     continue
                 fused = {
-                    i: f"{names[i]!r} (transformers' {ops} maps it to {r!r} "
-                    f"{_WHERE[direction][1]})"
+                    i: f"{names[i]!r} (transformers' {ops} maps it to {r!r} {_WHERE[direction][1]})"
                     for i, (r, ops) in enumerate(renamed)
                     if ops is not None
                 }
@@ -235,21 +234,21 @@ class Naming:
     def _translators(self, record: Mapping[str, Any]) -> Iterator[Translator]:
         """The model's own translator (if it is a transformers model), then the recorded
         architecture's when it is another."""
+        model = _pretrained(self.module)
+        config = read_config(self.folder) if self.folder is not None else None
+        if model is None and config is None and record.get("kind") not in (DISK, MODULE):
+            return  # no transformers model on either side: transformers is not imported
         if not _has_mapping():
-            if record.get("kind") in (DISK, MODULE) or self.module is not None or self.folder:
-                self.problem = (
-                    "install transformers 5 (pip install 'rwsfmt[hf]') so that rwsfmt can "
-                    "translate between transformers' names on disk and in memory"
-                )
+            self.problem = (
+                "install transformers 5 (pip install 'rwsfmt[hf]') so that rwsfmt can "
+                "translate between transformers' names on disk and in memory"
+            )
             return
-        if not self._own:
-            model = _pretrained(self.module)
+        if not self._own:  # built once: a signature list may ask again for each signature
             if model is not None:
                 self._own.append(self._built(_from_module, model))
-            elif self.folder is not None and read_config(self.folder) is not None:
-                self._own.append(self._built(_from_folder, self.folder))
             else:
-                self._own.append(None)
+                self._own.append(None if config is None else self._built(_from_folder, self.folder))
         own = self._own[0]
         if own is not None:
             yield own

@@ -60,7 +60,12 @@ def _configs() -> dict[str, tuple[type, object]]:
         "gpt2": (  # lm_head.weight is tied to transformer.wte.weight, in memory only
             T.GPT2LMHeadModel,
             T.GPT2Config(
-                vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0,
+                vocab_size=50,
+                n_embd=16,
+                n_layer=2,
+                n_head=2,
+                n_positions=16,
+                bos_token_id=0,
                 eos_token_id=0,
             ),
         ),
@@ -211,8 +216,8 @@ def test_cli_apply_says_what_was_translated(tmp_path: Path) -> None:
     assert run.exit_code == 0, run.output
     lines = [line for line in run.output.splitlines() if "names translated" in line]
     assert len(lines) == 1, run.output
-    assert "32 of 40 names translated from ViTForImageClassification's names in memory" in (
-        lines[0]
+    assert (
+        "32 of 40 names translated from ViTForImageClassification's names in memory" in (lines[0])
     )
     assert "transformers 5" in lines[0]
     cli = cls.from_pretrained(out).state_dict()
@@ -222,26 +227,32 @@ def test_cli_apply_says_what_was_translated(tmp_path: Path) -> None:
 
 def _fused_trio(kind: str, tmp_path: Path) -> tuple[type, dict[str, dict]]:
     if kind == "dinov2_swiglu":  # gate and up: one tensor on disk, two in memory (Chunk)
-        cls, config = T.Dinov2Model, T.Dinov2Config(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            mlp_ratio=2,
-            image_size=8,
-            patch_size=4,
-            use_swiglu_ffn=True,
+        cls, config = (
+            T.Dinov2Model,
+            T.Dinov2Config(
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                mlp_ratio=2,
+                image_size=8,
+                patch_size=4,
+                use_swiglu_ffn=True,
+            ),
         )
     else:  # experts: one tensor per expert on disk, one 3-D tensor in memory
-        cls, config = T.MixtralForCausalLM, T.MixtralConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            num_local_experts=2,
-            num_experts_per_tok=1,
-            max_position_embeddings=16,
+        cls, config = (
+            T.MixtralForCausalLM,
+            T.MixtralConfig(
+                vocab_size=50,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                num_local_experts=2,
+                num_experts_per_tok=1,
+                max_position_embeddings=16,
+            ),
         )
     return cls, _trio(cls, config, tmp_path)
 
