@@ -274,6 +274,43 @@ class Naming:
             return None
 
 
+def same_names(ckpts: dict[str, Any], sources: Mapping[str, object]) -> None:
+    """Read robust and init under std's names where transformers names them the other way
+    (one a save_pretrained folder, another a live model or a state_dict() file): each such
+    checkpoint in `ckpts` (role -> Checkpoint) becomes a `RenamedCheckpoint` saying what was
+    translated. A tensor stored fused or split differently is refused by name."""
+    from .errors import RwsError
+    from .io.renamed import RenamedCheckpoint
+
+    ref = ckpts["std"]
+    known = set(ref.names) | set(ref.aliases)
+    for role, other in list(ckpts.items()):
+        names = [*other.names, *other.aliases]
+        before = sum(n in known for n in names)
+        if other is ref or before == len(names):
+            continue
+        module = next((s for s in (sources[role], sources["std"]) if _pretrained(s)), None)
+        folder = next((c.path for c in (other, ref) if c.folder), None)
+        record = record_of(sources["std"], ref.path if ref.folder else None)
+        best, score = None, before
+        for translation in Naming(module, folder).translations(names, record):
+            fits = sum(n in known for n in translation.names)
+            if fits > score:
+                best, score = translation, fits
+        if best is None:
+            continue
+        if best.fused:
+            raise RwsError(
+                f"{role} holds tensors that transformers fuses or splits differently from "
+                f"std ({ref.path}): {', '.join(best.fused.values())}",
+                path=other.path,
+                fix="save std, robust and init the same way: all with save_pretrained, or "
+                "all with torch.save(model.state_dict())",
+            )
+        renames = dict(zip(names, best.names, strict=True))
+        ckpts[role] = RenamedCheckpoint(other, renames, best.line)
+
+
 def _version() -> str:
     return sys.modules["transformers"].__version__
 

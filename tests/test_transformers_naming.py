@@ -198,6 +198,22 @@ def test_one_signature_three_forms(kind: str, tmp_path: Path) -> None:
     loaded = cls.from_pretrained(tmp_path / "out_folder").state_dict()
     _assert_state(loaded, patched, patched)
 
+    # mixed forms extract too, read under std's names: std a folder, robust a state_dict()
+    # file, init a live model
+    init_live = cls.from_pretrained(trio["init"]["folder"])
+    mixed = rwsfmt.extract(
+        trio["std"]["folder"],
+        trio["robust"]["file"],
+        init_live,
+        include=include,
+        layers="all",
+        bits=32,
+    )
+    assert mixed.names == from_folders.names
+    assert all(torch.equal(mixed.tensor(n), from_folders.tensor(n)) for n in mixed.names)
+    notes = [i.get("names") for i in mixed.provenance["inputs"]]
+    assert notes[0] is None and (notes[1] is not None) == (m.translated is not None), notes
+
     # ... and patches the live model the same way (no translation needed)
     with rwsfmt.patched(live, from_files, alpha=ALPHA):
         _assert_state(live.state_dict(), patched, patched)
