@@ -9,6 +9,7 @@ here independently in float64). Tensors transformers fuses or splits are refused
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -239,6 +240,16 @@ def test_cli_apply_says_what_was_translated(tmp_path: Path) -> None:
     cli = cls.from_pretrained(out).state_dict()
     api = rwsfmt.apply(trio["std"]["state"], sig, alpha=ALPHA)
     _assert_state(cli, api, {})
+
+    dry = CliRunner().invoke(main, ["apply", *map(str, args[:4]), "--dry-run", "--json"])
+    assert json.loads(dry.output)["matches"][0]["translated"] == lines[0].strip()
+
+    folders = [trio[r]["folder"] for r in ("std", "robust", "init")]
+    rwsfmt.save(rwsfmt.extract(*folders), tmp_path / "from_folders.rws")
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "from_folders.rws")])
+    assert "transformers' names on disk (save_pretrained) of ViTForImageClassification" in (
+        " ".join(shown.output.split())
+    )
 
 
 def _fused_trio(kind: str, tmp_path: Path) -> tuple[type, dict[str, dict]]:
