@@ -180,8 +180,8 @@ def _from_folder(folder: str) -> Translator | None:
 @dataclass
 class Translation:
     """A signature's names in a model's naming: `names` (one per signature tensor), `fused`
-    (index -> what a converter makes of that tensor), `back` (a model name in the
-    signature's naming), `line` (what was translated, one line)."""
+    (index -> what a converter makes of that tensor), `line` (what was translated, one
+    line); `back` takes a model name back to the signature's naming."""
 
     names: list[str]
     fused: dict[int, str]
@@ -267,9 +267,8 @@ class Naming:
         except Exception as exc:  # transformers raises many kinds; the names stay untranslated
             first = (str(exc).splitlines() or [""])[0]
             self.problem = (
-                f"transformers {_version()} could not build the model whose names the "
-                f"signature's would be translated to ({type(exc).__name__}: {first}): update "
-                "transformers"
+                f"update transformers: {_version()} could not build the model whose conversion "
+                f"mapping translates the names ({type(exc).__name__}: {first})"
             )
             return None
 
@@ -289,7 +288,9 @@ def same_names(ckpts: dict[str, Any], sources: Mapping[str, object]) -> None:
         before = sum(n in known for n in names)
         if other is ref or before == len(names):
             continue
-        module = next((s for s in (sources[role], sources["std"]) if _pretrained(s)), None)
+        module = next(
+            (s for s in (sources[role], sources["std"]) if _pretrained(s) is not None), None
+        )
         folder = next((c.path for c in (other, ref) if c.folder), None)
         record = record_of(sources["std"], ref.path if ref.folder else None)
         best, score = None, before
