@@ -179,6 +179,8 @@ def _print_summary(report, pairs, stats: str) -> None:
             old, new = m.aligned
             how = f"prefix {new!r} added" if not old else f"prefix {old!r} removed"
             say(f"    names aligned to the model's: {how} (use --map to choose)")
+        if m.translated:
+            say(f"    {m.translated}")
         for tied in m.tied:
             say(f"    {tied}: tied to a tensor already patched, applied once")
     statistics = sum(change.statistics for change in report.changes)
@@ -226,6 +228,7 @@ def _report_json(report, pairs, stats: str) -> dict:
             "label": m.label,
             "architecture": m.architecture,
             "aligned": list(m.aligned) if m.aligned else None,
+            "translated": m.translated,
             "tied": list(m.tied),
         }
         for m in report.matches

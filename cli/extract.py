@@ -217,6 +217,8 @@ def _summary(sig, output: str) -> None:
         )
     )
     for record in sig.provenance.get("inputs", []):
+        if record.get("names"):
+            out.print(plain(f"note: {record['name']} read under std's names: {record['names']}"))
         for key in record.get("alternatives", []):
             out.print(
                 plain(

@@ -10,6 +10,7 @@ import click
 
 from rwsfmt.applied import is_model
 from rwsfmt.errors import RwsError
+from rwsfmt.naming import describe as describe_naming
 from rwsfmt.summary import describe
 
 from .console import (
@@ -186,6 +187,8 @@ def render(info: dict) -> None:
         ),
         ("bits/parameter", _file_bits(info)),
     ]
+    if isinstance(prov.get("naming"), dict):
+        rows.append(("tensor names", describe_naming(prov["naming"])))
     for key in ("corruption", "severity", "dataset"):
         if key in prov:
             rows.append((key, str(prov[key])))

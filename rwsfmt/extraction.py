@@ -26,6 +26,7 @@ from .errors import RwsError, spell, warn
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
+from .naming import record_of, same_names
 from .order import OrderReference
 from .provenance import as_text, input_record
 from .quant import QuantConfig
@@ -99,6 +100,7 @@ def extract(
             ckpts[role] = stack.enter_context(
                 open_checkpoint(source, trust_pickle=trust_pickle, state_key=state_key)
             )
+        same_names(ckpts, sources)  # transformers' names on disk and in memory, as std's
         _check_agreement(ckpts)
         ref = ckpts["std"]
         depth = checkpoint_order(ref, order)
@@ -151,6 +153,8 @@ def extract(
             provenance["meta"] = dict(meta)
         if ref.aliases:
             provenance["tied"] = dict(sorted(ref.aliases.items()))
+        if naming := record_of(std, ref.path if ref.folder else None):
+            provenance["naming"] = naming  # transformers' names on disk or in memory
         return builder.build(provenance=provenance, model_fingerprint=ref.fingerprint())
 
 
@@ -303,6 +307,8 @@ def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
         record["layout"] = str(ckpt.layout)
     if ckpt.alternatives:
         record["alternatives"] = list(ckpt.alternatives)
+    if translated := getattr(ckpt, "translated", None):
+        record["names"] = translated  # read under std's names (rwsfmt.naming)
     return record
 
 

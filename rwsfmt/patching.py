@@ -35,6 +35,7 @@ from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkp
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
+from .naming import Naming
 from .provenance import file_sha256
 from .signature import Signature, load, warn_repeated
 from .statsrule import DEFAULT_STATS, StatsRule
@@ -193,13 +194,15 @@ def _plan(
     prefix_map: Sequence[tuple[str, str]],
     strict: bool,
     model: str,
+    naming: Naming,
 ) -> tuple[dict[str, list[tuple[Signature, str, float]]], list[Match]]:
-    """Match every signature; return model name -> [(sig, sig name, alpha)] in model order."""
+    """Match every signature, translating names to the model's `naming` where they need it;
+    return model name -> [(sig, sig name, alpha)] in model order."""
     shapes = {
         name: ckpt.shape(name) if ckpt.dtype(name).is_floating_point else None
         for name in ckpt.names
     }
-    matches = [match(sig, shapes, prefix_map, ckpt.aliases) for sig, _ in entries]
+    matches = [match(sig, shapes, prefix_map, ckpt.aliases, naming) for sig, _ in entries]
     require(matches, strict=strict, model=model)
     per_name: dict[str, list[tuple[Signature, str, float]]] = {}
     for (sig, alpha), m in zip(entries, matches, strict=True):
@@ -260,7 +263,7 @@ def apply(
     entries = as_entries(sigs, alpha)
     undoing = _undoing(entries)
     ckpt = _state_dict_view(state_dict, "state dict")
-    plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict")
+    plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict", Naming())
     out = dict(state_dict)
     for name, items in plan.items():
         base = ckpt.tensor(name)
@@ -374,7 +377,9 @@ def patch(
             fix="take a live patch off with handle.remove(), which restores it bit for bit",
         )
     live = _state_dict_view(model.state_dict(keep_vars=True), "model")
-    plan, matches = _plan(entries, live, parse_map(map), strict, type(model).__name__)
+    plan, matches = _plan(
+        entries, live, parse_map(map), strict, type(model).__name__, Naming(module=model)
+    )
     targets = [(name, *_owner(model, live.key(name), live.tensor(name))) for name in plan]
     _check_stats_rule(plan, targets, live, rule)
     handle = PatchHandle([live.key(name) for name in plan], [(o, a) for _, o, a in targets])
@@ -541,7 +546,8 @@ def apply_checkpoint(
         )
         if not dry_run:
             output = _check_output(ckpt, os.fspath(output), entries, in_place, save_undo)
-        plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path)
+        naming = Naming(folder=ckpt.path if ckpt.folder else None)
+        plan, matches = _plan(entries, ckpt, parse_map(map), strict, model_path, naming)
         if undoing:
             record, added = _record_undone(ckpt, undoing[0])
         else:
