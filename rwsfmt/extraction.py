@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,10 +100,10 @@ def extract(
             ckpts[role] = stack.enter_context(
                 open_checkpoint(source, trust_pickle=trust_pickle, state_key=state_key)
             )
-        _check_agreement(ckpts)
         ref = ckpts["std"]
         depth = checkpoint_order(ref, order)
         segments = select(ref, rule, depth)
+        _check_agreement(ckpts, [n for seg in segments for n in seg])
         # Hash the input files while the tensors are processed (hashlib releases the GIL).
         records = {role: hasher.submit(_input_record, role, s) for role, s in sources.items()}
         compute = _Compute(ckpts, method, device)
@@ -155,8 +156,9 @@ def extract(
 
 
 class _Compute:
-    """Per-tensor arithmetic on `device`: float32 elementwise (float64 for float64
-    checkpoints), dot products summed in float64 across blocks."""
+    """Per-tensor arithmetic on `device`: float32 elementwise from whatever float dtypes the
+    inputs hold (float64 where one holds float64), dot products summed in float64 across
+    blocks."""
 
     def __init__(self, ckpts: Mapping[str, Checkpoint], method: str, device: torch.device):
         self.ckpts, self.method, self.device = ckpts, method, device
@@ -165,8 +167,8 @@ class _Compute:
         """A tensor this code may modify in place (never the checkpoint's own memory)."""
         ckpt = self.ckpts[role]
         t = ckpt.tensor(name)
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        out = t.to(device=self.device, dtype=dtype)
+        wide = any(c.dtype(name) == torch.float64 for c in self.ckpts.values())
+        out = t.to(device=self.device, dtype=torch.float64 if wide else torch.float32)
         refuse_nonfinite(
             out,
             name,
@@ -228,33 +230,89 @@ def _ratio(squared: float, squared_ref: float) -> float:
     return (squared / squared_ref) ** 0.5 if squared_ref > 0 else 0.0
 
 
-def _check_agreement(ckpts: Mapping[str, Checkpoint]) -> None:
-    """std, robust and init must hold the same tensor names, shapes and dtypes (a name tied
-    to another in one file may be absent from, or separate in, another: safetensors files
-    store tied tensors once)."""
-    ref = ckpts["std"]
+def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -> None:
+    """The `selected` tensors of std must be in robust and init with the same shape and a
+    floating dtype (RwsError otherwise); differences elsewhere, which checkpoints saved by
+    different library versions have (`position_ids` buffers), and mixed float dtypes are
+    noted in one line each. A tied name may be stored once under its other name."""
+    ref, chosen = ckpts["std"], set(selected)
+    ignored: dict[str, list[str]] = {}  # name -> how it differs, outside the selection
     for role, other in ckpts.items():
         if other is ref:
             continue
-        missing = [n for n in ref.names if n not in other and n not in other.aliases]
-        extra = [n for n in other.names if n not in ref and n not in ref.aliases]
-        if missing or extra:
-            name, where, lacks = (missing[0], "std", role) if missing else (extra[0], role, "std")
+        missing = [n for n in selected if n not in other and n not in other.aliases]
+        if missing:
             raise RwsError(
-                f"tensor {name!r} is in {where} ({ckpts[where].path}) but not in {lacks} "
-                f"({ckpts[lacks].path}); {len(missing) + len(extra)} name(s) differ",
-                fix="std, robust and init must be checkpoints of one architecture",
+                f"{len(missing)} selected tensor(s) of std are not in {role} ({other.path}): "
+                f"{_few(missing)}",
+                fix="std, robust and init must be checkpoints of one architecture; to leave "
+                "them out of the signature, "
+                + spell(f"add --exclude {_exclusion(missing)}", f"exclude={_exclusion(missing)}"),
             )
+        for name in selected:
+            shape, other_shape = ref.shape(name), other.shape(name)
+            if shape != other_shape:
+                raise RwsError(
+                    f"tensor {name!r} has shape {_show(shape)} in std ({ref.path}) but "
+                    f"{_show(other_shape)} in {role} ({other.path})",
+                    fix="std, robust and init must be checkpoints of one architecture",
+                )
+            if not other.dtype(name).is_floating_point:
+                raise RwsError(
+                    f"tensor {name!r} is {_show(ref.dtype(name))} in std ({ref.path}) but "
+                    f"{_show(other.dtype(name))} in {role} ({other.path}): its difference "
+                    "would mean nothing",
+                    fix="std, robust and init must be checkpoints of one architecture; "
+                    + spell(f"add --exclude {_exclusion([name])}", f"exclude={_exclusion([name])}"),
+                )
         for name in ref.names:
-            for what in ("shape", "dtype"):
-                a, b = getattr(ref, what)(name), getattr(other, what)(name)
-                if a != b:
-                    raise RwsError(
-                        f"tensor {name!r} has {what} {_show(a)} in std ({ref.path}) but "
-                        f"{_show(b)} in {role} ({other.path})",
-                        fix="std, robust and init must be checkpoints of one architecture "
-                        "saved in the same dtype",
-                    )
+            if name in chosen:
+                continue
+            if name not in other and name not in other.aliases:
+                ignored.setdefault(name, []).append(f"not in {role}")
+            elif ref.shape(name) != other.shape(name):
+                ignored.setdefault(name, []).append(f"other shape in {role}")
+        for name in other.names:
+            if name not in ref and name not in ref.aliases:
+                ignored.setdefault(name, []).append(f"only in {role}")
+    if ignored:
+        shown = [f"{n} ({', '.join(how)})" for n, how in ignored.items()]
+        warn(
+            f"{len(ignored)} tensor(s) outside the selection differ between the inputs and "
+            f"are ignored: {_few(shown)}"
+        )
+    _note_mixed_dtypes(ckpts, selected)
+
+
+def _note_mixed_dtypes(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -> None:
+    """One line when the selected tensors' float dtypes differ between the inputs (a bfloat16
+    fine-tune of a float32 base): the arithmetic runs in float32 (float64 if an input holds
+    float64) from whatever each holds; entries record std's dtype, the patched model's."""
+    mixed = [n for n in selected if len({c.dtype(n) for c in ckpts.values()}) > 1]
+    if not mixed:
+        return
+    held = ", ".join(
+        f"{role} {'/'.join(sorted({_show(c.dtype(n)) for n in mixed}))}"
+        for role, c in ckpts.items()
+    )
+    wide = any(c.dtype(n) == torch.float64 for c in ckpts.values() for n in mixed)
+    warn(
+        f"{len(mixed)} of {len(selected)} selected tensor(s) differ in dtype ({held}): "
+        f"computed in {'float64' if wide else 'float32'}, recorded as std's dtype"
+    )
+
+
+def _few(items: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` items, and how many more."""
+    head = ", ".join(items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _exclusion(names: Sequence[str]) -> str:
+    """A regular expression matching exactly `names` (up to 3), quoted for a shell."""
+    if len(names) > 3:
+        return "RE (a regular expression matching them)"
+    return "'^(" + "|".join(re.escape(n) for n in names) + ")$'"
 
 
 _SAME_INPUTS = {  # what giving the same checkpoint twice makes of the signature
