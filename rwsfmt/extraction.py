@@ -30,7 +30,18 @@ from .io.open import Source
 from .order import OrderReference
 from .provenance import as_text, input_record
 from .quant import QuantConfig
-from .select import Rule, checkpoint_order, energy_cut, entry_kind, select
+from .select import (
+    DEFAULT_LAYERS,
+    Rule,
+    checkpoint_order,
+    describe_segments,
+    energy_cut,
+    entry_kind,
+    find_blocks,
+    layer_segments,
+    select,
+    warn_cut_blocks,
+)
 from .signature import Signature, SignatureBuilder
 
 METHODS = ("project", "subtract")
@@ -64,14 +75,19 @@ def extract(
 ) -> Signature:
     """Compute the signature of `robust` relative to `std` (paths, state dicts or modules).
 
-    `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`),
-    `include`/`exclude` (regexes on tensor names) and `energy` (keep the shallowest layers
-    holding that share of the signature's squared norm) choose the tensors, counted in depth
-    order: the PyTorch file's own order, naming rules for safetensors, or `order` (a module,
+    `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`
+    or `method='subtract'`), `include`/`exclude` (regexes on tensor names) and `energy` (keep
+    the shallowest layers holding that share of the signature's squared norm) choose the
+    tensors of std, counted as blocks on transformers and as layers elsewhere (see
+    `rwsfmt.select`), in depth order: the PyTorch file's own order, naming rules for
+    safetensors, or `order` (a module,
     state dict, PyTorch checkpoint or text file of names of the same architecture; see
     `rwsfmt.order`). `method` is 'project' (Eq. 1, needs `init`) or 'subtract'
     (robust - std). `state_key` picks the weights inside training checkpoints (e.g.
-    'state_dict_ema'). Returns an in-memory signature; `rwsfmt.save` writes it.
+    'state_dict_ema'). Only the selected tensors must be in robust and init, with the same
+    shape; they may be in other float dtypes (computed in float32). The model fingerprint and
+    each entry's recorded dtype are std's. Returns an in-memory signature; `rwsfmt.save`
+    writes it.
     """
     if method not in METHODS:
         raise RwsError(
@@ -88,7 +104,9 @@ def extract(
             )
             + " (robust - std), the only method possible without it",
         )
-    rule = Rule.make(layers, include, exclude, energy)
+    # A task vector (robust - std) is the whole delta: subtract keeps every layer by default.
+    default = "all" if method == "subtract" else DEFAULT_LAYERS
+    rule = Rule.make(layers, include, exclude, energy, default)
     quant = quant or QuantConfig(bits=bits)
     device = resolve_device(device)
     track = progress or (lambda items, total, description: items)
@@ -102,7 +120,8 @@ def extract(
             )
         ref = ckpts["std"]
         depth = checkpoint_order(ref, order)
-        segments = select(ref, rule, depth)
+        blocks = find_blocks(ref)
+        segments = select(ref, rule, depth, blocks)
         _check_agreement(ckpts, [n for seg in segments for n in seg])
         # Hash the input files while the tensors are processed (hashlib releases the GIL).
         records = {role: hasher.submit(_input_record, role, s) for role, s in sources.items()}
@@ -115,6 +134,7 @@ def extract(
             }
             segments = energy_cut(segments, rule.energy, norms)
         names = [n for seg in segments for n in seg]
+        warn_cut_blocks(blocks, names, ref.path)
 
         builder = SignatureBuilder(label or _default_label(robust), quant)
         zero = True  # every delta entry so far is all zero
@@ -137,7 +157,11 @@ def extract(
         provenance: dict[str, Any] = {
             "method": method,
             "layers": rule.layers if rule.energy is None else len(segments),
-            "selection": {**rule.to_json(), **depth.to_json(), "layer_count": len(segments)},
+            "selection": {
+                **rule.to_json(),
+                **depth.to_json(),
+                **describe_segments(ref, blocks, segments, len(layer_segments(ref, depth, blocks))),
+            },
             "tensors": names,
             "inputs": [_with_layout(inputs[role], ckpts[role]) for role in sources],
         }
