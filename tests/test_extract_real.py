@@ -11,10 +11,12 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import rwsfmt
 from rwsfmt.errors import RwsError, RwsWarning
 from rwsfmt.io import open_checkpoint
+from rwsfmt.select import Rule, checkpoint_order, select
 from rwsfmt_cli.main import main
 
 transformers = pytest.importorskip("transformers")
@@ -91,8 +93,8 @@ def test_the_command_line_extracts_the_trio_and_prints_the_note(runs, tmp_path):
                 *map(str, (runs / "std", runs / "robust.pt", MINILM)),
                 "-o",
                 str(out),
-                "--layers",
-                "1",
+                "--include",
+                BLOCK0,
                 *extra,
             ],
         )
@@ -105,21 +107,22 @@ def test_a_selected_tensor_missing_from_one_input_is_named_with_the_fix(runs, tm
     excluding it as the fix says works, and the pooler is then only noted."""
     fine_tune(3, add_pooling_layer=False).save_pretrained(tmp_path / "no-pooler")
     args = (runs / "std", tmp_path / "no-pooler", MINILM)
+    last = r"^(encoder\.layer\.5|pooler)\."
     with pytest.raises(RwsError) as info:
-        rwsfmt.extract(*args, layers="all")
+        rwsfmt.extract(*args, include=last)
     message = str(info.value)
     assert "2 selected tensor(s) of std are not in robust" in message
     assert "pooler.dense.weight, pooler.dense.bias" in message
     assert r"exclude='^(pooler\.dense\.weight|pooler\.dense\.bias)$'" in message
     sig, notes = extract(
-        *args, layers="all", exclude=r"^(pooler\.dense\.weight|pooler\.dense\.bias)$"
+        *args, include=last, exclude=r"^(pooler\.dense\.weight|pooler\.dense\.bias)$"
     )
-    assert not any(n.startswith("pooler.") for n in sig.names)
+    assert len(sig) == 16 and not any(n.startswith("pooler.") for n in sig.names)
     assert any("pooler.dense.weight (not in robust)" in n for n in notes)
 
 
 def test_a_selected_tensor_that_is_integer_in_one_input_is_refused(runs):
-    std = fine_tune(1).state_dict()
+    std = load_file(runs / "std" / "model.safetensors")
     robust = dict(std)
     robust["encoder.layer.0.output.dense.bias"] = torch.zeros(384, dtype=torch.int64)
     with pytest.raises(RwsError, match=r"is float32 in std .* but int64 in robust"):
@@ -166,8 +169,118 @@ def test_a_bfloat16_fine_tune_of_a_float32_base_gives_the_float32_maths(runs):
 
 
 def test_float64_inputs_beside_float32_compute_in_float64(runs):
-    std = fine_tune(1).state_dict()
+    std = load_file(runs / "std" / "model.safetensors")
     robust64 = {k: v.double() if v.is_floating_point() else v for k, v in std.items()}
     robust64["encoder.layer.0.output.dense.bias"] += 1e-3
     sig, notes = extract(std, robust64, MINILM, include=BLOCK0, bits=32)
     assert any("computed in float64" in n for n in notes)
+
+
+# ---------------------------------------------------------------- what "5 layers" means
+
+
+def test_five_layers_of_minilm_are_its_embeddings_and_first_five_blocks(runs, tmp_path):
+    """Counted as blocks: everything before encoder.layer.5, every block whole (the CNN rule
+    took the three embeddings and layer 0's query and key, not its value); the command line
+    says so."""
+    args = ["extract", *map(str, (runs / "std", runs / "robust.pt", MINILM))]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "s.rws")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "robust: 85 tensors, 20,790,912 parameters, in 5 of 6 blocks (encoder.layer.0-4 and "
+        "everything before the next block)" in " ".join(result.stdout.split())
+    )
+    sig = rwsfmt.load(tmp_path / "s.rws")
+    with open_checkpoint(runs / "std") as std:
+        floating = [n for n in std.names if std.dtype(n).is_floating_point]
+        expected = [n for n in floating if n.startswith(("embeddings.", "encoder.layer."))]
+        expected = [n for n in expected if not n.startswith("encoder.layer.5.")]
+        assert sorted(sig.names) == sorted(expected)
+        assert sum(i.numel for i in sig.infos) == 20_790_912
+        one = [n for seg in select(std, Rule.make(layers=1), checkpoint_order(std)) for n in seg]
+    assert "encoder.layer.0.attention.self.value.weight" in sig.names
+    assert [n for n in one if n.startswith("encoder.")] == [
+        n for n in sig.names if n.startswith("encoder.layer.0.")
+    ]
+    selection = sig.provenance["selection"]
+    assert selection["unit"] == "block" and selection["stacks"] == ["encoder.layer.N"]
+    assert (selection["layer_count"], selection["layer_total"]) == (5, 6)
+    assert selection["kept"] == [f"encoder.layer.{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """init, std and robust folders of a 6-block BERT classifier (`save_pretrained`)."""
+    root = tmp_path_factory.mktemp("bert")
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(root / "init")
+    for role, seed in (("std", 1), ("robust", 2)):
+        model = transformers.BertForSequenceClassification.from_pretrained(root / "init")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(root / role)
+    return [root / role for role in ("std", "robust", "init")]
+
+
+def test_subtract_is_the_whole_task_vector_by_default(bert):
+    whole, _ = extract(*bert[:2], method="subtract")
+    with open_checkpoint(bert[0]) as std:
+        assert sorted(whole.names) == sorted(n for n in std.names if std.dtype(n).is_floating_point)
+    assert whole.provenance["selection"]["layers"] == "all"
+    shallow, _ = extract(*bert[:2], method="subtract", layers=2)
+    assert shallow.provenance["selection"]["kept"] == [
+        "bert.encoder.layer.0",
+        "bert.encoder.layer.1",
+    ]
+
+
+def test_a_selection_that_cuts_blocks_warns_and_names_them(bert, tmp_path):
+    _, notes = extract(*bert, layers=2, exclude=r"\.value\.")
+    (cut,) = [n for n in notes if "keeps part of" in n]
+    assert "keeps part of 2 block(s)" in cut
+    assert "bert.encoder.layer.0 (14 of 16 tensors), bert.encoder.layer.1 (14 of 16" in cut
+    _, notes = extract(*bert, layers=2, exclude=r"^bert\.encoder\.layer\.1\.")  # whole blocks
+    assert not any("keeps part of" in n for n in notes)
+
+
+def test_cnn_counts_layers_and_warns_when_n_ends_inside_a_residual_block(tmp_path):
+    """torchvision's ResNet-18 in training checkpoints (`torch.save`): the paper's rule counts
+    convolutions; 4 of them end inside layer1.1, 5 at its end."""
+    from architectures import resnet18
+
+    torch.manual_seed(0)
+    state = resnet18().state_dict()
+    paths = []
+    for role, seed in (("std", 1), ("robust", 2), ("init", 0)):
+        g = torch.Generator().manual_seed(seed)
+        moved = {
+            k: v + 0.01 * seed * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+        paths.append(tmp_path / f"{role}.pt")
+        torch.save({"epoch": 9, "model": moved}, paths[-1])
+    five, notes = extract(*paths)
+    assert not any("keeps part of" in n for n in notes)
+    assert five.names[-1] == "layer1.1.bn2.running_var"
+    assert five.provenance["selection"]["unit"] == "layer"
+    assert five.provenance["selection"]["kept"] == [
+        "conv1",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.1.conv1",
+        "layer1.1.conv2",
+    ]
+    _, notes = extract(*paths, layers=4)
+    assert any(
+        "keeps part of 1 block(s), whose tensors work together: layer1.1 (" in n for n in notes
+    )
