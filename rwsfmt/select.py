@@ -62,9 +62,6 @@ def checkpoint_order(ckpt: Checkpoint, reference: OrderReference | None = None) 
     )
 
 
-_NUMBERED = re.compile(r"^(.*?)(\d+)$")
-
-
 @dataclass(frozen=True)
 class Blocks:
     """A model's repeated blocks: `of` maps each floating tensor inside one to the block's
@@ -85,16 +82,15 @@ class Blocks:
         return {"unit": "block", "stacks": self.stacks} if self.counted else {"unit": "layer"}
 
 
-def find_blocks(ckpt: Checkpoint, names: Iterable[str] | None = None) -> Blocks:
-    """The repeated blocks among `names` (default: all) of `ckpt`.
+def find_blocks(ckpt: Checkpoint) -> Blocks:
+    """The repeated blocks of `ckpt`.
 
     A block is a numbered module (its last name part ends in a number) holding >= 2 layer
     weights, with a sibling of the same stem (`layer.2` beside `layer.3`) holding at least half
     the same (relative name, shape) pairs, and not inside another block.
     """
-    floating = [n for n in (ckpt.names if names is None else names) if _floating(ckpt, n)]
     members: dict[str, list[str]] = defaultdict(list)  # numbered module -> its tensors
-    for name in floating:
+    for name in (n for n in ckpt.names if _floating(ckpt, n)):
         parts = name.split(".")[:-1]
         for i, part in enumerate(parts):
             if part[-1:].isdigit():
@@ -103,8 +99,8 @@ def find_blocks(ckpt: Checkpoint, names: Iterable[str] | None = None) -> Blocks:
     for module, tensors in members.items():
         if sum(is_layer_weight(ckpt, n) for n in tensors) >= 2:
             parent, _, last = module.rpartition(".")
-            stem, number = _NUMBERED.match(last).groups()  # type: ignore[union-attr]
-            siblings[(parent, stem)].append((int(number), module))
+            stem = last.rstrip("0123456789")
+            siblings[(parent, stem)].append((int(last[len(stem) :]), module))
     stacked: dict[str, str] = {}  # module -> its stack's pattern
     for (parent, stem), children in siblings.items():
         children.sort()
@@ -142,7 +138,7 @@ def layer_segments(
     first (a ViT's `cls_token` and `pos_embed`, a BERT's embeddings when counting blocks)
     belong to the first segment.
     """
-    blocks = blocks or find_blocks(ckpt)
+    blocks = find_blocks(ckpt) if blocks is None else blocks
     names = [n for n in order.names if _floating(ckpt, n)]
     first: dict[str, int] = {}
     if blocks.counted:
@@ -169,8 +165,8 @@ def describe_segments(
     layer module (`encoder.layer.0`, `features.10`)."""
 
     def label(segment: Sequence[str]) -> str:
-        if blocks.counted:
-            return next(blocks.of[n] for n in segment if n in blocks.of)
+        if blocks.counted:  # include= may have kept only what precedes a block
+            return next((blocks.of[n] for n in segment if n in blocks.of), _module(segment[0]))
         return next((_module(n) for n in segment if is_layer_weight(ckpt, n)), _module(segment[0]))
 
     return {
@@ -256,7 +252,7 @@ def select(
 ) -> list[list[str]]:
     """The layers or blocks (lists of tensor names, depth order) the rule keeps before any
     energy cut."""
-    blocks = blocks or find_blocks(ckpt)
+    blocks = find_blocks(ckpt) if blocks is None else blocks
     segments = layer_segments(ckpt, order, blocks)
     if rule.layers != "all":
         if rule.chosen and int(rule.layers) > len(segments):

@@ -251,6 +251,9 @@ def test_a_selection_that_cuts_blocks_warns_and_names_them(bert, tmp_path):
     assert "bert.encoder.layer.0 (14 of 16 tensors), bert.encoder.layer.1 (14 of 16" in cut
     _, notes = extract(*bert, layers=2, exclude=r"^bert\.encoder\.layer\.1\.")  # whole blocks
     assert not any("keeps part of" in n for n in notes)
+    embeddings, notes = extract(*bert, include=r"^bert\.embeddings\.")  # before any block
+    assert not any("keeps part of" in n for n in notes)
+    assert embeddings.provenance["selection"]["kept"] == ["bert.embeddings.word_embeddings"]
 
 
 def test_cnn_counts_layers_and_warns_when_n_ends_inside_a_residual_block(tmp_path):
