@@ -37,6 +37,7 @@ from .select import (
     describe_segments,
     energy_cut,
     entry_kind,
+    few,
     find_blocks,
     layer_segments,
     select,
@@ -268,7 +269,7 @@ def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -
         if missing:
             raise RwsError(
                 f"{len(missing)} selected tensor(s) of std are not in {role} ({other.path}): "
-                f"{_few(missing)}",
+                f"{few(missing)}",
                 fix="std, robust and init must be checkpoints of one architecture; to leave "
                 "them out of the signature, "
                 + spell(f"add --exclude {_exclusion(missing)}", f"exclude={_exclusion(missing)}"),
@@ -303,7 +304,7 @@ def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -
         shown = [f"{n} ({', '.join(how)})" for n, how in ignored.items()]
         warn(
             f"{len(ignored)} tensor(s) outside the selection differ between the inputs and "
-            f"are ignored: {_few(shown)}"
+            f"are ignored: {few(shown)}"
         )
     _note_mixed_dtypes(ckpts, selected)
 
@@ -324,12 +325,6 @@ def _note_mixed_dtypes(ckpts: Mapping[str, Checkpoint], selected: Sequence[str])
         f"{len(mixed)} of {len(selected)} selected tensor(s) differ in dtype ({held}): "
         f"computed in {'float64' if wide else 'float32'}, recorded as std's dtype"
     )
-
-
-def _few(items: Sequence[str], shown: int = 3) -> str:
-    """The first `shown` items, and how many more."""
-    head = ", ".join(items[:shown])
-    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _exclusion(names: Sequence[str]) -> str:

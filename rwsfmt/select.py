@@ -308,13 +308,18 @@ def warn_cut_blocks(blocks: Blocks, names: Iterable[str], path: str | None = Non
             kept[blocks.of[name]] += 1
     cut = [f"{b} ({k} of {blocks.size[b]} tensors)" for b, k in kept.items() if k < blocks.size[b]]
     if cut:
-        shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
         warn(
             f"the selection keeps part of {len(cut)} block(s), whose tensors work together: "
-            f"{shown}",
+            f"{few(cut)}",
             path=path,
             fix=spell(
                 "choose --layers N so that it ends at a block, or --include/--exclude whole blocks",
                 "choose layers=N so that it ends at a block, or include=/exclude= whole blocks",
             ),
         )
+
+
+def few(items: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` items for a one-line message, and how many more."""
+    head = ", ".join(items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
