@@ -195,11 +195,12 @@ def _summary(sig, output: str) -> None:
     from rwsfmt.order import describe_order
 
     selection = sig.provenance.get("selection", {})
+    parameters = sum(info.numel for info in sig.infos)
     title = (
-        f"{sig.label}: {len(sig)} tensors, {sum(i.numel for i in sig.infos):,} parameters, "
+        f"{sig.label}: {len(sig)} tensors, {parameters:,} parameters, "
         f"{_describe_kept(selection)}; depth order from {describe_order(selection)}"
     )
-    float32 = sum(4 * info.numel for info in sig.infos)
+    float32 = 4 * parameters
     rows = [
         [
             info.name,
@@ -232,15 +233,16 @@ def _summary(sig, output: str) -> None:
 
 def _describe_kept(selection: dict) -> str:
     """`in 5 of 6 blocks (encoder.layer.0-4, ...)` or `in 5 of 16 layers (features.0, ...)`."""
-    unit = selection.get("unit", "layer")
-    total = selection.get("layer_total")
-    count = f"{selection.get('layer_count', '?')}" + (f" of {total}" if total else "")
+    unit, total = selection.get("unit", "layer"), selection.get("layer_total")
+    count = selection.get("layer_count", "?")
     kept = _ranges(selection.get("kept", []))
     if unit == "block" and kept:
         kept += " and everything " + (
-            "outside blocks" if total == selection.get("layer_count") else "before the next block"
+            "outside blocks" if total == count else "before the next block"
         )
-    return f"in {count} {unit}s" + (f" ({kept})" if kept else "")
+    of = f" of {total}" if total else ""
+    plural = "" if (total or count) == 1 else "s"
+    return f"in {count}{of} {unit}{plural}" + (f" ({kept})" if kept else "")
 
 
 def _ranges(labels: list[str], most: int = 6) -> str:

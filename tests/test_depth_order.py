@@ -147,6 +147,9 @@ def test_cli_extract_from_safetensors_matches_pt_and_says_where_the_order_came_f
         assert result.exit_code == 0, result.output
         sigs[suffix] = rwsfmt.load(out)
     assert "depth order from naming rules" in " ".join(result.output.split())
+    assert "in 5 of 16 layers (features.0, features.2, features.5, features.7, features.10)" in (
+        " ".join(result.output.split())
+    )
     pt, st = sigs[".pt"], sigs[".safetensors"]
     assert pt.names == st.names
     assert all(torch.equal(pt.tensor(n), st.tensor(n)) for n in pt.names)
