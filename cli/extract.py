@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import click
 
@@ -41,8 +42,9 @@ _GROUPS = {
 @click.option(
     "--layers",
     metavar="N|all",
-    help="The N shallowest layers (default 5, the paper's rule; all with "
-    "--include or --energy), or all.",
+    help="The N shallowest layers, counted as blocks on transformers (N blocks and what "
+    "precedes them), or all. Default 5, the paper's rule; all with --include, --energy or "
+    "--method subtract.",
 )
 @click.option("--include", metavar="RE", help="Keep only tensors whose name matches RE.")
 @click.option("--exclude", metavar="RE", help="Drop tensors whose name matches RE.")
@@ -168,6 +170,8 @@ def _summary_json(sig, output: str) -> dict:
         "bits_per_parameter": bits_per_parameter(size, sig),
         "float32_bytes": sum(4 * info.numel for info in sig.infos),
         "layers": sig.provenance.get("selection", {}).get("layer_count"),
+        "unit": sig.provenance.get("selection", {}).get("unit"),
+        "parameters": sum(info.numel for info in sig.infos),
         "tensors": [
             {"name": i.name, "shape": list(i.shape), "kind": i.kind, "stats": i.stats}
             for i in sig.infos
@@ -191,11 +195,12 @@ def _summary(sig, output: str) -> None:
     from rwsfmt.order import describe_order
 
     selection = sig.provenance.get("selection", {})
+    parameters = sum(info.numel for info in sig.infos)
     title = (
-        f"{sig.label}: {len(sig)} tensors in {selection.get('layer_count', '?')} layers, "
-        f"depth order from {describe_order(selection)}"
+        f"{sig.label}: {len(sig)} tensors, {parameters:,} parameters, "
+        f"{_describe_kept(selection)}; depth order from {describe_order(selection)}"
     )
-    float32 = sum(4 * info.numel for info in sig.infos)
+    float32 = 4 * parameters
     rows = [
         [
             info.name,
@@ -226,6 +231,40 @@ def _summary(sig, output: str) -> None:
                     f"(--state-key {key} extracts from those)"
                 )
             )
+
+
+def _describe_kept(selection: dict) -> str:
+    """`in 5 of 6 blocks (encoder.layer.0-4, ...)` or `in 5 of 16 layers (features.0, ...)`."""
+    unit, total = selection.get("unit", "layer"), selection.get("layer_total")
+    count = selection.get("layer_count", "?")
+    kept = _ranges(selection.get("kept", []))
+    if unit == "block" and kept:
+        kept += " and everything " + (
+            "outside blocks" if total == count else "before the next block"
+        )
+    of = f" of {total}" if total else ""
+    plural = "" if (total or count) == 1 else "s"
+    return f"in {count}{of} {unit}{plural}" + (f" ({kept})" if kept else "")
+
+
+def _ranges(labels: list[str], most: int = 6) -> str:
+    """Module names with runs of consecutive numbers folded: `encoder.layer.0-4`; at most
+    `most` items, the middle elided."""
+    runs: list[list] = []  # [stem, first, last] or [label, None, None]
+    for label in labels:
+        match = re.fullmatch(r"(.*?)(\d+)", label)
+        stem, number = (match.group(1), int(match.group(2))) if match else (label, None)
+        last = runs[-1] if runs else None
+        if number is not None and last and last[0] == stem and last[2] == number - 1:
+            last[2] = number
+        else:
+            runs.append([stem, number, number])
+    items = [
+        stem if a is None else f"{stem}{a}" if a == b else f"{stem}{a}-{b}" for stem, a, b in runs
+    ]
+    if len(items) > most:
+        items = [*items[: most - 2], "...", *items[-1:]]
+    return ", ".join(items)
 
 
 _COLUMNS = ["name", "shape", "kind", "rel. norm", "cos(v_c, v_base)", "quant err"]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +31,19 @@ from .naming import record_of, same_names
 from .order import OrderReference
 from .provenance import as_text, input_record
 from .quant import QuantConfig
-from .select import Rule, checkpoint_order, energy_cut, entry_kind, select
+from .select import (
+    DEFAULT_LAYERS,
+    Rule,
+    checkpoint_order,
+    describe_segments,
+    energy_cut,
+    entry_kind,
+    few,
+    find_blocks,
+    layer_segments,
+    select,
+    warn_cut_blocks,
+)
 from .signature import Signature, SignatureBuilder
 
 METHODS = ("project", "subtract")
@@ -64,14 +77,19 @@ def extract(
 ) -> Signature:
     """Compute the signature of `robust` relative to `std` (paths, state dicts or modules).
 
-    `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`),
-    `include`/`exclude` (regexes on tensor names) and `energy` (keep the shallowest layers
-    holding that share of the signature's squared norm) choose the tensors, counted in depth
-    order: the PyTorch file's own order, naming rules for safetensors, or `order` (a module,
+    `layers` (N or 'all'; default the paper's 5 shallowest, or all with `include`/`energy`
+    or `method='subtract'`), `include`/`exclude` (regexes on tensor names) and `energy` (keep
+    the shallowest layers holding that share of the signature's squared norm) choose the
+    tensors of std, counted as blocks on transformers and as layers elsewhere (see
+    `rwsfmt.select`), in depth order: the PyTorch file's own order, naming rules for
+    safetensors, or `order` (a module,
     state dict, PyTorch checkpoint or text file of names of the same architecture; see
     `rwsfmt.order`). `method` is 'project' (Eq. 1, needs `init`) or 'subtract'
     (robust - std). `state_key` picks the weights inside training checkpoints (e.g.
-    'state_dict_ema'). Returns an in-memory signature; `rwsfmt.save` writes it.
+    'state_dict_ema'). Only the selected tensors must be in robust and init, with the same
+    shape; they may be in other float dtypes (computed in float32). The model fingerprint and
+    each entry's recorded dtype are std's. Returns an in-memory signature; `rwsfmt.save`
+    writes it.
     """
     if method not in METHODS:
         raise RwsError(
@@ -88,7 +106,9 @@ def extract(
             )
             + " (robust - std), the only method possible without it",
         )
-    rule = Rule.make(layers, include, exclude, energy)
+    # A task vector (robust - std) is the whole delta: subtract keeps every layer by default.
+    default = "all" if method == "subtract" else DEFAULT_LAYERS
+    rule = Rule.make(layers, include, exclude, energy, default)
     quant = quant or QuantConfig(bits=bits)
     device = resolve_device(device)
     track = progress or (lambda items, total, description: items)
@@ -101,10 +121,11 @@ def extract(
                 open_checkpoint(source, trust_pickle=trust_pickle, state_key=state_key)
             )
         same_names(ckpts, sources)  # transformers' names on disk and in memory, as std's
-        _check_agreement(ckpts)
         ref = ckpts["std"]
         depth = checkpoint_order(ref, order)
-        segments = select(ref, rule, depth)
+        blocks = find_blocks(ref)
+        segments = select(ref, rule, depth, blocks)
+        _check_agreement(ckpts, [n for seg in segments for n in seg])
         # Hash the input files while the tensors are processed (hashlib releases the GIL).
         records = {role: hasher.submit(_input_record, role, s) for role, s in sources.items()}
         compute = _Compute(ckpts, method, device)
@@ -116,6 +137,7 @@ def extract(
             }
             segments = energy_cut(segments, rule.energy, norms)
         names = [n for seg in segments for n in seg]
+        warn_cut_blocks(blocks, names, ref.path)
 
         builder = SignatureBuilder(label or _default_label(robust), quant)
         zero = True  # every delta entry so far is all zero
@@ -138,7 +160,11 @@ def extract(
         provenance: dict[str, Any] = {
             "method": method,
             "layers": rule.layers if rule.energy is None else len(segments),
-            "selection": {**rule.to_json(), **depth.to_json(), "layer_count": len(segments)},
+            "selection": {
+                **rule.to_json(),
+                **depth.to_json(),
+                **describe_segments(ref, blocks, segments, len(layer_segments(ref, depth, blocks))),
+            },
             "tensors": names,
             "inputs": [_with_layout(inputs[role], ckpts[role]) for role in sources],
         }
@@ -159,8 +185,9 @@ def extract(
 
 
 class _Compute:
-    """Per-tensor arithmetic on `device`: float32 elementwise (float64 for float64
-    checkpoints), dot products summed in float64 across blocks."""
+    """Per-tensor arithmetic on `device`: float32 elementwise from whatever float dtypes the
+    inputs hold (float64 where one holds float64), dot products summed in float64 across
+    blocks."""
 
     def __init__(self, ckpts: Mapping[str, Checkpoint], method: str, device: torch.device):
         self.ckpts, self.method, self.device = ckpts, method, device
@@ -169,8 +196,8 @@ class _Compute:
         """A tensor this code may modify in place (never the checkpoint's own memory)."""
         ckpt = self.ckpts[role]
         t = ckpt.tensor(name)
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        out = t.to(device=self.device, dtype=dtype)
+        wide = any(c.dtype(name) == torch.float64 for c in self.ckpts.values())
+        out = t.to(device=self.device, dtype=torch.float64 if wide else torch.float32)
         refuse_nonfinite(
             out,
             name,
@@ -232,33 +259,83 @@ def _ratio(squared: float, squared_ref: float) -> float:
     return (squared / squared_ref) ** 0.5 if squared_ref > 0 else 0.0
 
 
-def _check_agreement(ckpts: Mapping[str, Checkpoint]) -> None:
-    """std, robust and init must hold the same tensor names, shapes and dtypes (a name tied
-    to another in one file may be absent from, or separate in, another: safetensors files
-    store tied tensors once)."""
-    ref = ckpts["std"]
+def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -> None:
+    """The `selected` tensors of std must be in robust and init with the same shape and a
+    floating dtype (RwsError otherwise); differences elsewhere, which checkpoints saved by
+    different library versions have (`position_ids` buffers), and mixed float dtypes are
+    noted in one line each. A tied name may be stored once under its other name."""
+    ref, chosen = ckpts["std"], set(selected)
+    ignored: dict[str, list[str]] = {}  # name -> how it differs, outside the selection
     for role, other in ckpts.items():
         if other is ref:
             continue
-        missing = [n for n in ref.names if n not in other and n not in other.aliases]
-        extra = [n for n in other.names if n not in ref and n not in ref.aliases]
-        if missing or extra:
-            name, where, lacks = (missing[0], "std", role) if missing else (extra[0], role, "std")
+        missing = [n for n in selected if n not in other and n not in other.aliases]
+        if missing:
             raise RwsError(
-                f"tensor {name!r} is in {where} ({ckpts[where].path}) but not in {lacks} "
-                f"({ckpts[lacks].path}); {len(missing) + len(extra)} name(s) differ",
-                fix="std, robust and init must be checkpoints of one architecture",
+                f"{len(missing)} selected tensor(s) of std are not in {role} ({other.path}): "
+                f"{few(missing)}",
+                fix="std, robust and init must be checkpoints of one architecture; to leave "
+                "them out of the signature, "
+                + spell(f"add --exclude {_exclusion(missing)}", f"exclude={_exclusion(missing)}"),
             )
+        for name in selected:
+            shape, other_shape = ref.shape(name), other.shape(name)
+            if shape != other_shape:
+                raise RwsError(
+                    f"tensor {name!r} has shape {_show(shape)} in std ({ref.path}) but "
+                    f"{_show(other_shape)} in {role} ({other.path})",
+                    fix="std, robust and init must be checkpoints of one architecture",
+                )
+            if not other.dtype(name).is_floating_point:
+                raise RwsError(
+                    f"tensor {name!r} is {_show(ref.dtype(name))} in std ({ref.path}) but "
+                    f"{_show(other.dtype(name))} in {role} ({other.path}): its difference "
+                    "would mean nothing",
+                    fix="std, robust and init must be checkpoints of one architecture; "
+                    + spell(f"add --exclude {_exclusion([name])}", f"exclude={_exclusion([name])}"),
+                )
         for name in ref.names:
-            for what in ("shape", "dtype"):
-                a, b = getattr(ref, what)(name), getattr(other, what)(name)
-                if a != b:
-                    raise RwsError(
-                        f"tensor {name!r} has {what} {_show(a)} in std ({ref.path}) but "
-                        f"{_show(b)} in {role} ({other.path})",
-                        fix="std, robust and init must be checkpoints of one architecture "
-                        "saved in the same dtype",
-                    )
+            if name in chosen:
+                continue
+            if name not in other and name not in other.aliases:
+                ignored.setdefault(name, []).append(f"not in {role}")
+            elif ref.shape(name) != other.shape(name):
+                ignored.setdefault(name, []).append(f"other shape in {role}")
+        for name in other.names:
+            if name not in ref and name not in ref.aliases:
+                ignored.setdefault(name, []).append(f"only in {role}")
+    if ignored:
+        shown = [f"{n} ({', '.join(how)})" for n, how in ignored.items()]
+        warn(
+            f"{len(ignored)} tensor(s) outside the selection differ between the inputs and "
+            f"are ignored: {few(shown)}"
+        )
+    _note_mixed_dtypes(ckpts, selected)
+
+
+def _note_mixed_dtypes(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -> None:
+    """One line when the selected tensors' float dtypes differ between the inputs (a bfloat16
+    fine-tune of a float32 base): the arithmetic runs in float32 (float64 if an input holds
+    float64) from whatever each holds; entries record std's dtype, the patched model's."""
+    mixed = [n for n in selected if len({c.dtype(n) for c in ckpts.values()}) > 1]
+    if not mixed:
+        return
+    held = ", ".join(
+        f"{role} {'/'.join(sorted({_show(c.dtype(n)) for n in mixed}))}"
+        for role, c in ckpts.items()
+    )
+    wide = any(c.dtype(n) == torch.float64 for c in ckpts.values() for n in mixed)
+    warn(
+        f"{len(mixed)} of {len(selected)} selected tensor(s) differ in dtype ({held}): "
+        f"computed in {'float64' if wide else 'float32'}, recorded as std's dtype"
+    )
+
+
+def _exclusion(names: Sequence[str]) -> str:
+    """A regular expression matching exactly `names` (up to 3), quoted for a shell."""
+    if len(names) > 3:
+        return "RE (a regular expression matching them)"
+    return "'^(" + "|".join(re.escape(n) for n in names) + ")$'"
 
 
 _SAME_INPUTS = {  # what giving the same checkpoint twice makes of the signature

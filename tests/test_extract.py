@@ -263,16 +263,24 @@ def test_disagreeing_checkpoints_name_the_tensor():
     init, std, robust = trio(conv_bn_net(3))
     missing = dict(robust)
     del missing["2.bias"]
-    with pytest.raises(RwsError, match="'2.bias' is in std .* but not in robust"):
+    with pytest.raises(RwsError, match=r"1 selected tensor\(s\) of std are not in robust"):
         rwsfmt.extract(std, missing, init)
     reshaped = dict(init)
     reshaped["0.bias"] = torch.zeros(5)
     with pytest.raises(RwsError, match=r"'0.bias' has shape \(4,\) in std .* \(5,\) in init"):
         rwsfmt.extract(std, robust, reshaped)
+    # outside the selection, differences are noted and ignored
+    with pytest.warns(rwsfmt.RwsWarning, match=r"2.bias \(not in robust\)"):
+        assert "2.bias" not in rwsfmt.extract(std, missing, init, layers=1).names
+    with pytest.warns(rwsfmt.RwsWarning, match=r"0.bias \(other shape in init\)"):
+        rwsfmt.extract(std, robust, reshaped, exclude=r"^0\.bias$")
+    # mixed float dtypes are computed in float32
     half = dict(robust)
     half["0.weight"] = half["0.weight"].half()
-    with pytest.raises(RwsError, match="'0.weight' has dtype float32 in std .* float16 in robust"):
-        rwsfmt.extract(std, half, init)
+    with pytest.warns(rwsfmt.RwsWarning, match=r"1 of 14 .*robust float16.*computed in float32"):
+        sig = rwsfmt.extract(std, half, init, bits=32)
+    expected = eq1_float64(std["0.weight"], half["0.weight"], init["0.weight"])
+    assert torch.allclose(sig.tensor("0.weight").double(), expected, rtol=1e-4, atol=1e-9)
 
 
 def test_non_finite_values_are_reported():
