@@ -23,9 +23,9 @@ import torch
 from .atomic import same_file
 from .device import resolve_device
 from .errors import RwsError, spell, warn
+from .hub import HubModel, resolve
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
-from .io.hub import HubModel, resolve
 from .io.open import Source
 from .order import OrderReference
 from .provenance import as_text, input_record

@@ -31,9 +31,9 @@ from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
 from .errors import RwsError, spell, warn
+from .hub import HubModel, refuse_cache_output, resolve
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
-from .io.hub import HubModel, refuse_cache_output, resolve
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .provenance import file_sha256
@@ -506,7 +506,7 @@ def apply_checkpoint(
     stats rule); a signature the model's record already lists is refused unless `force`.
     `save_undo` writes an undo file that restores the model bit for bit (`rwsfmt.undo`);
     applying an undo file restores the tensors and removes its entries from the record.
-    `model_path` may be a Hugging Face id read from the cache (`rwsfmt.io.hub`; `revision`,
+    `model_path` may be a Hugging Face id read from the cache (`rwsfmt.hub`; `revision`,
     `download` as in `extract`), which is never written: `output` goes elsewhere.
     """
     rule = StatsRule.parse(stats)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from ..errors import RwsError
+from ..hub import resolve
 from ..inputs import sniff as sniff_kind
 from .base import Checkpoint, Format
 from .folder import FolderCheckpoint
-from .hub import resolve
 from .pytorch import PyTorchCheckpoint, torch_load
 from .safetensors import SafetensorsCheckpoint
 
@@ -30,7 +30,7 @@ def open_checkpoint(
     """Open a checkpoint file or folder lazily, or wrap an in-memory state dict or module.
 
     A string `org/name[@revision]` that is not a local path is a Hugging Face model id, read
-    from the local Hugging Face cache (`rwsfmt.io.hub`; `revision` for ids without `@`;
+    from the local Hugging Face cache (`rwsfmt.hub`; `revision` for ids without `@`;
     `download=True` fetches a model missing from the cache).
 
     PyTorch files are read with `weights_only=True` (no code from the file runs) unless

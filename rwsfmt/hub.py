@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..errors import RwsError, spell
+from .errors import RwsError, spell
 
 DEFAULT_REVISION = "main"
 INSTALL = "pip install 'rwsfmt[hf]'"
