@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import rwsfmt
 from rwsfmt.hub import hub_cache
 from rwsfmt.io import open_checkpoint
+from rwsfmt_cli.main import main
 
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -101,6 +103,12 @@ def rwsfmt_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     )
 
 
+def run(*args: str) -> tuple[int, str]:
+    """`rwsfmt ARGS` in this process: (exit code, stdout and stderr)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
 def cache_digest(cache: Path) -> dict[str, str]:
     """Every path of the cache with its link target or bytes' hash."""
     out = {}
@@ -154,7 +162,7 @@ def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(hub, monkeypatch, tmp_pa
     cache, local, _ = hub
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert rwsfmt_cli("inspect", "org/std").returncode == 2  # not under HF_HOME/hub yet
+    assert run("inspect", "org/std")[0] == 2  # not under HF_HOME/hub yet
     (tmp_path / "home").mkdir()
     os.rename(cache, tmp_path / "home" / "hub")
     result = rwsfmt_cli("inspect", "org/std", "--json")
@@ -202,15 +210,14 @@ def test_a_revision_is_read_from_refs_or_given_as_a_commit(hub):
             assert torch.equal(ckpt.tensor(name), want), (source, revision)
     with open_checkpoint("org/std") as ckpt:
         assert not torch.equal(ckpt.tensor(name), want)
-    result = rwsfmt_cli(
+    code, output = run(
         "extract", "org/std", "org/robust", "org/init", "-o", "v1.rws", "--revision", "v1"
     )
-    assert result.returncode == 2  # robust and init have no v1
-    assert "hf download org/robust --revision v1" in result.stderr
-    result = rwsfmt_cli(
+    assert code == 2 and "hf download org/robust --revision v1" in output  # only std has v1
+    code, output = run(
         "extract", "org/std@v1", "org/robust", "org/init", "-o", "v1.rws", "--layers", "all"
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, output
     inputs = {r["role"]: r for r in rwsfmt.load("v1.rws").provenance["inputs"]}
     assert inputs["std"]["hub"]["commit"] == v1 and inputs["robust"]["hub"]["commit"] != v1
 
@@ -272,12 +279,14 @@ def test_apply_to_an_id_writes_a_new_folder_here_never_into_the_cache(hub, tmp_p
     load_file(out / sorted(set(shards.values()))[0])
     # into the cache: refused, whatever the spelling
     snapshot = cache / "models--org--std" / "snapshots" / commits["std"]
-    for args in (["--in-place"], ["-o", str(snapshot)], ["-o", str(cache / "patched")]):
-        result = rwsfmt_cli("apply", "org/std", "fog.rws", "--alpha", "0.8", *args)
-        assert result.returncode == 2, args
-        assert "inside the Hugging Face cache" in result.stderr
-    result = rwsfmt_cli("apply", str(snapshot), "fog.rws", "--alpha", "0.8", "--in-place")
-    assert result.returncode == 2 and "inside the Hugging Face cache" in result.stderr
+    for model, *args in (
+        ["org/std", "--in-place"],
+        ["org/std", "-o", snapshot],
+        ["org/std", "-o", cache / "patched"],
+        [snapshot, "--in-place"],
+    ):
+        code, output = run("apply", model, "fog.rws", "--alpha", "0.8", *args)
+        assert code == 2 and "inside the Hugging Face cache" in output, (model, args)
     assert cache_digest(cache) == before
 
 
