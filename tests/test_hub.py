@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
+import reference_reader
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -28,6 +30,7 @@ from rwsfmt_cli.main import main
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
+ROOT = Path(__file__).resolve().parents[1]
 LFS = (".safetensors", ".bin")  # stored with git LFS on the Hub: blobs named by sha256
 
 
@@ -156,6 +159,11 @@ def test_extract_reads_hub_ids_from_the_cache_as_typed(hub):
         "commit": commits["std"],
     }
     assert cache_digest(cache) == before
+    schema = json.loads((ROOT / "spec" / "header.schema.json").read_text(encoding="utf-8"))
+    header, _ = reference_reader.read("x.rws")
+    jsonschema.Draft202012Validator(schema).validate(header)
+    result = rwsfmt_cli("inspect", "x.rws")
+    assert f"org/std at {commits['std'][:12]}" in result.stdout
 
 
 def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(hub, monkeypatch, tmp_path):
