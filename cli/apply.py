@@ -121,7 +121,7 @@ def apply(
     revision: str | None,
     download: bool,
 ) -> None:
-    """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
+    """Patch MODEL with SIG.rws files: std + alpha * signature, into a new file (or -o OUT).
 
     MODEL is a PyTorch (.pt/.pth/.bin/.ckpt) or safetensors file, a Hugging Face folder, or
     a Hugging Face id org/name[@REV] read from the local Hugging Face cache (never written).

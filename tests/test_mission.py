@@ -4,6 +4,7 @@ checkpoints; and where `apply` writes when no -o is given."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,8 @@ def test_the_mission_command_lines_run_as_written(checkpoints):
         assert torch.equal(got[name], want[name]), name
     assert "the 1 .rws file(s) of the current folder" in results[2].stdout
     assert "fog.rws" in results[2].stdout and "robust.pt" in results[2].stdout
+    code, output = run("inspect", "--json")  # the files found here: always a list
+    assert code == 0 and [info["path"] for info in json.loads(output)] == ["fog.rws"]
 
 
 def test_apply_without_o_never_writes_over_an_existing_file(checkpoints):
