@@ -146,18 +146,22 @@ def _snapshot(source: str, repo: str, revision: str, download: bool) -> HubModel
         raise RwsError(
             f"the Hugging Face cache holds {repo}@{revision} only in part: {exc}",
             path=source,
-            fix=f"complete it: {get}" + ("" if offline else " (or --download)"),
+            fix=f"complete it: {get}",
         ) from None
-    except errors.LocalEntryNotFoundError:
-        if download and offline:
+    except errors.LocalEntryNotFoundError as exc:
+        problem = (
+            f"no such file or folder, and no Hugging Face model {repo}@{revision} in the "
+            f"cache {cache}"
+        )
+        if not download:
+            how = f"run {get} first, or pass {spell('--download', 'download=True')}"
+        elif offline:
             how = f"HF_HUB_OFFLINE is set, so nothing was downloaded: unset it, or run {get}"
         else:
-            how = f"run {get} first, or pass {spell('--download', 'download=True')}"
+            problem += f", and the Hub could not be reached ({exc.__cause__ or exc})"
+            how = f"check the network, or run {get} where the Hub is reachable"
         raise RwsError(
-            f"no such file or folder, and no Hugging Face model {repo}@{revision} in the cache "
-            f"{cache}",
-            path=source,
-            fix=f"check the path; to read the model from the Hub: {how}",
+            problem, path=source, fix=f"check the path; to read the model from the Hub: {how}"
         ) from None
     except (OSError, errors.HfHubHTTPError) as exc:  # the download failed
         raise RwsError(

@@ -249,6 +249,15 @@ def test_a_model_missing_from_the_cache_says_how_to_get_it(hub):
     assert not Path("x.rws").exists()
 
 
+def test_download_says_when_the_hub_cannot_be_reached(hub, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed local port: no network
+    result = rwsfmt_cli("apply", "org/nothing", "x.rws", "--alpha", "0.8", "--download")
+    assert result.returncode == 2, result.stderr
+    assert "the Hub could not be reached" in result.stderr
+    assert "hf download org/nothing" in result.stderr
+
+
 def test_without_huggingface_hub_an_id_says_what_to_install(hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import` raises ImportError
     with pytest.raises(rwsfmt.RwsError, match=r"pip install 'rwsfmt\[hf\]'"):
