@@ -5,19 +5,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+from collections.abc import Sequence
 
 import click
 
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
 from .console import progress_bar, say
-from .options import GroupedCommand
+from .options import GroupedCommand, check_hub_options, hub_options
 from .signing import public_key_option, signed_pairs
 
 OPTION_GROUPS = {
     "Patching": ["alphas", "stats", "maps", "strict", "force"],
     "Output": ["output", "in_place", "dry_run", "save_undo"],
     "Running": ["device", "trust_pickle", "quiet", "as_json"],
+    "Hugging Face ids": ["revision", "download"],
     "Signatures": ["key", "require_signature"],
 }
 
@@ -62,7 +65,8 @@ OPTION_GROUPS = {
     "--output",
     type=click.Path(),
     help="Where to write the patched model: .safetensors, .pt/.pth/.bin (converting if the "
-    "model is in the other format), or a folder for a folder MODEL.",
+    "model is in the other format), or a folder for a folder MODEL. Default: a new file "
+    "beside MODEL named after it and the signatures (model.pt + fog.rws: model-fog.pt).",
 )
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL itself (atomically).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
@@ -95,6 +99,7 @@ OPTION_GROUPS = {
 @click.option(
     "--require-signature", is_flag=True, help="Also refuse unsigned SIG.rws files (needs --key)."
 )
+@hub_options
 def apply(
     model: str,
     signatures: tuple[str, ...],
@@ -113,13 +118,18 @@ def apply(
     as_json: bool,
     key: str | None,
     require_signature: bool,
+    revision: str | None,
+    download: bool,
 ) -> None:
-    """Patch MODEL with SIG.rws files: std + alpha * signature, into -o OUT.
+    """Patch MODEL with SIG.rws files: std + alpha * signature, into a new file (or -o OUT).
 
-    MODEL is a PyTorch (.pt/.pth/.bin/.ckpt) or safetensors file, or a Hugging Face folder.
-    OUT's suffix names the format to write; in MODEL's own format every unpatched tensor,
-    wrapper entry and metadata is kept byte for byte. Several signatures compose: their
-    scaled deltas are summed in float32 and cast once; normalization statistics follow
+    MODEL is a PyTorch (.pt/.pth/.bin/.ckpt) or safetensors file, a Hugging Face folder, or
+    a Hugging Face id org/name[@REV] read from the local Hugging Face cache (never written).
+    Without -o, the output is a new file or folder beside MODEL (for an id: in the current
+    folder), named after MODEL and the signatures, never over an existing one. OUT's suffix
+    names the format to write; in MODEL's own format every unpatched tensor, wrapper entry
+    and metadata is kept byte for byte. Several signatures compose: their scaled deltas are
+    summed in float32 and cast once; normalization statistics follow
     --stats.
     """
     from rwsfmt.patching import apply_checkpoint
@@ -129,10 +139,12 @@ def apply(
             f"{len(alphas)} --alpha values for {len(signatures)} signatures: "
             "give one for all, or one per signature"
         )
+    check_hub_options([model], revision, download)
+    chosen = output is None and not (in_place or dry_run)
     if in_place:
         output = output or model
-    elif output is None and not dry_run:
-        raise click.UsageError("missing -o OUT (or --in-place, or --dry-run)")
+    elif chosen:
+        output = default_output(model, signatures)
     per_sig = alphas * len(signatures) if len(alphas) == 1 else alphas
     pairs = list(zip(signatures, per_sig, strict=True))
 
@@ -150,6 +162,8 @@ def apply(
         progress=progress_bar(quiet or as_json),
         force=force,
         save_undo=save_undo,
+        revision=revision,
+        download=download,
     )
     if as_json:
         click.echo(json.dumps(_report_json(report, pairs, stats), indent=2, sort_keys=True))
@@ -158,7 +172,40 @@ def apply(
         _print_changes(report)
     if not quiet:
         _print_summary(report, pairs, stats)
+        if chosen:
+            say("  (no -o given: a new name beside the model; -o OUT chooses another)")
     _print_record(report, quiet)
+
+
+def default_output(model: str, signatures: Sequence[str]) -> str:
+    """Where apply writes without -o: beside MODEL (in the current folder for a Hugging Face
+    id), MODEL's name and the signatures' file stems: model.pt + fog.rws -> model-fog.pt,
+    folder/ -> folder-fog/, org/name -> name-fog/; -2, -3, ... when the name is taken."""
+    from rwsfmt.errors import RwsError
+    from rwsfmt.hub import is_hub_id
+    from rwsfmt.inputs import sniff
+    from rwsfmt.io.convert import SUFFIXES
+
+    stems = [re.sub(r"[^\w.+-]", "_", os.path.splitext(os.path.basename(s))[0]) for s in signatures]
+    tag = "+".join(stems) if len(stems) < 4 else f"{stems[0]}+{len(stems) - 1}more"
+    if is_hub_id(model):
+        folder, base, suffix = "", model.partition("@")[0].rpartition("/")[2], ""
+    else:
+        path = os.path.normpath(model)
+        folder, base = os.path.split(path)
+        suffix = ""
+        if not os.path.isdir(path):
+            base, suffix = os.path.splitext(base)
+            if suffix.lower() not in SUFFIXES:  # the name must say the format to write
+                kind = sniff(path)
+                base, suffix = base + suffix, ".safetensors" if kind == "safetensors" else ".pt"
+    for n in range(1, 100):
+        candidate = os.path.join(folder, f"{base}-{tag}{f'-{n}' if n > 1 else ''}{suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise RwsError(
+        "99 output names beside the model are taken", path=candidate, fix="choose one: -o OUT"
+    )
 
 
 def _print_summary(report, pairs, stats: str) -> None:

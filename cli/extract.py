@@ -19,13 +19,21 @@ from .console import (
     print_table,
     progress_bar,
 )
-from .options import STORAGE, GroupedCommand, Storage, quant_options, rws_output_option
+from .options import (
+    STORAGE,
+    GroupedCommand,
+    Storage,
+    check_hub_options,
+    hub_options,
+    quant_options,
+    rws_output_option,
+)
 
 _GROUPS = {
     "Output": ["output", "quiet", "as_json"],
     "Storage": STORAGE,
     "Tensor selection": ["layers", "include", "exclude", "energy", "order"],
-    "Reading": ["state_key", "trust_pickle"],
+    "Reading": ["state_key", "trust_pickle", "revision", "download"],
     "Method": ["method", "device"],
     "Description": ["name", "meta", "corruption", "severity", "dataset"],
 }
@@ -95,6 +103,7 @@ _GROUPS = {
 @click.option("--corruption", help="The corruption the robust model was trained on, e.g. fog.")
 @click.option("--severity", type=int, help="The corruption's severity, e.g. 5.")
 @click.option("--dataset", help="The training data set, e.g. cifar10.")
+@hub_options
 def extract(
     std: str,
     robust: str,
@@ -117,17 +126,20 @@ def extract(
     corruption: str | None,
     severity: int | None,
     dataset: str | None,
+    revision: str | None,
+    download: bool,
 ) -> None:
     """Extract the robust weight signature of ROBUST relative to STD into OUT.rws.
 
     STD and ROBUST were both trained from INIT (needed by the default projection method).
-    Each may be a PyTorch file (.pt/.pth/.bin), a .safetensors file or a sharded Hugging
-    Face folder.
+    Each may be a PyTorch file (.pt/.pth/.bin), a .safetensors file, a sharded Hugging
+    Face folder, or a Hugging Face id org/name[@REV] read from the local Hugging Face cache.
     """
     import rwsfmt
     from rwsfmt.atomic import check_destination, refuse_overwriting_inputs
 
     check_destination(output)
+    check_hub_options([std, robust, init], revision, download)
     roles = [("std", std), ("robust", robust), ("init", init), ("order reference", order)]
     refuse_overwriting_inputs(
         output, [(f"{r} checkpoint", p) for r, p in roles if p], fix="choose another -o path"
@@ -152,6 +164,8 @@ def extract(
         trust_pickle=trust_pickle,
         state_key=state_key,
         progress=progress_bar(quiet or as_json),
+        revision=revision,
+        download=download,
     )
     rwsfmt.save(sig, output)
     if as_json:

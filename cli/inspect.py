@@ -4,18 +4,21 @@ checkpoint is and which signatures were applied to it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from rwsfmt.applied import is_model
 from rwsfmt.errors import RwsError
+from rwsfmt.hub import is_hub_id
 from rwsfmt.naming import describe as describe_naming
 from rwsfmt.summary import describe
 
 from .console import (
     EXIT_OK,
     EXIT_USAGE,
+    UsageError,
     console,
     human_bytes,
     json_text,
@@ -32,7 +35,7 @@ MAX_CELL = 2_000
 
 
 @click.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.argument("files", nargs=-1, type=click.Path())
 @click.option(
     "--json",
     "as_json",
@@ -60,22 +63,29 @@ def inspect(
 
     Reads the headers only: fast on files of any size, and works on a file whose data
     section is damaged (use `rwsfmt verify` to check the data). A FILE may also be a model
-    checkpoint (a PyTorch or safetensors file, or a Hugging Face folder): then its format,
-    tensors and the signatures `rwsfmt apply` applied to it. Exit code 0 when every FILE
-    could be read, 2 when any could not (the others are still shown).
+    checkpoint (a PyTorch or safetensors file, a Hugging Face folder, or a Hugging Face id
+    org/name[@REV] in the local cache): then its format, tensors and the signatures `rwsfmt
+    apply` applied to it. Without FILE: the .rws files of the current folder (exit code 2
+    when there are none). Exit code 0 when every FILE could be read, 2 when any could not
+    (the others are still shown).
     """
+    here = not files
+    if here:
+        files = _rws_files_here()
+        if not as_json and not quiet:
+            click.echo(f"the {len(files)} .rws file(s) of the current folder:\n")
     worst, infos = EXIT_OK, []
     for path in files:
         try:
             infos.append(_describe(path, as_json or show_all, trust_pickle))
         except RwsError as exc:
-            if len(files) == 1:
+            if len(files) == 1 and not here:
                 raise
             worst = EXIT_USAGE
             infos.append({"path": path, "error": exc.problem, "fix": exc.fix})
             if not as_json and not quiet:
                 print_error(str(exc))
-    if as_json and len(files) == 1:
+    if as_json and len(files) == 1 and not here:
         click.echo(json_text(_json(infos[0])))
     elif as_json:
         click.echo(json_text("[\n" + ",\n".join(map(_json, infos)) + "\n]"))
@@ -87,10 +97,28 @@ def inspect(
     sys.exit(worst)
 
 
+def _rws_files_here() -> tuple[str, ...]:
+    """The `.rws` files of the current folder, sorted (hidden ones left out); a usage error
+    when there are none."""
+    found = sorted(
+        name
+        for name in os.listdir(".")
+        if name.endswith(".rws") and not name.startswith(".") and os.path.isfile(name)
+    )
+    if not found:
+        raise UsageError(
+            f"no FILE given, and the current folder ({os.getcwd()}) holds no .rws files",
+            fix="give the files: rwsfmt inspect FILE.rws ... (or a model checkpoint), or run "
+            "it in the folder holding them",
+        )
+    return tuple(found)
+
+
 def _describe(path: str, every_tensor: bool, trust_pickle: bool) -> dict:
     """A `.rws` file's description (its first ROWS tensors unless `every_tensor`), or a
-    model checkpoint's (`rwsfmt.applied.describe_model`, which may import torch)."""
-    if is_model(path):
+    model checkpoint's, or a Hugging Face id's (`rwsfmt.applied.describe_model`, which may
+    import torch)."""
+    if is_model(path) or is_hub_id(path):
         from rwsfmt.applied import describe_model
 
         return describe_model(path, trust_pickle=trust_pickle)
@@ -196,8 +224,13 @@ def render(info: dict) -> None:
         digest = str(item.get("sha256", ""))[:12]
         size = item.get("size")
         size = human_bytes(size) if isinstance(size, int) else "?"
+        hub = item.get("hub")
+        where = f" at {str(hub.get('commit'))[:12]}" if isinstance(hub, dict) else ""
         rows.append(
-            (f"input: {item.get('role')}", f"{item.get('name')} ({size}, sha256 {digest}…)")
+            (
+                f"input: {item.get('role')}",
+                f"{item.get('name')}{where} ({size}, sha256 {digest}…)",
+            )
         )
     for comp in _dicts(prov.get("components")):
         rows.append(("component", f"{comp.get('label')} x {comp.get('weight')}"))

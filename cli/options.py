@@ -53,6 +53,34 @@ def rws_output_option(help: str, metavar: str = "OUT.rws") -> Callable:
     )
 
 
+def hub_options(f: Callable) -> Callable:
+    """Add --revision and --download, for commands whose checkpoints may be Hugging Face ids
+    (`org/name`, read from the local Hugging Face cache)."""
+    f = click.option(
+        "--download",
+        is_flag=True,
+        help="Download a Hugging Face id missing from the local cache (default: read the cache "
+        "only; HF_HUB_OFFLINE=1 forbids downloads).",
+    )(f)
+    return click.option(
+        "--revision",
+        metavar="REV",
+        help="Branch, tag or commit of checkpoints given as Hugging Face ids org/name (default "
+        "main; org/name@REV names one per id).",
+    )(f)
+
+
+def check_hub_options(sources: list[str | None], revision: str | None, download: bool) -> None:
+    """Warn about --revision or --download given where no checkpoint is a Hugging Face id."""
+    from rwsfmt.hub import is_hub_id
+
+    if any(is_hub_id(s) for s in sources):
+        return
+    for flag, given in (("--revision", revision), ("--download", download)):
+        if given:
+            _unused(flag, "no checkpoint is a Hugging Face id (org/name) missing locally")
+
+
 def report_options(f: Callable) -> Callable:
     """Add --quiet and --json (what a command that writes one file prints when done)."""
     f = click.option(

@@ -24,6 +24,7 @@ import torch
 from .atomic import same_file
 from .device import resolve_device
 from .errors import RwsError, spell, warn
+from .hub import HubModel, resolve
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
@@ -74,6 +75,8 @@ def extract(
     trust_pickle: bool = False,
     state_key: str | None = None,
     progress: Progress | None = None,
+    revision: str | None = None,
+    download: bool = False,
 ) -> Signature:
     """Compute the signature of `robust` relative to `std` (paths, state dicts or modules).
 
@@ -90,6 +93,8 @@ def extract(
     shape; they may be in other float dtypes (computed in float32). The model fingerprint and
     each entry's recorded dtype are std's. Returns an in-memory signature; `rwsfmt.save`
     writes it.
+    A string `org/name[@revision]` that is not a local path is read from the Hugging Face
+    cache (`revision` for ids without `@`; `download=True` fetches what is missing).
     """
     if method not in METHODS:
         raise RwsError(
@@ -112,7 +117,8 @@ def extract(
     quant = quant or QuantConfig(bits=bits)
     device = resolve_device(device)
     track = progress or (lambda items, total, description: items)
-    sources = {"std": std, "robust": robust, **({"init": init} if init is not None else {})}
+    given = {"std": std, "robust": robust, **({"init": init} if init is not None else {})}
+    sources = {r: resolve(s, revision=revision, download=download) for r, s in given.items()}
 
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as hasher:
         ckpts: dict[str, Checkpoint] = {}
@@ -139,7 +145,7 @@ def extract(
         names = [n for seg in segments for n in seg]
         warn_cut_blocks(blocks, names, ref.path)
 
-        builder = SignatureBuilder(label or _default_label(robust), quant)
+        builder = SignatureBuilder(label or _default_label(sources["robust"]), quant)
         zero = True  # every delta entry so far is all zero
         for name in track(names, len(names), "extracting"):
             kind = entry_kind(name)
@@ -372,6 +378,9 @@ def _show(value: Any) -> str:
 
 
 def _input_record(role: str, source: Source) -> dict[str, Any]:
+    if isinstance(source, HubModel):  # named by its id, not its snapshot folder
+        hub = {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}
+        return {**input_record(role, source), "name": source.repo_id, "hub": hub}
     if isinstance(source, (str, os.PathLike)):
         return input_record(role, source)
     return {"role": role, "name": f"<{type(source).__name__}>"}
@@ -390,7 +399,10 @@ def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def _default_label(robust: Source) -> str:
-    """The robust checkpoint's file stem (`fog.pt` -> `fog`), or folder name."""
+    """The robust checkpoint's file stem (`fog.pt` -> `fog`), folder name, or Hugging Face
+    repo name (`org/fog` -> `fog`)."""
+    if isinstance(robust, HubModel):
+        return robust.name
     if isinstance(robust, (str, os.PathLike)):
         path = pathlib.Path(os.path.normpath(os.fspath(robust)))
         return as_text(path.name if path.is_dir() else path.stem)

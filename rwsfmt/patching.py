@@ -31,6 +31,7 @@ from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
 from .errors import RwsError, spell, warn
+from .hub import HubModel, refuse_cache_output, resolve
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
@@ -508,6 +509,8 @@ def apply_checkpoint(
     progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None,
     force: bool = False,
     save_undo: str | os.PathLike | None = None,
+    revision: str | None = None,
+    download: bool = False,
 ) -> ApplyReport:
     """Patch the checkpoint at `model_path` into `output`, in the format it was read.
 
@@ -521,14 +524,20 @@ def apply_checkpoint(
     stats rule); a signature the model's record already lists is refused unless `force`.
     `save_undo` writes an undo file that restores the model bit for bit (`rwsfmt.undo`);
     applying an undo file restores the tensors and removes its entries from the record.
+    `model_path` may be a Hugging Face id read from the cache (`rwsfmt.hub`; `revision`,
+    `download` as in `extract`), which is never written: `output` goes elsewhere.
     """
     rule = StatsRule.parse(stats)
-    model_path = os.fspath(model_path)
     if output is None and not dry_run:
         raise RwsError(
             "no output path given",
             fix=spell("pass -o OUT (or --dry-run)", "pass output= (or dry_run=True)"),
         )
+    model = resolve(model_path, revision=revision, download=download)
+    model_path = os.fspath(model)
+    if not dry_run:  # only huggingface_hub writes into its cache
+        where = spell("-o OUT", "output=") + " outside it"
+        refuse_cache_output(model_path if in_place else output, fix=f"write elsewhere: {where}")
     dev = resolve_device(device)
     entries = as_entries(sigs, alpha)
     undoing = _undoing(entries)
@@ -588,7 +597,7 @@ def apply_checkpoint(
         if skipped:
             notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
         return ApplyReport(
-            model=model_path,
+            model=str(model) if isinstance(model, HubModel) else model_path,
             output=None if dry_run else output,
             format=ckpt.format,
             changes=[patched.changes[name] for name in plan],

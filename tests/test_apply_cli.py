@@ -227,8 +227,8 @@ def test_overwriting_the_input_needs_in_place(files):
     assert model.read_bytes() == before
     code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "--in-place", "-o", tmp / "other")
     assert code == 2 and model.read_bytes() == before
-    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8)
-    assert code == 2 and "missing -o" in out
+    code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8)  # no -o: a new file beside it
+    assert code == 0 and (tmp / "std-fog.safetensors").exists() and model.read_bytes() == before
     code, out = run("apply", model, tmp / "fog.rws", "-a", 0.8, "--in-place")
     assert code == 0, out
     assert_bit_equal(load_file(model), rwsfmt.apply(sd, [(rwsfmt.load(tmp / "fog.rws"), 0.8)]))

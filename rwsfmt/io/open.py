@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import RwsError
+from ..hub import resolve
 from ..inputs import sniff as sniff_kind
 from .base import Checkpoint, Format
 from .folder import FolderCheckpoint
@@ -19,9 +20,18 @@ Source = str | os.PathLike | Mapping[str, Any] | torch.nn.Module
 
 
 def open_checkpoint(
-    source: Source, *, trust_pickle: bool = False, state_key: str | None = None
+    source: Source,
+    *,
+    trust_pickle: bool = False,
+    state_key: str | None = None,
+    revision: str | None = None,
+    download: bool = False,
 ) -> Checkpoint:
     """Open a checkpoint file or folder lazily, or wrap an in-memory state dict or module.
+
+    A string `org/name[@revision]` that is not a local path is a Hugging Face model id, read
+    from the local Hugging Face cache (`rwsfmt.hub`; `revision` for ids without `@`;
+    `download=True` fetches a model missing from the cache).
 
     PyTorch files are read with `weights_only=True` (no code from the file runs) unless
     `trust_pickle=True`; files holding other Python objects are refused. `state_key` names
@@ -32,7 +42,7 @@ def open_checkpoint(
         return PyTorchCheckpoint("<module>", source.state_dict(), Format.STATE_DICT)
     if isinstance(source, Mapping):
         return PyTorchCheckpoint("<state dict>", source, Format.STATE_DICT, state_key=state_key)
-    path = os.fspath(source)
+    path = os.fspath(resolve(source, revision=revision, download=download))
 
     def open_file(file: str) -> Checkpoint:
         return _open_file(file, trust_pickle, state_key)
