@@ -29,7 +29,7 @@ from .io.safetensors import SafetensorsCheckpoint, write_file
 from .provenance import as_text, base_provenance
 from .quant import QuantConfig
 from .select import checkpoint_order
-from .signature import Signature, SignatureBuilder
+from .signature import Signature, SignatureBuilder, SignatureLike, as_signature
 
 PREFIX = "rwsfmt."  # metadata keys of an exported signature
 FORMAT_VERSION = f"{VERSION[0]}.0"  # the header fields an export carries are those of 1.0
@@ -37,11 +37,12 @@ _RESERVED = "__metadata__"  # the one name a safetensors file cannot give a tens
 
 
 def export_safetensors(
-    sig: Signature, path: str | os.PathLike, *, progress: Progress | None = None
+    sig: SignatureLike, path: str | os.PathLike, *, progress: Progress | None = None
 ) -> None:
     """Write every tensor of `sig`, dequantized to float32, to a safetensors file at `path`
     (atomically; the same signature gives the same bytes), with its header fields as
-    metadata (see `export_metadata`)."""
+    metadata (see `export_metadata`). `sig` is a `Signature` or the path of a `.rws` file."""
+    sig = as_signature(sig)
     if _RESERVED in sig:
         raise RwsError(
             f"tensor {_RESERVED!r} cannot be stored in a safetensors file, which reserves "

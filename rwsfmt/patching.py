@@ -36,14 +36,19 @@ from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .provenance import file_sha256
-from .signature import Signature, load, warn_repeated
+from .signature import (
+    Signature,
+    SignatureArithmetic,
+    SignatureLike,
+    as_signature,
+    warn_repeated,
+)
 from .statsrule import DEFAULT_STATS, StatsRule
 from .undo import UndoRecorder, check_undoable, is_undo, restored, undo_plan
 
 DEFAULT_ALPHA = 0.8
 MAX_USUAL_ALPHA = 2.0  # a larger |alpha| is warned about (RwsWarning)
 
-SignatureLike = Signature | str | os.PathLike
 Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
 
 
@@ -140,7 +145,7 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
 
     A single signature takes `alpha` (default 0.8); a list carries its own alphas.
     """
-    if isinstance(sigs, (Signature, str, os.PathLike)):
+    if isinstance(sigs, (SignatureArithmetic, str, os.PathLike)):
         pairs = [(sigs, DEFAULT_ALPHA if alpha is None else alpha)]
     else:
         if alpha is not None:
@@ -156,7 +161,7 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
         if not (isinstance(item, tuple) and len(item) == 2):
             raise RwsError(f"expected (signature, alpha) pairs, got {item!r}")
         sig, a = item
-        sig = sig if isinstance(sig, Signature) else load(sig)
+        sig = as_signature(sig)
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise RwsError(
                 f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}"

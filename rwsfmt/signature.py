@@ -9,6 +9,7 @@ rwsfmt.save(sig, "copy.rws")        # blobs are copied, not re-encoded
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +45,79 @@ _DTYPE_NAMES = {
 }
 
 
-class Signature:
+class SignatureArithmetic:
+    """Task-vector arithmetic on signatures: `fog + snow`, `0.5 * fog`, `fog * 0.5`, `fog / 2`,
+    `-fog`, `fog - snow` and `sum([fog, snow])` give a lazy `rwsfmt.WeightedSum`: nothing is
+    decoded until a tensor is read, and `rwsfmt.save` re-quantizes it as `rwsfmt.merge` would."""
+
+    def terms(self) -> list[tuple[Signature, float]]:
+        """The (signature, weight) pairs this stands for."""
+        raise NotImplementedError
+
+    def __add__(self, other: object) -> Any:
+        if not isinstance(other, SignatureArithmetic):
+            return NotImplemented
+        return _weighted_sum([*self.terms(), *other.terms()])
+
+    def __radd__(self, other: object) -> Any:
+        # `sum(signatures)` starts from 0
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return _weighted_sum(self.terms())
+        return NotImplemented
+
+    def __sub__(self, other: object) -> Any:
+        if not isinstance(other, SignatureArithmetic):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, factor: object) -> Any:
+        if not _is_number(factor):
+            return NotImplemented
+        weight = _finite(factor, "multiplied by")
+        return _weighted_sum([(sig, w * weight) for sig, w in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: object) -> Any:
+        if not _is_number(divisor):
+            return NotImplemented
+        if _finite(divisor, "divided by") == 0:
+            raise RwsError("a signature divided by 0", fix="divide by a nonzero number")
+        return self * (1 / float(divisor))  # type: ignore[arg-type]
+
+    def __neg__(self) -> Any:
+        return self * -1.0
+
+
+def _is_number(value: object) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value: Any, how: str) -> float:
+    """`value` as a float; `RwsError` unless finite."""
+    if not math.isfinite(value):
+        raise RwsError(
+            f"a signature {how} {value!r}: the weights of a sum of signatures are finite numbers",
+            fix="use a finite number, e.g. 0.5 * sig",
+        )
+    return float(value)
+
+
+def _weighted_sum(terms: Sequence[tuple[Signature, float]]) -> Any:
+    """A `WeightedSum` of `terms`, the weights of a signature given more than once added."""
+    from .merging.weighted import WeightedSum
+
+    weights: dict[int, float] = {}
+    signatures: dict[int, Signature] = {}
+    for sig, weight in terms:
+        signatures.setdefault(id(sig), sig)
+        weights[id(sig)] = weights.get(id(sig), 0.0) + weight
+    return WeightedSum([(signatures[key], weights[key]) for key in signatures])
+
+
+class Signature(SignatureArithmetic):
     """A robust weight signature: named `delta`/`target` tensors plus their metadata.
 
     `delta` entries are added to a model scaled by alpha; `target` entries (normalization
@@ -123,6 +196,9 @@ class Signature:
                 path=self.path,
                 fix="pick one of its names (sig.names, or `rwsfmt inspect FILE`)",
             ) from None
+
+    def terms(self) -> list[tuple[Signature, float]]:
+        return [(self, 1.0)]
 
     def __len__(self) -> int:
         return len(self._infos)
@@ -384,8 +460,35 @@ def from_tensors(
     return builder.build(provenance, model_fingerprint)
 
 
-def save(sig: Signature, path: str | os.PathLike) -> None:
-    """Write `sig` to `path` atomically; blobs are copied as stored, never re-encoded."""
+SignatureLike = SignatureArithmetic | str | os.PathLike
+"""What every function taking a signature accepts: a `Signature`, the path of a `.rws` file,
+or a `WeightedSum` (signature arithmetic)."""
+
+
+def as_signature(sig: object) -> Signature:
+    """`sig` as a `Signature`: a path is loaded (lazily), a `WeightedSum` built (merged and
+    re-quantized, as `rwsfmt.merge` would), a `Signature` returned as it is."""
+    if isinstance(sig, Signature):
+        return sig
+    if isinstance(sig, (str, os.PathLike)):
+        return load(sig)
+    if isinstance(sig, SignatureArithmetic):
+        return sig.build()  # type: ignore[attr-defined]
+    raise RwsError(
+        f"expected a signature, got {type(sig).__name__} {_short(sig)}",
+        fix="pass a Signature (rwsfmt.load), the path of a .rws file, or a sum of signatures",
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def save(sig: SignatureLike, path: str | os.PathLike) -> None:
+    """Write `sig` to `path` atomically; a loaded signature's blobs are copied as stored,
+    never re-encoded; a `WeightedSum` is merged and quantized first."""
+    sig = as_signature(sig)
     write_file(path, sig.meta, sig.infos, lambda info: sig.stored(info.name))
 
 
