@@ -105,9 +105,10 @@ def _register() -> None:
     from .interchange import export, import_
     from .merge import merge
     from .signing import keygen, sign
+    from .undo import undo
     from .verify import verify
 
-    commands = (extract, apply, inspect, verify, merge, compare, convert, export, import_)
+    commands = (extract, apply, undo, inspect, verify, merge, compare, convert, export, import_)
     for command in (*commands, keygen, sign):
         main.add_command(command)
 
