@@ -573,6 +573,12 @@ def apply_checkpoint(
         skipped = ckpt.skipped_files() if written and written.target.folder else []
         if skipped:
             notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
+        state = ckpt.training_state_files() if written and written.target.folder else []
+        if state:
+            notes.append(
+                f"training state copied as it was: {', '.join(state)} (the optimizer's "
+                "moments are those of the unpatched weights)"
+            )
         return ApplyReport(
             model=model_path,
             output=None if dry_run else output,
