@@ -116,7 +116,7 @@ def extract(
             segments = energy_cut(segments, rule.energy, norms)
         names = [n for seg in segments for n in seg]
 
-        builder = SignatureBuilder(label or _default_label(robust, corruption), quant)
+        builder = SignatureBuilder(label or default_label(robust, corruption), quant)
         zero = True  # every delta entry so far is all zero
         for name in track(names, len(names), "extracting"):
             kind = entry_kind(name)
@@ -310,14 +310,15 @@ def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
 # Names that say which role a checkpoint plays or how it was saved, not what it is robust to
 # (`robust.pt`, `model.safetensors`, `checkpoint-500/`, `checkpoints/`), case-insensitive.
 _GENERIC_NAME = re.compile(
-    r"(robust|std|standard|clean|init|base|model|pytorch_model|weights|state_dict|ema|"
+    r"(robust|std|standard|clean|init|base|model|pytorch_model|adapter_model|adapter|weights|"
+    r"state_dict|ema|"
     r"checkpoints?|ckpts?|last|best|final|latest|epoch|step|runs?|outputs?)([-_.]?\d+)?",
     re.IGNORECASE,
 )
 _LABEL_FOLDERS = 2  # how many folders above a generic name are looked at
 
 
-def _default_label(robust: Source, corruption: str | None = None) -> str:
+def default_label(robust: Source, corruption: str | None = None) -> str:
     """A signature's label when none is given: `corruption`; else the robust input's name (a
     file's stem, a folder's name) or, when that is generic (`robust`, `model`,
     `checkpoint-500`), the nearest of the two folders above it whose name is not
