@@ -312,7 +312,7 @@ def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
 _GENERIC_NAME = re.compile(
     r"(robust|std|standard|clean|init|base|model|pytorch_model|adapter_model|adapter|weights|"
     r"state_dict|ema|"
-    r"checkpoints?|ckpts?|last|best|final|latest|epoch|step|runs?|outputs?)([-_.]?\d+)?",
+    r"checkpoints?|ckpts?|last|best|final|latest|epoch|step|runs?|out(put)?s?)([-_.]?\d+)?",
     re.IGNORECASE,
 )
 _LABEL_FOLDERS = 2  # how many folders above a generic name are looked at
