@@ -93,7 +93,7 @@ def _fail(message: str) -> None:
 @click.version_option(__version__, prog_name="rwsfmt")
 def main() -> None:
     """Robust Weight Signatures: extract, inspect, verify, merge, compare, convert and apply
-    .rws patches, exchange them with safetensors files, and sign them."""
+    .rws patches (and undo them), exchange them with safetensors files, and sign them."""
 
 
 def _register() -> None:

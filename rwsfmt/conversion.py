@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .errors import RwsError
 from .extraction import Progress
 from .provenance import base_provenance, input_record
 from .quant import QuantConfig
@@ -37,6 +38,11 @@ def convert(
     bound on its error against the tensor as first stored (see `SignatureBuilder.add`).
     """
     sig = as_signature(sig)
+    if not isinstance(quant, QuantConfig):
+        raise RwsError(
+            f"quant must be a rwsfmt.QuantConfig, got {type(quant).__name__}",
+            fix="e.g. rwsfmt.QuantConfig(bits=4)",
+        )
     track = progress or (lambda items, total, description: items)
     builder = SignatureBuilder(sig.label if label is None else label, quant)
     reencoded = 0

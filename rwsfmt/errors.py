@@ -44,6 +44,21 @@ class RwsWarning(UserWarning):
     """
 
 
+def as_path(value: object, what: str = "a path") -> str:
+    """`value` (str, bytes or os.PathLike) as a path string; `RwsError` naming what was
+    given instead (`what` says what was wanted, e.g. 'the path of a .rws file')."""
+    try:
+        path = os.fspath(value)  # type: ignore[call-overload]
+    except TypeError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise RwsError(
+            f"expected {what}, got {type(value).__name__} {shown}",
+            fix="pass a str or a pathlib.Path",
+        ) from None
+    return os.fsdecode(path)
+
+
 def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None) -> None:
     """Issue an `RwsWarning` worded as an `RwsError` is (file, problem, fix)."""
     import warnings

@@ -22,7 +22,7 @@ from . import lora
 from .container import KINDS, SOURCE_DTYPES, VERSION, canonical_json
 from .conversion import file_record, prior_error, requantized
 from .deltacheck import DeltaCheck
-from .errors import RwsError, spell, warn
+from .errors import RwsError, as_path, spell, warn
 from .extraction import Progress, default_label
 from .inputs import strict_json
 from .io.base import Format
@@ -103,7 +103,7 @@ def import_safetensors(
     (e.g. `num_batches_tracked`) are skipped and listed under the input's `skipped`; a file
     with no floating tensor is refused.
     """
-    path = os.fspath(path)
+    path = as_path(path, "the path of a safetensors file or a PEFT adapter folder")
     if os.path.isdir(path):
         return _import_lora(path, label, quant, progress)
     _refuse_other_formats(path)

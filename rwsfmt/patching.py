@@ -30,7 +30,7 @@ import torch
 from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError, spell, warn
+from .errors import RwsError, as_path, spell, warn
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
 from .io.pytorch import PyTorchCheckpoint
@@ -358,6 +358,12 @@ def patch(
     Stacked patches compose as one call with all their signatures would, so the
     normalization statistics they share must be patched under one `stats` rule.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise RwsError(
+            f"patch takes a live torch.nn.Module, got {type(model).__name__}",
+            fix="pass the model; for a state dict use rwsfmt.apply, for a file "
+            "rwsfmt.apply_checkpoint",
+        )
     rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
     if any(is_undo(sig) for sig, _ in entries):
@@ -510,7 +516,7 @@ def apply_checkpoint(
     applying an undo file restores the tensors and removes its entries from the record.
     """
     rule = StatsRule.parse(stats)
-    model_path = os.fspath(model_path)
+    model_path = as_path(model_path, "the path of a checkpoint file or folder")
     if output is None and not dry_run:
         raise RwsError(
             "no output path given",

@@ -56,6 +56,17 @@ def test_every_function_taking_a_signature_takes_a_path(files, tmp_path, as_path
         lambda f: rwsfmt.apply({}, [(b"x", 1.0)]),
         lambda f: rwsfmt.load(f) * float("nan"),
         lambda f: rwsfmt.load(f) / 0,
+        # wrong types anywhere in the API: RwsError, never TypeError or AttributeError
+        lambda f: rwsfmt.load(None),
+        lambda f: rwsfmt.verify(3),
+        lambda f: rwsfmt.save(f, None),
+        lambda f: rwsfmt.export_safetensors(f, None),
+        lambda f: rwsfmt.import_safetensors(None),
+        lambda f: rwsfmt.extract(None, None, method="subtract"),
+        lambda f: rwsfmt.patch(None, f),
+        lambda f: rwsfmt.apply_checkpoint(None, f, "x.pt"),
+        lambda f: rwsfmt.convert(f, 4),
+        lambda f: rwsfmt.merge([f, f], 3),
     ],
 )
 def test_what_is_not_a_signature_is_an_rws_error(files, call):

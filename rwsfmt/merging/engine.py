@@ -163,7 +163,12 @@ def _method_name(method: str | None, mean: bool) -> str:
 
 def _weights(n: int, weights: Sequence[float] | None, spec: MergeMethod) -> list[float]:
     """One finite weight per signature (default 1), rescaled to sum to 1 for 'mean'."""
-    w = [1.0] * n if weights is None else list(weights)
+    try:
+        w = [1.0] * n if weights is None else list(weights)
+    except TypeError:
+        raise RwsError(
+            f"weights={weights!r} is not a list of numbers", fix="e.g. weights=[0.5, 0.5]"
+        ) from None
     if len(w) != n:
         raise RwsError(
             f"{len(w)} weights for {n} signatures", fix="give one weight per signature, in order"
