@@ -50,13 +50,18 @@ def as_path(value: object, what: str = "a path") -> str:
     try:
         path = os.fspath(value)  # type: ignore[call-overload]
     except TypeError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise RwsError(
-            f"expected {what}, got {type(value).__name__} {shown}",
-            fix="pass a str or a pathlib.Path",
+            f"expected {what}, got {described(value)}", fix="pass a str or a pathlib.Path"
         ) from None
     return os.fsdecode(path)
+
+
+def described(value: object, limit: int = 60) -> str:
+    """A value given where another was expected, for a message: its type and its repr,
+    cut to `limit` characters."""
+    shown = repr(value)
+    shown = shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    return f"{type(value).__name__} {shown}"
 
 
 def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None) -> None:

@@ -38,7 +38,7 @@ from .match import MapLike, Match, match, parse_map, require
 from .provenance import file_sha256
 from .signature import (
     Signature,
-    SignatureArithmetic,
+    SignatureBase,
     SignatureLike,
     as_signature,
     warn_repeated,
@@ -145,7 +145,7 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
 
     A single signature takes `alpha` (default 0.8); a list carries its own alphas.
     """
-    if isinstance(sigs, (SignatureArithmetic, str, os.PathLike)):
+    if isinstance(sigs, (SignatureBase, str, os.PathLike)):
         pairs = [(sigs, DEFAULT_ALPHA if alpha is None else alpha)]
     else:
         if alpha is not None:

@@ -31,7 +31,7 @@ from .container import (
     write_file,
 )
 from .device import resolve_device
-from .errors import RwsError, spell, warn
+from .errors import RwsError, described, spell, warn
 from .fingerprint import architecture_fingerprint
 from .io.base import all_finite
 from .provenance import base_provenance
@@ -45,17 +45,33 @@ _DTYPE_NAMES = {
 }
 
 
-class SignatureArithmetic:
-    """Task-vector arithmetic on signatures: `fog + snow`, `0.5 * fog`, `fog * 0.5`, `fog / 2`,
-    `-fog`, `fog - snow` and `sum([fog, snow])` give a lazy `rwsfmt.WeightedSum`: nothing is
-    decoded until a tensor is read, and `rwsfmt.save` re-quantizes it as `rwsfmt.merge` would."""
+class SignatureBase:
+    """What a `Signature` and a `WeightedSum` share: their tensors as a state dict, and
+    task-vector arithmetic: `fog + snow`, `0.5 * fog`, `fog * 0.5`, `fog / 2`, `-fog`,
+    `fog - snow` and `sum([fog, snow])` give a lazy `rwsfmt.WeightedSum`: nothing is decoded
+    until a tensor is read, and `rwsfmt.save` re-quantizes it as `rwsfmt.merge` would."""
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in depth order."""
+        raise NotImplementedError
+
+    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """One tensor as float32 on `device` (CPU by default)."""
+        raise NotImplementedError
 
     def terms(self) -> list[tuple[Signature, float]]:
         """The (signature, weight) pairs this stands for."""
         raise NotImplementedError
 
+    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor as float32 under its stored name, in order: the signature as a plain
+        dict for code that knows state dicts (`torch.save`, `safetensors`)."""
+        dev = resolve_device(device)
+        return {name: self.tensor(name, dev) for name in self.names}
+
     def __add__(self, other: object) -> Any:
-        if not isinstance(other, SignatureArithmetic):
+        if not isinstance(other, SignatureBase):
             return NotImplemented
         return _weighted_sum([*self.terms(), *other.terms()])
 
@@ -66,38 +82,38 @@ class SignatureArithmetic:
         return NotImplemented
 
     def __sub__(self, other: object) -> Any:
-        if not isinstance(other, SignatureArithmetic):
+        if not isinstance(other, SignatureBase):
             return NotImplemented
         return self + (-other)
 
     def __mul__(self, factor: object) -> Any:
-        if not _is_number(factor):
+        weight = _weight(factor, "multiplied by")
+        if weight is None:
             return NotImplemented
-        weight = _finite(factor, "multiplied by")
         return _weighted_sum([(sig, w * weight) for sig, w in self.terms()])
 
     __rmul__ = __mul__
 
     def __truediv__(self, divisor: object) -> Any:
-        if not _is_number(divisor):
+        weight = _weight(divisor, "divided by")
+        if weight is None:
             return NotImplemented
-        if _finite(divisor, "divided by") == 0:
+        if weight == 0:
             raise RwsError("a signature divided by 0", fix="divide by a nonzero number")
-        return self * (1 / float(divisor))  # type: ignore[arg-type]
+        return self * (1 / weight)
 
     def __neg__(self) -> Any:
         return self * -1.0
 
 
-def _is_number(value: object) -> bool:
-    import numbers
+def _weight(value: object, how: str) -> float | None:
+    """`value` as a float, None when it is no real number (the operation is not ours);
+    `RwsError` unless finite."""
+    from .merging.base import is_real
 
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _finite(value: Any, how: str) -> float:
-    """`value` as a float; `RwsError` unless finite."""
-    if not math.isfinite(value):
+    if not is_real(value):
+        return None
+    if not math.isfinite(value):  # type: ignore[arg-type]
         raise RwsError(
             f"a signature {how} {value!r}: the weights of a sum of signatures are finite numbers",
             fix="use a finite number, e.g. 0.5 * sig",
@@ -117,7 +133,7 @@ def _weighted_sum(terms: Sequence[tuple[Signature, float]]) -> Any:
     return WeightedSum([(signatures[key], weights[key]) for key in signatures])
 
 
-class Signature(SignatureArithmetic):
+class Signature(SignatureBase):
     """A robust weight signature: named `delta`/`target` tensors plus their metadata.
 
     `delta` entries are added to a model scaled by alpha; `target` entries (normalization
@@ -235,12 +251,6 @@ class Signature(SignatureArithmetic):
         """
         dev = resolve_device(device)
         return decode(self.payload(name), self.info(name), dev)
-
-    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor as float32 under its stored name, in file order: the signature as a
-        plain dict for code that knows state dicts (`torch.save`, `safetensors`)."""
-        dev = resolve_device(device)
-        return {name: self.tensor(name, dev) for name in self._infos}
 
     def close(self) -> None:
         if isinstance(self._blobs, RwsReader):
@@ -460,7 +470,7 @@ def from_tensors(
     return builder.build(provenance, model_fingerprint)
 
 
-SignatureLike = SignatureArithmetic | str | os.PathLike
+SignatureLike = SignatureBase | str | os.PathLike
 """What every function taking a signature accepts: a `Signature`, the path of a `.rws` file,
 or a `WeightedSum` (signature arithmetic)."""
 
@@ -468,21 +478,18 @@ or a `WeightedSum` (signature arithmetic)."""
 def as_signature(sig: object) -> Signature:
     """`sig` as a `Signature`: a path is loaded (lazily), a `WeightedSum` built (merged and
     re-quantized, as `rwsfmt.merge` would), a `Signature` returned as it is."""
+    from .merging.weighted import WeightedSum
+
     if isinstance(sig, Signature):
         return sig
     if isinstance(sig, (str, os.PathLike)):
         return load(sig)
-    if isinstance(sig, SignatureArithmetic):
-        return sig.build()  # type: ignore[attr-defined]
+    if isinstance(sig, WeightedSum):
+        return sig.build()
     raise RwsError(
-        f"expected a signature, got {type(sig).__name__} {_short(sig)}",
+        f"expected a signature, got {described(sig)}",
         fix="pass a Signature (rwsfmt.load), the path of a .rws file, or a sum of signatures",
     )
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save(sig: SignatureLike, path: str | os.PathLike) -> None:

@@ -29,7 +29,7 @@ from ..provenance import input_record
 from ..quant import QuantConfig
 from ..signature import (
     Signature,
-    SignatureArithmetic,
+    SignatureBase,
     SignatureBuilder,
     SignatureLike,
     as_signature,
@@ -64,7 +64,7 @@ def merge(
     first signature's storage settings. `progress(items, total, description)` may wrap the
     loop over tensors (a progress bar).
     """
-    if isinstance(signatures, (str, os.PathLike, SignatureArithmetic)):
+    if isinstance(signatures, (str, os.PathLike, SignatureBase)):
         signatures = [signatures]
     signatures = [as_signature(s) for s in signatures]
     if len(signatures) < 2:

@@ -18,14 +18,13 @@ from functools import cached_property
 
 import torch
 
-from ..device import resolve_device
 from ..quant import QuantConfig
-from ..signature import Signature, SignatureArithmetic
+from ..signature import Signature, SignatureBase
 from .base import MergeOptions, get_method
 from .engine import MergePlan, Progress
 
 
-class WeightedSum(SignatureArithmetic):
+class WeightedSum(SignatureBase):
     """sum_i w_i * signature_i, read tensor by tensor without quantizing; `build` (or
     `rwsfmt.save`) quantizes it into a `Signature`."""
 
@@ -61,11 +60,6 @@ class WeightedSum(SignatureArithmetic):
         """One tensor of the sum as float32 on `device` (CPU by default), from the components'
         dequantized tensors: sum_i w_i * delta_i, or for a target their weighted mean."""
         return self._plan.tensor(name, device)
-
-    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor of the sum as float32, in order (see `Signature.state_dict`)."""
-        dev = resolve_device(device)
-        return {name: self.tensor(name, dev) for name in self.names}
 
     def build(
         self,
