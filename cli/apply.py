@@ -12,8 +12,8 @@ import click
 
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
-from .console import progress_bar, say
-from .options import GroupedCommand, check_hub_options, hub_options
+from .console import UsageError, progress_bar, say
+from .options import GroupedCommand, check_hub_options, hub_options, number_list
 from .signing import public_key_option, signed_pairs
 
 OPTION_GROUPS = {
@@ -34,10 +34,11 @@ OPTION_GROUPS = {
     "--alpha",
     "-a",
     "alphas",
-    type=float,
     multiple=True,
-    required=True,
-    help="Strength: one for all signatures, or one per signature in order.",
+    metavar="A[,A...]",
+    callback=lambda ctx, param, values: tuple(number_list(values, "--alpha")),
+    help="Strength: one for all signatures, or one per signature in order (repeated, or "
+    "comma-separated: --alpha 0.8,0.3). Not needed for an undo file (always 1).",
 )
 @click.option(
     "--stats",
@@ -74,8 +75,8 @@ OPTION_GROUPS = {
     "--save-undo",
     type=click.Path(dir_okay=False),
     metavar="UNDO.rws",
-    help="Also write an undo file: applying it (--alpha 1) to the output restores MODEL's "
-    "tensors bit for bit.",
+    help="Also write an undo file: `rwsfmt undo OUT UNDO.rws` (or applying it) restores "
+    "MODEL's tensors bit for bit.",
 )
 @click.option(
     "--force",
@@ -134,6 +135,7 @@ def apply(
     """
     from rwsfmt.patching import apply_checkpoint
 
+    alphas = alphas or _undo_alpha(signatures)
     if len(alphas) not in (1, len(signatures)):
         raise click.UsageError(
             f"{len(alphas)} --alpha values for {len(signatures)} signatures: "
@@ -208,6 +210,21 @@ def default_output(model: str, signatures: Sequence[str]) -> str:
     )
 
 
+def _undo_alpha(signatures: tuple[str, ...]) -> tuple[float, ...]:
+    """The alpha of an apply without --alpha: 1 for one undo file (the only valid one)."""
+    import rwsfmt
+    from rwsfmt.undo import is_undo
+
+    if len(signatures) == 1:
+        with rwsfmt.load(signatures[0]) as sig:
+            if is_undo(sig):
+                return (1.0,)
+    raise UsageError(
+        "missing --alpha: how strongly to apply the signature(s)",
+        fix="add --alpha 0.8 (one for all), or one per signature: --alpha 0.8,0.3",
+    )
+
+
 def _print_summary(report, pairs, stats: str) -> None:
     used = ", ".join(f"{os.path.basename(path)} x {alpha:g}" for path, alpha in pairs)
     verb = "patched" if report.written else "would patch"
@@ -252,7 +269,7 @@ def _print_record(report, quiet: bool) -> None:
     if report.undone:
         say("  undo: the tensors are back to the model's before that patch, bit for bit")
     if report.undo:
-        say(f"wrote undo file {report.undo} (apply it with --alpha 1 to restore the model)")
+        say(f"wrote undo file {report.undo} (`rwsfmt undo` with it restores the model)")
 
 
 def _print_changes(report) -> None:

@@ -21,6 +21,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 PIPE_WIDTH = 1 << 12  # the width of a console in a pipe: as wide as the lines
 MIN_NAME_WIDTH = 12  # a name column narrower than this is not worth the folding
+_EDGES = 2  # a table's left and right edge (a space each)
 
 
 # C0 and C1 control characters and the bidirectional overrides (U+202A-E, U+2066-9)
@@ -104,32 +105,59 @@ def print_table(
     right: Sequence[str] = (),
 ) -> None:
     """Print a table whose first column (names) folds onto more lines rather than being cut,
-    and whose other columns (numbers, short words) never wrap: where they do not fit the
-    console's width side by side, they are split into several tables, each repeating the
-    names. Nothing is ever cut short. `right`: the columns aligned right (numbers)."""
+    after a '.' only (`fold_name`: a name is never split inside a word; a part wider than
+    the column widens it), and whose other columns (numbers, short words) never wrap: where
+    they do not fit the console's width side by side, they are split into several tables,
+    each repeating the names. Nothing is ever cut short. `right`: the columns aligned right
+    (numbers)."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     rows = [[printable(cell) for cell in row] for row in rows]
     longest = max((len(row[0]) for row in rows), default=0)
     key = max(len(header[0]), longest)
-    widths = [max([len(h)] + [len(row[j]) for row in rows]) + 2 for j, h in enumerate(header)]
+    # each other column takes its text, a space either side and the space dividing columns;
+    # the table's two edges are a space each
+    widths = [max(len(h), *(len(row[j]) for row in rows)) + 3 for j, h in enumerate(header)]
     widths = widths[1:]
-    if key + sum(widths) <= out.width:
-        chunks = [range(len(widths))]
-    else:  # the names take a third of the width (or what they need), the columns the rest
-        chunks = _chunks(widths, out.width - min(key, max(MIN_NAME_WIDTH, out.width // 3)))
+    if key + _EDGES + sum(widths) <= out.width:
+        chunks, least = [range(len(widths))], key
+    else:  # the names take a third of the width (or their longest part), the columns the rest
+        part = max((len(p) for row in rows for p in fold_name(row[0], 0)), default=0)
+        least = min(key, max(MIN_NAME_WIDTH, out.width // 3, part))
+        chunks = _chunks(widths, out.width - _EDGES - least)
     for n, chunk in enumerate(chunks):
-        name_width = max(MIN_NAME_WIDTH, out.width - sum(widths[j] for j in chunk))
+        name_width = max(least, out.width - _EDGES - sum(widths[j] for j in chunk))
+        names = [fold_name(row[0], min(key, name_width)) for row in rows]
+        width = max((len(line) for name in names for line in name), default=0)
         out.print(plain(title + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else "")))
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column(plain(header[0]), overflow="fold", max_width=min(key, name_width))
+        table.add_column(plain(header[0]), no_wrap=True, min_width=width)
         for j in chunk:
             justify = "right" if header[j + 1] in right else "left"
             table.add_column(plain(header[j + 1]), justify=justify, no_wrap=True)
-        for row in rows:
-            table.add_row(*map(plain, [row[0], *(row[j + 1] for j in chunk)]))
+        for name, row in zip(names, rows, strict=True):  # (rows are printable already)
+            table.add_row(Text("\n".join(name)), *(plain(row[j + 1]) for j in chunk))
         out.print(table)
+
+
+def fold_name(name: str, width: int) -> list[str]:
+    """`name` in lines of at most `width` characters, broken only after a '.' (a tensor
+    name's parts stay whole; a part longer than `width` gets a line of its own)."""
+    lines: list[str] = []
+    for part in name.split(".")[:-1]:
+        piece = part + "."
+        if lines and len(lines[-1]) + len(piece) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    last = name.rpartition(".")[2] if "." in name else name
+    if lines and len(lines[-1]) + len(last) <= width:
+        lines[-1] += last
+    else:
+        lines.append(last)
+    return lines
 
 
 def _chunks(widths: Sequence[int], room: int) -> list[range]:

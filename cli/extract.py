@@ -97,7 +97,10 @@ _GROUPS = {
     "file: only for files from a source you trust.",
 )
 @click.option(
-    "--name", metavar="LABEL", help="The signature's label (default: ROBUST's file stem)."
+    "--name",
+    metavar="LABEL",
+    help="The signature's label (default: --corruption, else ROBUST's file stem or folder name, "
+    "or the folder above when that name is generic: runs/fog/robust.pt -> fog).",
 )
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free metadata; repeatable.")
 @click.option("--corruption", help="The corruption the robust model was trained on, e.g. fog.")

@@ -69,14 +69,15 @@ def export(signature: str, output: str, quiet: bool, as_json: bool) -> None:
         "Output": ["output", "label", "quiet", "as_json"],
     },
 )
-@click.argument("tensors", type=click.Path(dir_okay=False))
+@click.argument("tensors", type=click.Path())
 @rws_output_option("The signature file to write (atomically).")
 @quant_options()
 @click.option(
     "--name",
     "label",
     metavar="LABEL",
-    help="The signature's label (default: an exported signature's own, else the file stem).",
+    help="The signature's label (default: an exported signature's own, else the file's stem, "
+    "or its folder's name when the stem is generic: runs/fog/model.safetensors -> fog).",
 )
 @report_options
 def import_(
@@ -87,12 +88,16 @@ def import_(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Make a signature OUT.rws from TENSORS, a safetensors file of weight differences.
+    """Make a signature OUT.rws from TENSORS, a safetensors file of weight differences or a
+    PEFT LoRA adapter.
 
     Any safetensors file of floating tensors (a task vector made elsewhere, say) becomes
     delta entries, in depth order; integer and bool tensors (such as num_batches_tracked)
-    are skipped and listed. A file written by `rwsfmt export` gets back its label, kinds,
-    statistics, fingerprints and provenance.
+    are skipped and listed; tensors that look like a model's weights rather than
+    differences get a warning. A PEFT LoRA adapter (its folder, or adapter_model.safetensors
+    beside adapter_config.json) becomes the deltas scale x B @ A under the base model's
+    weight names. A file written by `rwsfmt export` gets back its label, kinds, statistics,
+    fingerprints and provenance.
     """
     import rwsfmt
     from rwsfmt.atomic import check_destination, refuse_overwriting_inputs

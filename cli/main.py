@@ -93,7 +93,7 @@ def _fail(message: str) -> None:
 @click.version_option(__version__, prog_name="rwsfmt")
 def main() -> None:
     """Robust Weight Signatures: extract, inspect, verify, merge, compare, convert and apply
-    .rws patches, exchange them with safetensors files, and sign them."""
+    .rws patches (and undo them), exchange them with safetensors files, and sign them."""
 
 
 def _register() -> None:
@@ -105,9 +105,10 @@ def _register() -> None:
     from .interchange import export, import_
     from .merge import merge
     from .signing import keygen, sign
+    from .undo import undo
     from .verify import verify
 
-    commands = (extract, apply, inspect, verify, merge, compare, convert, export, import_)
+    commands = (extract, apply, undo, inspect, verify, merge, compare, convert, export, import_)
     for command in (*commands, keygen, sign):
         main.add_command(command)
 

@@ -10,7 +10,14 @@ import os
 import click
 
 from .console import UsageError, bits_per_parameter, describe_bits, human_bytes, progress_bar, say
-from .options import STORAGE, GroupedCommand, Storage, quant_options, rws_output_option
+from .options import (
+    STORAGE,
+    GroupedCommand,
+    Storage,
+    number_list,
+    quant_options,
+    rws_output_option,
+)
 
 # the names of rwsfmt.merging.REGISTRY, repeated so that `rwsfmt --help` does not import torch
 # (tests/test_merge.py checks that they agree)
@@ -154,16 +161,7 @@ def _parse_weights(text: str | None, count: int) -> list[float] | None:
     """--weights as floats: finite, one per signature."""
     if text is None:
         return None
-    try:
-        values = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of numbers", param_hint="--weights"
-        ) from None
-    if not all(math.isfinite(w) for w in values):
-        raise click.BadParameter(
-            f"{text!r} holds a value that is not finite", param_hint="--weights"
-        )
+    values = number_list(text, "--weights")
     if len(values) != count:
         raise click.BadParameter(
             f"{len(values)} value(s) for {count} signatures; give one per signature, in order",

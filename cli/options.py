@@ -81,6 +81,25 @@ def check_hub_options(sources: list[str | None], revision: str | None, download:
             _unused(flag, "no checkpoint is a Hugging Face id (org/name) missing locally")
 
 
+def number_list(values: str | tuple[str, ...], flag: str) -> list[float]:
+    """Finite numbers from comma-separated text, from one option or several given again
+    (`--alpha 0.8,0.3` is `--alpha 0.8 --alpha 0.3`)."""
+    texts = (values,) if isinstance(values, str) else values
+    out = []
+    for text in texts:
+        try:
+            numbers = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is not a comma-separated list of numbers",
+                param_hint=flag,
+            ) from None
+        if not all(math.isfinite(x) for x in numbers):
+            raise click.BadParameter(f"{text!r} holds a value that is not finite", param_hint=flag)
+        out += numbers
+    return out
+
+
 def report_options(f: Callable) -> Callable:
     """Add --quiet and --json (what a command that writes one file prints when done)."""
     f = click.option(

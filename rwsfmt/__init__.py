@@ -27,6 +27,7 @@ _LAZY = {
     "sign": "signing.signer",
     "generate_key": "signing.keys",
     "merge": "merging",
+    "WeightedSum": "merging.weighted",
     "compare": "comparison",
     "Comparison": "comparison",
     "architecture_fingerprint": "fingerprint",

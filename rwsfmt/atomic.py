@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from .errors import RwsError
+from .errors import RwsError, as_path
 
 try:
     import fcntl
@@ -282,7 +282,7 @@ class _RecordingFile(io.FileIO):
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike, *, folder: bool) -> Iterator[_Temporary]:
     """The shared frame of the atomic writers: check, lock, sweep, write, commit or clean."""
-    shown = os.fspath(path)
+    shown = as_path(path, "the path of the output")
     target = check_destination(shown, allow_folder=folder)
     tmp: _Temporary | None = None
     try:

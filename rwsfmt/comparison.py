@@ -32,7 +32,7 @@ from .errors import RwsError, spell
 if TYPE_CHECKING:
     import numpy as np
 
-    from .signature import Signature
+    from .signature import SignatureLike
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 
@@ -168,7 +168,7 @@ def layer_of(name: str) -> str:
 
 
 def compare(
-    signatures: Sequence[str | os.PathLike | Signature],
+    signatures: Sequence[SignatureLike],
     *,
     layer: str | None = None,
     progress: Progress | None = None,
@@ -205,13 +205,17 @@ class _Source:
     close: Callable[[], None]
 
     @classmethod
-    def of(cls, sig: str | os.PathLike | Signature) -> _Source:
-        """A path is opened (header read and validated); a `Signature` is read as it is."""
+    def of(cls, sig: SignatureLike) -> _Source:
+        """A path is opened (header read and validated); a `Signature` is read as it is, a
+        `WeightedSum` built first."""
         if isinstance(sig, (str, os.PathLike)):
             reader = RwsReader(sig)
             h = reader.header
             infos = {i.name: i for i in h.tensors}
             return cls(h.label, reader.path, infos, reader.read_payload, reader.close)
+        from .signature import as_signature  # imports torch: only for objects in memory
+
+        sig = as_signature(sig)
         infos = {i.name: i for i in sig.infos}
         return cls(sig.label, sig.path, infos, lambda i: sig.payload(i.name), lambda: None)
 

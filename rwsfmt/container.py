@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from .atomic import atomic_write
-from .errors import IntegrityError, RwsError
+from .errors import IntegrityError, RwsError, as_path
 from .format.schemes import SCHEMES, scheme_of
 from .inputs import open_input, strict_json
 from .limits import check_decoded_size
@@ -265,7 +265,7 @@ class RwsReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, max_decoded_bytes: float | None = None) -> None:
-        self.path = os.fspath(path)
+        self.path = as_path(path, "the path of a .rws file")
         self.max_decoded_bytes = max_decoded_bytes
         self._size_checked = False
         self._lock = threading.Lock()
@@ -787,7 +787,7 @@ def verify(
     key that cannot be read, still raise `RwsError`; damage and signature failures are
     collected into the report so one problem does not hide another.
     """
-    path = os.fspath(path)
+    path = as_path(path, "the path of a .rws file")
     report = VerifyReport(path=path, ok=False)
     if key is not None:
         from .signing.keys import load_public_key

@@ -18,24 +18,32 @@ from typing import Any
 import torch
 
 from .container import TensorInfo
+from .errors import RwsError
 from .extraction import Progress
 from .provenance import base_provenance, input_record
 from .quant import QuantConfig
-from .signature import Signature, SignatureBuilder
+from .signature import Signature, SignatureBuilder, SignatureLike, as_signature
 
 
 def convert(
-    sig: Signature,
+    sig: SignatureLike,
     quant: QuantConfig,
     *,
     label: str | None = None,
     progress: Progress | None = None,
 ) -> Signature:
-    """`sig` stored per `quant`, as a new in-memory signature (`rwsfmt.save` writes it).
+    """`sig` (a `Signature` or the path of a `.rws` file) stored per `quant`, as a new
+    in-memory signature (`rwsfmt.save` writes it).
 
     `label` replaces the label (default: kept). Each tensor's `quant_rel_error` becomes a
     bound on its error against the tensor as first stored (see `SignatureBuilder.add`).
     """
+    sig = as_signature(sig)
+    if not isinstance(quant, QuantConfig):
+        raise RwsError(
+            f"quant must be a rwsfmt.QuantConfig, got {type(quant).__name__}",
+            fix="e.g. rwsfmt.QuantConfig(bits=4)",
+        )
     track = progress or (lambda items, total, description: items)
     builder = SignatureBuilder(sig.label if label is None else label, quant)
     kept = {

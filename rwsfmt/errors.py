@@ -52,6 +52,26 @@ class RwsWarning(UserWarning):
     """
 
 
+def as_path(value: object, what: str = "a path") -> str:
+    """`value` (str, bytes or os.PathLike) as a path string; `RwsError` naming what was
+    given instead (`what` says what was wanted, e.g. 'the path of a .rws file')."""
+    try:
+        path = os.fspath(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise RwsError(
+            f"expected {what}, got {described(value)}", fix="pass a str or a pathlib.Path"
+        ) from None
+    return os.fsdecode(path)
+
+
+def described(value: object, limit: int = 60) -> str:
+    """A value given where another was expected, for a message: its type and its repr,
+    cut to `limit` characters."""
+    shown = repr(value)
+    shown = shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    return f"{type(value).__name__} {shown}"
+
+
 def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None) -> None:
     """Issue an `RwsWarning` worded as an `RwsError` is (file, problem, fix)."""
     import warnings

@@ -145,7 +145,7 @@ def extract(
         names = [n for seg in segments for n in seg]
         warn_cut_blocks(blocks, names, ref.path)
 
-        builder = SignatureBuilder(label or _default_label(sources["robust"]), quant)
+        builder = SignatureBuilder(label or default_label(sources["robust"], corruption), quant)
         zero = True  # every delta entry so far is all zero
         for name in track(names, len(names), "extracting"):
             kind = entry_kind(name)
@@ -398,12 +398,30 @@ def _with_layout(record: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
     return record
 
 
-def _default_label(robust: Source) -> str:
-    """The robust checkpoint's file stem (`fog.pt` -> `fog`), folder name, or Hugging Face
-    repo name (`org/fog` -> `fog`)."""
-    if isinstance(robust, HubModel):
+# Names that say which role a checkpoint plays or how it was saved, not what it is robust to
+# (`robust.pt`, `model.safetensors`, `checkpoint-500/`, `checkpoints/`), case-insensitive.
+_GENERIC_NAME = re.compile(
+    r"(robust|std|standard|clean|init|base|model|pytorch_model|adapter_model|adapter|weights|"
+    r"state_dict|ema|"
+    r"checkpoints?|ckpts?|last|best|final|latest|epoch|step|runs?|out(put)?s?)([-_.]?\d+)?",
+    re.IGNORECASE,
+)
+_LABEL_FOLDERS = 2  # how many folders above a generic name are looked at
+
+
+def default_label(robust: Source, corruption: str | None = None) -> str:
+    """A signature's label when none is given: `corruption`; else the robust input's name (a
+    file's stem, a folder's name) or, when that is generic (`robust`, `model`,
+    `checkpoint-500`), the nearest of the two folders above it whose name is not
+    (`runs/fog/robust.pt` -> `fog`); 'signature' for one in memory."""
+    if corruption:
+        return corruption
+    if isinstance(robust, HubModel):  # its repo's name, not its snapshot folder's hash
         return robust.name
-    if isinstance(robust, (str, os.PathLike)):
-        path = pathlib.Path(os.path.normpath(os.fspath(robust)))
-        return as_text(path.name if path.is_dir() else path.stem)
-    return "signature"
+    if not isinstance(robust, (str, os.PathLike)):
+        return "signature"
+    path = pathlib.Path(os.path.abspath(os.fspath(robust)))
+    own = path.name if path.is_dir() else path.stem
+    above = [p.name for p in path.parents][:_LABEL_FOLDERS]
+    specific = [n for n in (own, *above) if n and not _GENERIC_NAME.fullmatch(n)]
+    return as_text(specific[0] if specific else own)

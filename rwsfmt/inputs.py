@@ -14,7 +14,7 @@ import os
 import stat
 from typing import Any, BinaryIO
 
-from .errors import RwsError
+from .errors import RwsError, as_path
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once instead of waiting
 _BINARY = getattr(os, "O_BINARY", 0)
@@ -31,7 +31,7 @@ def open_input(path: str | os.PathLike, expected: str = "a file") -> BinaryIO:
     """Open `path` for binary reading if it is a regular file (symlinks followed); raise
     `RwsError` naming what it is instead (`expected` says what was wanted, e.g. 'a .rws
     file'). The check runs on the opened descriptor, so nothing can swap the file in between."""
-    path = os.fspath(path)
+    path = as_path(path, f"the path of {expected}")
     try:
         fd = os.open(path, os.O_RDONLY | _NONBLOCK | _BINARY)
     except FileNotFoundError:
@@ -127,7 +127,7 @@ def sniff(path: str | os.PathLike) -> str | None:
     safetensors is checked first: its 8-byte header length can start with 0x80, the first
     byte of a pickle, but only a safetensors file has '{' at byte 8 and a length that fits.
     """
-    path = os.fspath(path)
+    path = as_path(path, "the path of a checkpoint file")
     with open_input(path, "a checkpoint file") as f:
         head = f.read(9)
         size = os.fstat(f.fileno()).st_size

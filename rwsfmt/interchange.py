@@ -11,25 +11,28 @@ statistics, fingerprints and provenance. Any other safetensors file of floating 
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from . import lora
 from .container import KINDS, SOURCE_DTYPES, VERSION, canonical_json
 from .conversion import file_record, prior_error, requantized
-from .errors import RwsError
-from .extraction import Progress
+from .deltacheck import DeltaCheck
+from .errors import RwsError, as_path, spell, warn
+from .extraction import Progress, default_label
 from .inputs import strict_json
 from .io.base import Format
 from .io.open import sniff
 from .io.safetensors import SafetensorsCheckpoint, write_file
-from .provenance import as_text, base_provenance
+from .names import natural_sorted
+from .provenance import base_provenance
 from .quant import QuantConfig
 from .select import checkpoint_order
-from .signature import Signature, SignatureBuilder
+from .signature import Signature, SignatureBuilder, SignatureLike, as_signature
 
 PREFIX = "rwsfmt."  # metadata keys of an exported signature
 FORMAT_VERSION = f"{VERSION[0]}.0"  # the header fields an export carries are those of 1.0
@@ -37,11 +40,12 @@ _RESERVED = "__metadata__"  # the one name a safetensors file cannot give a tens
 
 
 def export_safetensors(
-    sig: Signature, path: str | os.PathLike, *, progress: Progress | None = None
+    sig: SignatureLike, path: str | os.PathLike, *, progress: Progress | None = None
 ) -> None:
     """Write every tensor of `sig`, dequantized to float32, to a safetensors file at `path`
     (atomically; the same signature gives the same bytes), with its header fields as
-    metadata (see `export_metadata`)."""
+    metadata (see `export_metadata`). `sig` is a `Signature` or the path of a `.rws` file."""
+    sig = as_signature(sig)
     if _RESERVED in sig:
         raise RwsError(
             f"tensor {_RESERVED!r} cannot be stored in a safetensors file, which reserves "
@@ -85,17 +89,28 @@ def import_safetensors(
     quant: QuantConfig | None = None,
     progress: Progress | None = None,
 ) -> Signature:
-    """A signature from a safetensors file, stored per `quant` (default 8-bit), read one
-    tensor at a time.
+    """A signature from a safetensors file, or a PEFT LoRA adapter, stored per `quant`
+    (default 8-bit), read one tensor at a time.
 
     A file `export_safetensors` wrote gets back its label, kinds, dtypes, statistics,
-    fingerprints and provenance (plus an `imported` record); any other becomes `delta`
-    entries in depth order (naming rules, as for extract), labelled with the file stem, its
-    provenance naming the file. Integer and bool tensors (e.g. `num_batches_tracked`) are
-    skipped and listed under the input's `skipped`; a file with no floating tensor is refused.
+    fingerprints and provenance (plus an `imported` record). A PEFT LoRA adapter (its folder,
+    or its adapter_model.safetensors beside adapter_config.json) becomes the deltas
+    scale * B @ A under the base model's weight names (`rwsfmt.lora`). Any other file
+    becomes `delta` entries in depth order (naming rules, as for extract), its provenance
+    naming the file, with an `RwsWarning` when they look like a model's weights rather than
+    differences (`rwsfmt.deltacheck`). The label defaults as extract's does, from the file's
+    name or its folder's (`runs/fog/model.safetensors` -> `fog`). Integer and bool tensors
+    (e.g. `num_batches_tracked`) are skipped and listed under the input's `skipped`; a file
+    with no floating tensor is refused.
     """
-    path = os.fspath(path)
+    path = as_path(path, "the path of a safetensors file or a PEFT adapter folder")
+    if os.path.isdir(path):
+        return _import_lora(path, label, quant, progress)
     _refuse_other_formats(path)
+    with SafetensorsCheckpoint(path) as ckpt:
+        adapter = lora.is_lora(ckpt.names)
+    if adapter:
+        return _import_lora(path, label, quant, progress)
     track = progress or (lambda items, total, description: items)
     with SafetensorsCheckpoint(path) as ckpt:
         fields = _exported_fields(ckpt.metadata, path)
@@ -121,24 +136,38 @@ def import_safetensors(
             order, selection = depth.names, depth.to_json()
         names = [n for n in order if n in floating]
         kinds, dtypes, stats = (fields.get(key, {}) for key in ("kinds", "dtypes", "stats"))
-        stem = as_text(pathlib.Path(path).stem)
         builder = SignatureBuilder(
-            label if label is not None else fields.get("label") or stem, quant or QuantConfig()
+            label if label is not None else fields.get("label") or default_label(path),
+            quant or QuantConfig(),
         )
+        check = DeltaCheck()
         for name in track(names, len(names), "importing"):
             extra = dict(stats.get(name, {}))
             prior = prior_error(extra.pop("quant_rel_error", None))
-            try:
+            tensor = ckpt.tensor(name)
+            if not fields:
+                check.add(name, tensor)
+            with _about(path):
                 builder.add(
                     name,
-                    ckpt.tensor(name),
+                    tensor,
                     kind=kinds.get(name, "delta"),
                     dtype=getattr(torch, dtypes[name]) if name in dtypes else ckpt.dtype(name),
                     stats=extra,
                     prior_error=prior,
                 )
-            except RwsError as exc:  # the builder's errors, with the file they are about
-                raise RwsError(exc.problem, path=path, fix=exc.fix) from None
+    why = check.verdict()
+    if why:
+        warn(
+            f"these look like a model's weights, not differences between two models: {why}; "
+            "applied, they would add the model to itself (doubling its weights)",
+            path=path,
+            fix="import the difference (fine-tuned minus base), or extract it: "
+            + spell(
+                "rwsfmt extract BASE FINETUNED --method subtract",
+                "rwsfmt.extract(base, finetuned, method='subtract')",
+            ),
+        )
     record = file_record(path)
     if skipped:
         record["skipped"] = skipped
@@ -157,6 +186,50 @@ def import_safetensors(
         }
         model = None
     return builder.build(provenance, model if isinstance(model, str) and model else None)
+
+
+def _import_lora(
+    path: str, label: str | None, quant: QuantConfig | None, progress: Progress | None
+) -> Signature:
+    """The deltas a PEFT LoRA adapter (folder or weights file) stands for (`rwsfmt.lora`)."""
+    weights, config_path = lora.adapter_files(path)
+    config = lora.read_config(config_path)
+    _refuse_other_formats(weights)
+    track = progress or (lambda items, total, description: items)
+    with SafetensorsCheckpoint(weights) as ckpt:
+        planned, whole = lora.plan(ckpt, natural_sorted(ckpt.names))
+        builder = SignatureBuilder(label or default_label(path), quant or QuantConfig())
+        for delta in track(planned, len(planned), "importing LoRA"):
+            with _about(weights):
+                builder.add(delta.name, lora.expand(ckpt, delta, config), dtype=ckpt.dtype(delta.a))
+    if whole:
+        shown = ", ".join(whole[:5]) + (f" and {len(whole) - 5} more" if len(whole) > 5 else "")
+        warn(
+            f"{len(whole)} tensor(s) hold whole values, not LoRA factors: {shown} "
+            "(modules_to_save, trained biases); a signature holds differences, so they are "
+            "left out",
+            path=weights,
+            fix="apply them with PEFT, or merge the adapter (merge_and_unload), save the model "
+            "and extract a signature against the base model",
+        )
+    provenance = {
+        "method": "import-lora",
+        "inputs": [
+            {"role": "adapter", **file_record(weights)},
+            {"role": "adapter config", **file_record(config_path)},
+        ],
+        "lora": {**lora.describe(config), "left_out": whole},
+    }
+    return builder.build(provenance)
+
+
+@contextlib.contextmanager
+def _about(path: str) -> Iterator[None]:
+    """The builder's errors, with the file they are about."""
+    try:
+        yield
+    except RwsError as exc:
+        raise RwsError(exc.problem, path=path, fix=exc.fix) from None
 
 
 def _refuse_other_formats(path: str) -> None:

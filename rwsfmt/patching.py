@@ -30,7 +30,7 @@ import torch
 from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError, spell, warn
+from .errors import RwsError, as_path, spell, warn
 from .hub import HubModel, refuse_cache_output, resolve
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
@@ -38,7 +38,13 @@ from .io.pytorch import PyTorchCheckpoint
 from .match import MapLike, Match, match, parse_map, require
 from .naming import Naming
 from .provenance import file_sha256
-from .signature import Signature, load, warn_repeated
+from .signature import (
+    Signature,
+    SignatureBase,
+    SignatureLike,
+    as_signature,
+    warn_repeated,
+)
 from .statsrule import DEFAULT_STATS, StatsRule
 from .undo import UndoRecorder, check_undoable, is_undo, restored, undo_plan
 
@@ -46,7 +52,6 @@ DEFAULT_ALPHA = 0.8
 MAX_USUAL_ALPHA = 2.0  # a larger |alpha| is warned about (RwsWarning)
 MAX_ALPHA = torch.finfo(torch.float32).max  # a larger |alpha| is refused: deltas scale in float32
 
-SignatureLike = Signature | str | os.PathLike
 Entries = SignatureLike | Sequence[tuple[SignatureLike, float]]
 
 
@@ -143,7 +148,7 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
 
     A single signature takes `alpha` (default 0.8); a list carries its own alphas.
     """
-    if isinstance(sigs, (Signature, str, os.PathLike)):
+    if isinstance(sigs, (SignatureBase, str, os.PathLike)):
         pairs = [(sigs, DEFAULT_ALPHA if alpha is None else alpha)]
     else:
         if alpha is not None:
@@ -162,7 +167,7 @@ def as_entries(sigs: Entries, alpha: float | None = None) -> list[tuple[Signatur
                 fix="pass [(sig, 0.8), ...]: a signature or its path, and its alpha",
             )
         sig, a = item
-        sig = sig if isinstance(sig, Signature) else load(sig)
+        sig = as_signature(sig)
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise RwsError(
                 f"alpha for {sig.label or sig.path!r} must be a finite number, got {a!r}",
@@ -370,6 +375,12 @@ def patch(
     Stacked patches compose as one call with all their signatures would, so the
     normalization statistics they share must be patched under one `stats` rule.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise RwsError(
+            f"patch takes a live torch.nn.Module, got {type(model).__name__}",
+            fix="pass the model; for a state dict use rwsfmt.apply, for a file "
+            "rwsfmt.apply_checkpoint",
+        )
     rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
     if any(is_undo(sig) for sig, _ in entries):
@@ -534,7 +545,7 @@ def apply_checkpoint(
             fix=spell("pass -o OUT (or --dry-run)", "pass output= (or dry_run=True)"),
         )
     model = resolve(model_path, revision=revision, download=download)
-    model_path = os.fspath(model)
+    model_path = as_path(model, "the path of a checkpoint file or folder")
     if not dry_run:  # only huggingface_hub writes into its cache
         where = spell("-o OUT", "output=") + " outside it"
         refuse_cache_output(model_path if in_place else output, fix=f"write elsewhere: {where}")
@@ -596,6 +607,12 @@ def apply_checkpoint(
         skipped = ckpt.skipped_files() if written and written.target.folder else []
         if skipped:
             notes.append(f"weight files of other formats not copied: {', '.join(skipped)}")
+        state = ckpt.training_state_files() if written and written.target.folder else []
+        if state:
+            notes.append(
+                f"training state copied as it was: {', '.join(state)} (the optimizer's "
+                "moments are those of the unpatched weights)"
+            )
         return ApplyReport(
             model=str(model) if isinstance(model, HubModel) else model_path,
             output=None if dry_run else output,

@@ -9,6 +9,7 @@ rwsfmt.save(sig, "copy.rws")        # blobs are copied, not re-encoded
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from .container import (
     write_file,
 )
 from .device import resolve_device
-from .errors import RwsError, spell, warn
+from .errors import RwsError, described, spell, warn
 from .fingerprint import architecture_fingerprint
 from .io.base import all_finite
 from .provenance import base_provenance
@@ -46,7 +47,95 @@ _DTYPE_NAMES = {
 }
 
 
-class Signature:
+class SignatureBase:
+    """What a `Signature` and a `WeightedSum` share: their tensors as a state dict, and
+    task-vector arithmetic: `fog + snow`, `0.5 * fog`, `fog * 0.5`, `fog / 2`, `-fog`,
+    `fog - snow` and `sum([fog, snow])` give a lazy `rwsfmt.WeightedSum`: nothing is decoded
+    until a tensor is read, and `rwsfmt.save` re-quantizes it as `rwsfmt.merge` would."""
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in depth order."""
+        raise NotImplementedError
+
+    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """One tensor as float32 on `device` (CPU by default)."""
+        raise NotImplementedError
+
+    def terms(self) -> list[tuple[Signature, float]]:
+        """The (signature, weight) pairs this stands for."""
+        raise NotImplementedError
+
+    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor as float32 under its stored name, in order: the signature as a plain
+        dict for code that knows state dicts (`torch.save`, `safetensors`)."""
+        dev = resolve_device(device)
+        return {name: self.tensor(name, dev) for name in self.names}
+
+    def __add__(self, other: object) -> Any:
+        if not isinstance(other, SignatureBase):
+            return NotImplemented
+        return _weighted_sum([*self.terms(), *other.terms()])
+
+    def __radd__(self, other: object) -> Any:
+        # `sum(signatures)` starts from 0
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return _weighted_sum(self.terms())
+        return NotImplemented
+
+    def __sub__(self, other: object) -> Any:
+        if not isinstance(other, SignatureBase):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, factor: object) -> Any:
+        weight = _weight(factor, "multiplied by")
+        if weight is None:
+            return NotImplemented
+        return _weighted_sum([(sig, w * weight) for sig, w in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: object) -> Any:
+        weight = _weight(divisor, "divided by")
+        if weight is None:
+            return NotImplemented
+        if weight == 0:
+            raise RwsError("a signature divided by 0", fix="divide by a nonzero number")
+        return self * (1 / weight)
+
+    def __neg__(self) -> Any:
+        return self * -1.0
+
+
+def _weight(value: object, how: str) -> float | None:
+    """`value` as a float, None when it is no real number (the operation is not ours);
+    `RwsError` unless finite."""
+    from .merging.base import is_real
+
+    if not is_real(value):
+        return None
+    if not math.isfinite(value):  # type: ignore[arg-type]
+        raise RwsError(
+            f"a signature {how} {value!r}: the weights of a sum of signatures are finite numbers",
+            fix="use a finite number, e.g. 0.5 * sig",
+        )
+    return float(value)
+
+
+def _weighted_sum(terms: Sequence[tuple[Signature, float]]) -> Any:
+    """A `WeightedSum` of `terms`, the weights of a signature given more than once added."""
+    from .merging.weighted import WeightedSum
+
+    weights: dict[int, float] = {}
+    signatures: dict[int, Signature] = {}
+    for sig, weight in terms:
+        signatures.setdefault(id(sig), sig)
+        weights[id(sig)] = weights.get(id(sig), 0.0) + weight
+    return WeightedSum([(signatures[key], weights[key]) for key in signatures])
+
+
+class Signature(SignatureBase):
     """A robust weight signature: named `delta`/`target` tensors plus their metadata.
 
     `delta` entries are added to a model scaled by alpha; `target` entries (normalization
@@ -126,6 +215,9 @@ class Signature:
                 fix="pick one of its names (sig.names, or `rwsfmt inspect FILE`)",
             ) from None
 
+    def terms(self) -> list[tuple[Signature, float]]:
+        return [(self, 1.0)]
+
     def __len__(self) -> int:
         return len(self._infos)
 
@@ -161,12 +253,6 @@ class Signature:
         """
         dev = resolve_device(device)
         return decode(self.payload(name), self.info(name), dev)
-
-    def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor as float32 under its stored name, in file order: the signature as a
-        plain dict for code that knows state dicts (`torch.save`, `safetensors`)."""
-        dev = resolve_device(device)
-        return {name: self.tensor(name, dev) for name in self._infos}
 
     def close(self) -> None:
         if isinstance(self._blobs, RwsReader):
@@ -425,8 +511,32 @@ def from_tensors(
     return builder.build(provenance, model_fingerprint)
 
 
-def save(sig: Signature, path: str | os.PathLike) -> None:
-    """Write `sig` to `path` atomically; blobs are copied as stored, never re-encoded."""
+SignatureLike = SignatureBase | str | os.PathLike
+"""What every function taking a signature accepts: a `Signature`, the path of a `.rws` file,
+or a `WeightedSum` (signature arithmetic)."""
+
+
+def as_signature(sig: object) -> Signature:
+    """`sig` as a `Signature`: a path is loaded (lazily), a `WeightedSum` built (merged and
+    re-quantized, as `rwsfmt.merge` would), a `Signature` returned as it is."""
+    from .merging.weighted import WeightedSum
+
+    if isinstance(sig, Signature):
+        return sig
+    if isinstance(sig, (str, os.PathLike)):
+        return load(sig)
+    if isinstance(sig, WeightedSum):
+        return sig.build()
+    raise RwsError(
+        f"expected a signature, got {described(sig)}",
+        fix="pass a Signature (rwsfmt.load), the path of a .rws file, or a sum of signatures",
+    )
+
+
+def save(sig: SignatureLike, path: str | os.PathLike) -> None:
+    """Write `sig` to `path` atomically; a loaded signature's blobs are copied as stored,
+    never re-encoded; a `WeightedSum` is merged and quantized first."""
+    sig = as_signature(sig)
     write_file(path, sig.meta, sig.infos, lambda info: sig.stored(info.name))
 
 

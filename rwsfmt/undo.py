@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import RwsError
+from .errors import RwsError, spell
 from .provenance import as_text
 from .quant import QuantConfig
 from .signature import Signature, SignatureBuilder, save
@@ -133,7 +133,7 @@ def undo_plan(sig: Signature, alpha: float, count: int) -> tuple[list[dict], dic
             f"an undo file writes back the exact original values; alpha {alpha:g} does not "
             "scale them",
             path=where,
-            fix="apply it with --alpha 1 (alpha=1)",
+            fix=spell("run `rwsfmt undo MODEL UNDO.rws` (or apply it without --alpha)", "alpha=1"),
         )
     info = sig.provenance.get("undo")
     applied = info.get("applied") if isinstance(info, dict) else None

@@ -89,7 +89,10 @@ def _check_written(path: str) -> None:
     checkpoints open (safetensors with the safetensors library itself too)."""
     import rwsfmt
     from rwsfmt.io import open_checkpoint
+    from rwsfmt.io.folder import TRAINING_STATE
 
+    if TRAINING_STATE.fullmatch(os.path.basename(path)):  # copied beside weights, not weights
+        return
     if path.endswith(".rws"):  # (a crafted decompression bomb is valid, and checked too)
         report = rwsfmt.verify(path, max_decoded_bytes=math.inf)
         assert report.ok, f"rwsfmt wrote {path}, which its own verify refuses: {report.problems}"

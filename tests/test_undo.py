@@ -207,7 +207,7 @@ def test_misuse_of_undo_files_is_refused_before_anything_is_written(tmp_path):
     )
     before = sorted(os.listdir(tmp_path))
     cases = [
-        (["apply", p, u, "-a", 0.5, "-o", tmp_path / "x.pt"], "--alpha 1"),
+        (["apply", p, u, "-a", 0.5, "-o", tmp_path / "x.pt"], "rwsfmt undo MODEL UNDO.rws"),
         (["apply", p, u, tmp_path / "fog.rws", "-a", 1, "-o", tmp_path / "x.pt"], "alone"),
         (
             ["apply", p, u, "-a", 1, "-o", tmp_path / "x.pt", "--save-undo", tmp_path / "v.rws"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -37,6 +38,13 @@ WEIGHT_SUFFIXES = (
     ".gguf",
 )
 _WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
+# The training state Hugging Face's Trainer (and accelerate) save in a checkpoint-N/ folder
+# beside the weights: pickles with weight suffixes that hold no weights (the arguments, the
+# optimizer's and scheduler's state, random states), copied as they are, like config files.
+TRAINING_STATE = re.compile(
+    r"(training_args|optimizer|scheduler|scaler|rng_state(_\d+)?|random_states(_\d+)?)"
+    r"\.(bin|pt|pth|pkl)"
+)
 
 Opener = Callable[[str], Checkpoint]
 
@@ -243,6 +251,14 @@ class FolderCheckpoint(Checkpoint):
         """Weight files of other formats in the folder, which a written copy leaves out."""
         return sorted(rel for rel, _ in _companions(self.path) if self._is_other_weights(rel))
 
+    def training_state_files(self) -> list[str]:
+        """The Trainer's training state in the folder (optimizer.pt, ...), copied unpatched."""
+        return sorted(
+            rel
+            for rel, _ in _companions(self.path)
+            if TRAINING_STATE.fullmatch(os.path.basename(rel))
+        )
+
     def _is_other_weights(self, rel: str) -> bool:
         return rel not in self._shards and rel != self._entry and _is_weight_file(rel)
 
@@ -292,6 +308,8 @@ def _companions(folder: str) -> list[tuple[str, str]]:
 
 def _is_weight_file(rel: str) -> bool:
     name = os.path.basename(rel)
+    if TRAINING_STATE.fullmatch(name):
+        return False
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEXES)
 
 

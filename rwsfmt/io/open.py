@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RwsError
+from ..errors import RwsError, as_path
 from ..hub import resolve
 from ..inputs import sniff as sniff_kind
 from .base import Checkpoint, Format
@@ -42,7 +42,10 @@ def open_checkpoint(
         return PyTorchCheckpoint("<module>", source.state_dict(), Format.STATE_DICT)
     if isinstance(source, Mapping):
         return PyTorchCheckpoint("<state dict>", source, Format.STATE_DICT, state_key=state_key)
-    path = os.fspath(resolve(source, revision=revision, download=download))
+    path = as_path(
+        resolve(source, revision=revision, download=download),
+        "a checkpoint: a path, a state dict or a torch.nn.Module",
+    )
 
     def open_file(file: str) -> Checkpoint:
         return _open_file(file, trust_pickle, state_key)

@@ -8,20 +8,22 @@
 (`REGISTRY`, `register`); `linear` ('sum', 'mean'), `ties` and `dare` ('dare', 'dare_ties')
 are pure functions of one tensor's stacked deltas and weights; `engine.merge` does the rest:
 the union of names, shape checks, target entries (always a weighted mean), `lambda_`,
-re-quantizing and provenance.
+re-quantizing and provenance; `weighted.WeightedSum` is the lazy linear merge that
+signature arithmetic (`fog + 0.5 * snow`) gives.
 """
 
 from __future__ import annotations
 
 from . import dare, linear, ties  # noqa: F401 - each registers its methods
 from .base import REGISTRY, MergeFn, MergeMethod, MergeOptions, get_method, register
-from .engine import merge
+from .engine import MergePlan, merge
 
 __all__ = [
     "REGISTRY",
     "MergeFn",
     "MergeMethod",
     "MergeOptions",
+    "MergePlan",
     "get_method",
     "merge",
     "register",

@@ -23,10 +23,18 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..errors import RwsError
 from ..provenance import input_record
 from ..quant import QuantConfig
-from ..signature import Signature, SignatureBuilder, warn_repeated
+from ..signature import (
+    Signature,
+    SignatureBase,
+    SignatureBuilder,
+    SignatureLike,
+    as_signature,
+    warn_repeated,
+)
 from .base import MergeMethod, MergeOptions, get_method, is_real
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
@@ -34,7 +42,7 @@ _SHOWN = 10  # shape conflicts listed in an error
 
 
 def merge(
-    signatures: Sequence[Signature],
+    signatures: Sequence[SignatureLike],
     weights: Sequence[float] | None = None,
     *,
     method: str | None = None,
@@ -46,7 +54,8 @@ def merge(
     label: str | None = None,
     progress: Progress | None = None,
 ) -> Signature:
-    """Combine `signatures` tensor by tensor into a new in-memory signature.
+    """Combine `signatures` (each a `Signature` or the path of a `.rws` file) tensor by
+    tensor into a new in-memory signature.
 
     `method`: 'sum' (default), 'mean' (weights rescaled to sum to 1; `mean=True` is its
     older spelling), 'ties', 'dare' or 'dare_ties' (see `rwsfmt.merging`). `weights` default
@@ -55,7 +64,9 @@ def merge(
     first signature's storage settings. `progress(items, total, description)` may wrap the
     loop over tensors (a progress bar).
     """
-    signatures = list(signatures)
+    if isinstance(signatures, (str, os.PathLike, SignatureBase)):
+        signatures = [signatures]
+    signatures = [as_signature(s) for s in signatures]
     if len(signatures) < 2:
         raise RwsError(
             f"merge needs at least two signatures, got {len(signatures)}",
@@ -63,29 +74,79 @@ def merge(
         )
     spec = get_method(_method_name(method, mean))
     options = spec.resolve(MergeOptions(density=density, seed=seed, lambda_=lambda_))
-    applied = _weights(len(signatures), weights, spec)
-    plan = _plan(signatures, applied)
-    warn_repeated(signatures, "it counts twice in the merge")
-    quant = quant or signatures[0].quant or QuantConfig()
-    builder = SignatureBuilder(label or "+".join(s.label or "?" for s in signatures), quant)
-    builder.check_room((name, e.kind, e.shape, e.dtype, {}) for name, e in plan.items())
-    track = progress or (lambda items, total, description: items)
-    w = torch.tensor(applied, dtype=torch.float32)
-    for name in track(plan, len(plan), f"merging ({spec.name})"):
-        entry = plan[name]
+    plan = MergePlan(signatures, _weights(len(signatures), weights, spec), spec, options)
+    return plan.build(quant, label, progress)
+
+
+class MergePlan:
+    """A merge planned from the inputs' headers alone: the output's tensors (the union of the
+    inputs', in first-seen order, conflicts refused at once) and how each is computed. Nothing
+    is decoded until `tensor` or `build` asks."""
+
+    def __init__(
+        self,
+        signatures: Sequence[Signature],
+        weights: Sequence[float],
+        spec: MergeMethod,
+        options: MergeOptions,
+    ) -> None:
+        self.signatures = list(signatures)
+        self.weights = [float(w) for w in weights]
+        self.spec = spec
+        self.options = options
+        self.entries = _plan(self.signatures)
+
+    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The merged tensor `name`, float32 on `device` (CPU by default)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise RwsError(
+                f"no tensor {name!r} in any of the merged signatures",
+                fix="pick one of their names (.names)",
+            )
+        dev = resolve_device(device)
         if entry.kind == "target":
-            value = _weighted_mean(signatures, name, entry.shares)
-        else:
-            value = _merge_delta(signatures, name, entry, spec, options, w)
-        builder.add(name, value, kind=entry.kind, dtype=entry.dtype)
-        del value
-    models = {s.model_fingerprint for s in signatures}
-    provenance: dict[str, Any] = {
-        "method": f"merge-{spec.name}",
-        "merge": {"method": spec.name, **options.to_json(), "targets": "weighted mean"},
-        "components": [_component(s, x) for s, x in zip(signatures, applied, strict=True)],
-    }
-    return builder.build(provenance, model_fingerprint=models.pop() if len(models) == 1 else None)
+            return _weighted_mean(self.signatures, name, self._shares(name), dev)
+        w = torch.tensor(self.weights, dtype=torch.float32, device=dev)
+        return _merge_delta(self.signatures, name, entry, self.spec, self.options, w, dev)
+
+    def _shares(self, name: str) -> dict[int, float]:
+        return _shares(name, self.entries[name].members, self.weights, self.signatures)
+
+    def default_label(self) -> str:
+        return "+".join(s.label or "?" for s in self.signatures)
+
+    def build(
+        self,
+        quant: QuantConfig | None = None,
+        label: str | None = None,
+        progress: Progress | None = None,
+    ) -> Signature:
+        """Every merged tensor quantized per `quant` (default: the first input's settings)
+        into a new signature whose provenance names the method and each component's weight."""
+        signatures = self.signatures
+        for name, entry in self.entries.items():  # refuse a target without a mean before work
+            if entry.kind == "target":
+                self._shares(name)
+        warn_repeated(signatures, "it counts twice in the merge")
+        quant = quant or signatures[0].quant or QuantConfig()
+        builder = SignatureBuilder(label or self.default_label(), quant)
+        track = progress or (lambda items, total, description: items)
+        for name in track(self.entries, len(self.entries), f"merging ({self.spec.name})"):
+            entry = self.entries[name]
+            value = self.tensor(name)
+            builder.add(name, value, kind=entry.kind, dtype=entry.dtype)
+            del value
+        models = {s.model_fingerprint for s in signatures}
+        record = {"method": self.spec.name, **self.options.to_json(), "targets": "weighted mean"}
+        components = zip(signatures, self.weights, strict=True)
+        provenance: dict[str, Any] = {
+            "method": f"merge-{self.spec.name}",
+            "merge": record,
+            "components": [_component(s, x) for s, x in components],
+        }
+        fingerprint = models.pop() if len(models) == 1 else None
+        return builder.build(provenance, model_fingerprint=fingerprint)
 
 
 def _method_name(method: str | None, mean: bool) -> str:
@@ -102,7 +163,12 @@ def _method_name(method: str | None, mean: bool) -> str:
 
 def _weights(n: int, weights: Sequence[float] | None, spec: MergeMethod) -> list[float]:
     """One finite weight per signature (default 1), rescaled to sum to 1 for 'mean'."""
-    w = [1.0] * n if weights is None else list(weights)
+    try:
+        w = [1.0] * n if weights is None else list(weights)
+    except TypeError:
+        raise RwsError(
+            f"weights={weights!r} is not a list of numbers", fix="e.g. weights=[0.5, 0.5]"
+        ) from None
     if len(w) != n:
         raise RwsError(
             f"{len(w)} weights for {n} signatures", fix="give one weight per signature, in order"
@@ -123,17 +189,15 @@ def _weights(n: int, weights: Sequence[float] | None, spec: MergeMethod) -> list
 
 @dataclass
 class _Entry:
-    """One output tensor: its kind, shape, source dtype, the inputs holding it, and for a
-    target the weight of each holder in its mean."""
+    """One output tensor: its kind, shape, source dtype and the inputs holding it."""
 
     kind: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     members: list[int] = field(default_factory=list)
-    shares: dict[int, float] = field(default_factory=dict)
 
 
-def _plan(signatures: Sequence[Signature], weights: Sequence[float]) -> dict[str, _Entry]:
+def _plan(signatures: Sequence[Signature]) -> dict[str, _Entry]:
     """Union of tensor names in first-seen (depth) order; every conflict refused at once."""
     plan: dict[str, _Entry] = {}
     conflicts: list[str] = []
@@ -158,9 +222,6 @@ def _plan(signatures: Sequence[Signature], weights: Sequence[float]) -> dict[str
             + more,
             fix="merge signatures of one architecture (`rwsfmt inspect` lists their tensors)",
         )
-    for name, entry in plan.items():
-        if entry.kind == "target":
-            entry.shares = _shares(name, entry.members, weights, signatures)
     return plan
 
 
@@ -182,12 +243,12 @@ def _shares(
 
 
 def _weighted_mean(
-    signatures: Sequence[Signature], name: str, shares: dict[int, float]
+    signatures: Sequence[Signature], name: str, shares: dict[int, float], device: torch.device
 ) -> torch.Tensor:
-    """sum_i share_i * target_i, accumulated in float32."""
+    """sum_i share_i * target_i, accumulated in float32 on `device`."""
     total: torch.Tensor | None = None
     for i, share in shares.items():
-        term = share * signatures[i].tensor(name)
+        term = share * signatures[i].tensor(name, device)
         total = term if total is None else total.add_(term)
     assert total is not None  # _shares keeps at least one holder
     return total
@@ -200,11 +261,12 @@ def _merge_delta(
     spec: MergeMethod,
     options: MergeOptions,
     weights: torch.Tensor,
+    device: torch.device,
 ) -> torch.Tensor:
     """The method applied to the inputs' deltas (zeros where absent), times `lambda_`."""
-    deltas = torch.zeros((len(signatures), *entry.shape), dtype=torch.float32)
+    deltas = torch.zeros((len(signatures), *entry.shape), dtype=torch.float32, device=device)
     for i in entry.members:
-        deltas[i] = signatures[i].tensor(name)
+        deltas[i] = signatures[i].tensor(name, device)
     value = spec.fn(deltas, weights, options, name)
     return value if options.lambda_ == 1 else value * options.lambda_
 
