@@ -11,7 +11,9 @@ against a key is `signing.verify`'s job.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,6 +45,9 @@ MAX_RANK = 8
 MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
 MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
+MAX_ZSTD_WINDOW = 8 << 20  # zstd levels 1-19 stay within it; a decoder buffers a window
+ZSTD_WINDOW_LOG = 21  # what rwsfmt writes: 2 MiB, level 3's own for large payloads
+MAX_DEPTH = 64  # arrays and objects nested in the header, the header object counting 1
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
@@ -233,13 +238,19 @@ ZSTD_LEVEL = 3
 
 
 def encode_blob(payload: bytes) -> tuple[str, bytes]:
-    """Compress a payload into one independent zstd frame (content size and checksum on),
-    or keep it raw when compression would not make it smaller. Returns (codec, blob)."""
+    """Compress a payload into one independent zstd frame (content size and checksum on, a
+    window of at most 2 MiB), or keep it raw when compression would not make it smaller.
+    Returns (codec, blob)."""
     import zstandard
 
-    frame = zstandard.ZstdCompressor(
-        level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
-    ).compress(payload)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL,
+        source_size=len(payload),
+        window_log=ZSTD_WINDOW_LOG,
+        write_checksum=1,
+        write_content_size=1,
+    )
+    frame = zstandard.ZstdCompressor(compression_params=params).compress(payload)
     if len(frame) < len(payload):
         return "zstd", frame
     return "raw", bytes(payload)
@@ -385,6 +396,14 @@ def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     if not params.has_checksum or params.dict_id or frame_length != len(stored):
         raise IntegrityError(
             f"{damaged} with a checksum, no dictionary and nothing after it", path=path
+        )
+    if params.window_size > MAX_ZSTD_WINDOW:
+        raise IntegrityError(
+            f"tensor {info.name!r} is a zstd frame with a {params.window_size:,}-byte window, "
+            f"over the format's {MAX_ZSTD_WINDOW >> 20} MiB",
+            path=path,
+            fix="re-compress it within the limit (zstd levels 1 to 19, without --long or "
+            "--ultra); rwsfmt's own files always are",
         )
     out = bytearray(info.decoded_length)
     try:
@@ -546,17 +565,37 @@ def _sniff(head: bytes) -> str:
 
 def _parse_json(body: bytes, path: str) -> dict[str, Any]:
     """The header as JSON, refusing what spec section 9, rule 9 forbids: duplicate keys,
-    NaN/Infinity, numbers that overflow binary64 and unpaired surrogate escapes."""
+    NaN/Infinity, numbers that overflow binary64, unpaired surrogate escapes and nesting
+    deeper than `MAX_DEPTH`."""
+    damaged = "copy or download the file again (a writer that nests this deep breaks the spec)"
     try:
         text = body.decode("utf-8")
-        doc = strict_json(text)
-        if _SURROGATE_ESCAPE.search(text):  # rare: then check the pairs by encoding
+        deep = nested_deeper(text, MAX_DEPTH)  # before parsing, which could recurse that deep
+        doc = None if deep else strict_json(text)
+        if _SURROGATE_ESCAPE.search(text) and not deep:  # rare: check the pairs by encoding
             canonical_json(doc)
     except ValueError as exc:  # (UnicodeError is one)
-        raise IntegrityError(f"header is not valid JSON ({exc})", path=path) from None
+        raise IntegrityError(f"header is not valid JSON ({exc})", path=path, fix=damaged) from None
+    if deep:
+        raise IntegrityError(
+            f"header nests arrays and objects more than {MAX_DEPTH} deep", path=path, fix=damaged
+        )
     if not isinstance(doc, dict):
-        raise IntegrityError("header is not a JSON object", path=path)
+        raise IntegrityError("header is not a JSON object", path=path, fix=damaged)
     return doc
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+
+
+def nested_deeper(text: str, limit: int) -> bool:
+    """Whether valid JSON `text` nests arrays and objects more than `limit` deep: the
+    running count of its brackets outside strings (linear, in C)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    steps = array.array("b", brackets.translate(_DEPTH_STEP))
+    return max(itertools.accumulate(steps), default=0) > limit
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
