@@ -1136,7 +1136,7 @@ def test_commands_take_any_metadata_value(tmp_path, bases):
             case = copy.deepcopy(doc)
             _fill_metadata(case, value, nested)
             path.write_bytes(assemble(case, b"".join(blobs), **fields))
-            refused = str(HUGE) in json.dumps(value)
+            refused = str(HUGE) in json.dumps(value) or "[" * 64 in json.dumps(value)
             commands = {
                 "merge": ["merge", str(path), str(other), "--mean"],
                 "apply": ["apply", str(model), str(path), "-a", "0.5"],
