@@ -201,7 +201,7 @@ class _Source:
     label: str
     path: str | None
     infos: dict[str, TensorInfo]
-    payload: Callable[[TensorInfo], bytes | bytearray]
+    stored: Callable[[TensorInfo], bytes | bytearray]  # checked, within the decode limit
     close: Callable[[], None]
 
     @classmethod
@@ -211,9 +211,9 @@ class _Source:
             reader = RwsReader(sig)
             h = reader.header
             infos = {i.name: i for i in h.tensors}
-            return cls(h.label, reader.path, infos, reader.read_payload, reader.close)
+            return cls(h.label, reader.path, infos, reader.read_decodable, reader.close)
         infos = {i.name: i for i in sig.infos}
-        return cls(sig.label, sig.path, infos, lambda i: sig.payload(i.name), lambda: None)
+        return cls(sig.label, sig.path, infos, lambda i: sig.decodable(i.name), lambda: None)
 
     @property
     def where(self) -> str:
@@ -275,10 +275,10 @@ _COLUMNS = 1 << 16  # elements per slice: 512 KiB of float64 per signature
 
 def _decode(src: _Source, name: str) -> np.ndarray:
     """One tensor of one signature, flat float32 (checksum verified, payload checked)."""
-    from .dequant import dequantize
+    from .dequant import stored_values
 
     info = src.infos[name]
-    return dequantize(src.payload(info), info).reshape(-1)
+    return stored_values(src.stored(info), info, src.path or "<memory>")
 
 
 def _shared(sources: list[_Source]) -> list[str]:

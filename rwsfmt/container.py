@@ -309,7 +309,8 @@ class RwsReader:
         checked, problems = 0, []
         for info in self.header.tensors:
             try:
-                self.read_payload(info)
+                self.check_decoded_size()
+                check_blob(self.read_stored(info), info, self.path)
                 checked += info.length
             except IntegrityError as exc:
                 problems.append(exc.problem)
@@ -335,6 +336,11 @@ class RwsReader:
             )
         return buf
 
+    def read_decodable(self, info: TensorInfo) -> bytearray:
+        """`read_stored`, once the file is known to stay within the decode limit."""
+        self.check_decoded_size()
+        return self.read_stored(info)
+
     def read_payload(self, info: TensorInfo) -> bytearray:
         """The verified, decompressed payload of one tensor (a fresh, writable buffer)."""
         self.check_decoded_size()
@@ -359,6 +365,17 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     return payload
 
 
+def check_blob(stored: bytes | bytearray, info: TensorInfo, path: str) -> None:
+    """`decode_blob`'s checks, a chunk at a time for a large tensor (see `format.chunked`),
+    so that checking allocates no more than decoding."""
+    from .format import chunked
+
+    if chunked.chunked(info):
+        chunked.check(PayloadReader(stored, info, path), info)
+    else:
+        decode_blob(bytearray(stored), info, path)
+
+
 def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
     """Refuse payloads whose numbers no writer produces (spec section 3.6): exact float32
     values that are not finite; scales that are negative or not finite; zero points that are
@@ -373,53 +390,123 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
     raw = np.frombuffer(payload, dtype=np.uint8)
     problem = scheme_of(info.quant).check(raw, info.quant, info.shape, info.numel, info.filter)
     if problem:
-        raise IntegrityError(f"tensor {info.name!r} {problem}", path=path)
+        raise IntegrityError(f"tensor {info.name!r} {problem}", path=path, fix=_REFETCH)
 
 
 def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     """Decompress a blob that must be exactly one zstd frame declaring its content size
     (equal to `decoded_length`) and a content checksum, with no dictionary."""
-    import zstandard
-
-    damaged = f"tensor {info.name!r} does not decode as one zstd frame"
-    try:
-        params = zstandard.get_frame_parameters(bytes(stored[:18]))
-        frame_length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
-    except zstandard.ZstdError:
-        raise IntegrityError(damaged, path=path) from None
-    if params.content_size != info.decoded_length:
-        raise IntegrityError(
-            f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
-            f"says {info.decoded_length}",
-            path=path,
-        )
-    if not params.has_checksum or params.dict_id or frame_length != len(stored):
-        raise IntegrityError(
-            f"{damaged} with a checksum, no dictionary and nothing after it", path=path
-        )
-    if params.window_size > MAX_ZSTD_WINDOW:
-        raise IntegrityError(
-            f"tensor {info.name!r} is a zstd frame with a {params.window_size:,}-byte window, "
-            f"over the format's {MAX_ZSTD_WINDOW >> 20} MiB",
-            path=path,
-            fix="re-compress it within the limit (zstd levels 1 to 19, without --long or "
-            "--ultra); rwsfmt's own files always are",
-        )
-    out = bytearray(info.decoded_length)
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
-            got = reader.readinto(out)
-            while got < len(out):
-                n = reader.readinto(memoryview(out)[got:])
-                if not n:
-                    break
-                got += n
-            extra = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{damaged} ({exc})", path=path) from None
-    if got != info.decoded_length or extra:
-        raise IntegrityError(f"{damaged} of the declared length", path=path)
+    payload = PayloadReader(stored, info, path)
+    out = payload.read("all", 0, info.decoded_length)
+    payload.finish()
     return out
+
+
+_REFETCH = "copy or download the file again"
+
+
+class PayloadReader:
+    """A tensor's decoded payload read by byte ranges, without holding it whole: a raw blob
+    is sliced; a zstd frame (checked as `_unzstd` requires) is decompressed by one
+    sequential reader per `key`, each buffering at most the frame's window (<= 8 MiB).
+
+    Reading a range before a key's position starts that key's reader over. `finish` reads
+    the frame to its end, which checks every block and the content checksum: call it before
+    trusting what was read.
+    """
+
+    def __init__(self, stored: bytes | bytearray, info: TensorInfo, path: str) -> None:
+        self.stored, self.info, self.path = stored, info, path
+        self._readers: dict[str, Any] = {}
+        self._at: dict[str, int] = {}
+        if info.codec == "zstd":
+            self._check_frame()
+
+    def _damaged(self, problem: str = "") -> IntegrityError:
+        what = f"tensor {self.info.name!r} does not decode as one zstd frame"
+        return IntegrityError(f"{what}{problem}", path=self.path, fix=_REFETCH)
+
+    def _check_frame(self) -> None:
+        import zstandard
+
+        stored, info = self.stored, self.info
+        try:
+            params = zstandard.get_frame_parameters(bytes(stored[:18]))
+            length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
+        except zstandard.ZstdError:
+            raise self._damaged() from None
+        if params.content_size != info.decoded_length:
+            raise IntegrityError(
+                f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
+                f"says {info.decoded_length}",
+                path=self.path,
+                fix=_REFETCH,
+            )
+        if not params.has_checksum or params.dict_id or length != len(stored):
+            raise self._damaged(" with a checksum, no dictionary and nothing after it")
+        if params.window_size > MAX_ZSTD_WINDOW:
+            raise IntegrityError(
+                f"tensor {info.name!r} is a zstd frame with a {params.window_size:,}-byte "
+                f"window, over the format's {MAX_ZSTD_WINDOW >> 20} MiB",
+                path=self.path,
+                fix="re-compress it within the limit (zstd levels 1 to 19, without --long or "
+                "--ultra); rwsfmt's own files always are",
+            )
+
+    def read(self, key: str, start: int, n: int) -> bytearray:
+        """Payload bytes `[start, start + n)`, read by the reader named `key`."""
+        if self.info.codec == "raw":
+            return bytearray(memoryview(self.stored)[start : start + n])
+        import zstandard
+
+        out = bytearray(n)
+        try:
+            reader = self._reader(key, start)
+            got = 0
+            while got < n:
+                m = reader.readinto(memoryview(out)[got:])
+                if not m:
+                    raise self._damaged(" of the declared length")
+                got += m
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f" ({exc})") from None
+        self._at[key] = start + n
+        return out
+
+    def _reader(self, key: str, start: int) -> Any:
+        """The reader `key`, positioned at payload byte `start`."""
+        import zstandard
+
+        if self._at.get(key, math.inf) > start:
+            self._readers[key] = zstandard.ZstdDecompressor().stream_reader(self.stored)
+            self._at[key] = 0
+        reader, skip = self._readers[key], start - self._at[key]
+        scratch = memoryview(bytearray(min(skip, 1 << 20)))
+        while skip:
+            m = reader.readinto(scratch[: min(skip, len(scratch))])
+            if not m:
+                raise self._damaged(" of the declared length")
+            skip -= m
+        return reader
+
+    def finish(self) -> None:
+        """Read the frame to its end (blocks and content checksum verified) and refuse it
+        when it holds more or fewer bytes than declared."""
+        if self.info.codec == "raw":
+            return
+        import zstandard
+
+        key = max(self._at, key=self._at.__getitem__, default="end")
+        end = self.info.decoded_length
+        try:
+            reader = self._reader(key, end)
+            extra = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f" ({exc})") from None
+        if extra:
+            raise self._damaged(" of the declared length")
+        self._readers.clear()
+        self._at.clear()
 
 
 def _zstd_frame_length(blob: bytearray, pos: int) -> int:

@@ -22,9 +22,11 @@ from .container import (
     MAX_RANK,
     MAX_TENSORS,
     PREAMBLE_SIZE,
+    PayloadReader,
     RwsReader,
     TensorInfo,
     build_header,
+    check_blob,
     decode_blob,
     encode_blob,
     write_file,
@@ -32,6 +34,7 @@ from .container import (
 from .device import resolve_device
 from .errors import RwsError, spell, warn
 from .fingerprint import architecture_fingerprint
+from .format import chunked
 from .io.base import all_finite
 from .provenance import base_provenance
 from .quant import QuantConfig, decode, encode, vector_norm
@@ -152,13 +155,30 @@ class Signature:
             return self._blobs.read_payload(info)
         return decode_blob(bytearray(self._blobs[name]), info, "<memory>")
 
+    def decodable(self, name: str) -> bytes | bytearray:
+        """The stored blob of one tensor, once the file is known to stay within the decode
+        limit (`limits`) and the blob's checksum verifies."""
+        if isinstance(self._blobs, RwsReader):
+            self._blobs.check_decoded_size()
+        return self.stored(name)
+
+    def check(self, name: str) -> None:
+        """Check one tensor as decoding it would (limit, checksum, codec, numbers)."""
+        check_blob(self.decodable(name), self.info(name), self.path or "<memory>")
+
     def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """One tensor as float32, dequantized on `device` (CPU by default).
+        """One tensor as float32, dequantized on `device` (CPU by default); a large one a
+        chunk at a time into its output (see `format.chunked`).
 
         An unknown or unavailable device is an `RwsError`, raised before anything is read.
         """
         dev = resolve_device(device)
-        return decode(self.payload(name), self.info(name), dev)
+        info = self.info(name)
+        stored, path = self.decodable(name), self.path or "<memory>"
+        if not chunked.chunked(info):
+            return decode(decode_blob(bytearray(stored), info, path), info, dev)
+        payload = PayloadReader(stored, info, path)
+        return chunked.decode(payload, info, chunked.Torch(dev)).view(info.shape)
 
     def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Every tensor as float32 under its stored name, in file order: the signature as a
@@ -265,7 +285,7 @@ class SignatureBuilder:
         """
         info = sig.info(name)
         self._check_entry(name, info.shape)
-        sig.payload(name)
+        sig.check(name)
         self._choices.append([_Encoding(replace(info, offset=0), bytes(sig.stored(name)), 0.0)])
         self._names.add(name)
 
