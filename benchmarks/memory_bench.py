@@ -43,20 +43,58 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
             ("group 1", {"granularity": "group", "group_size": 1}),
         )
     ],
-    ("int2 affine group 1", {"scheme": "int2", "bits": 2, **_AFFINE, "granularity": "group",
-                             "group_size": 1}, "none"),
-    ("sign group 1", {"scheme": "sign", "bits": 1, "granularity": "group", "group_size": 1},
-     "none"),
-    ("sparse, float values", {"scheme": "sparse", "bits": 32, "index": "bitmap",
-                              "values": {"scheme": "float", "bits": 32}}, "none"),
-    ("sparse, linear 8 affine channel", {
-        "scheme": "sparse", "bits": 8, "index": "bitmap",
-        "values": {"scheme": "linear", "bits": 8, **_AFFINE, "granularity": "channel",
-                   "axis": 0}}, "none"),
-    ("sparse, linear 8 affine group 1", {
-        "scheme": "sparse", "bits": 8, "index": "bitmap",
-        "values": {"scheme": "linear", "bits": 8, **_AFFINE, "granularity": "group",
-                   "group_size": 1}}, "none"),
+    (
+        "int2 affine group 1",
+        {"scheme": "int2", "bits": 2, **_AFFINE, "granularity": "group", "group_size": 1},
+        "none",
+    ),
+    (
+        "sign group 1",
+        {"scheme": "sign", "bits": 1, "granularity": "group", "group_size": 1},
+        "none",
+    ),
+    (
+        "sparse, float values",
+        {
+            "scheme": "sparse",
+            "bits": 32,
+            "index": "bitmap",
+            "values": {"scheme": "float", "bits": 32},
+        },
+        "none",
+    ),
+    (
+        "sparse, linear 8 affine channel",
+        {
+            "scheme": "sparse",
+            "bits": 8,
+            "index": "bitmap",
+            "values": {
+                "scheme": "linear",
+                "bits": 8,
+                **_AFFINE,
+                "granularity": "channel",
+                "axis": 0,
+            },
+        },
+        "none",
+    ),
+    (
+        "sparse, linear 8 affine group 1",
+        {
+            "scheme": "sparse",
+            "bits": 8,
+            "index": "bitmap",
+            "values": {
+                "scheme": "linear",
+                "bits": 8,
+                **_AFFINE,
+                "granularity": "group",
+                "group_size": 1,
+            },
+        },
+        "none",
+    ),
 ]
 COMMANDS = ("verify", "tensor", "export", "convert", "merge", "compare", "apply")
 
@@ -148,8 +186,14 @@ def arguments(command: str, path: Path, folder: Path) -> list[str]:
         "convert": [str(path), "-o", f"{out}.rws", "--bits", "4"],
         "merge": [str(path), str(path), "-o", f"{out}.rws"],
         "compare": [str(path), str(path)],
-        "apply": [str(folder / "model.safetensors"), str(path), "-a", "1", "-o",
-                  f"{out}.safetensors"],
+        "apply": [
+            str(folder / "model.safetensors"),
+            str(path),
+            "-a",
+            "1",
+            "-o",
+            f"{out}.safetensors",
+        ],
     }[command]
 
 
@@ -159,7 +203,10 @@ def added_peak(command: str, args: list[str], limit: int) -> tuple[int, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RWSFMT_MAX_DECODED": str(limit)}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, command, *args],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if done.returncode != 0 or not done.stdout.strip():
         raise RuntimeError(f"{command} {args} failed:\n{done.stderr[-2000:]}")
@@ -212,7 +259,8 @@ def main() -> None:
     limit = int(parse_size(args.limit))
     progress = lambda label, command, code, peak: print(  # noqa: E731
         f"{label:34} {command:8} exit {code} {peak / MiB:8.0f} MiB "
-        f"{peak / bound(command, limit):.2f} of the bound", flush=True
+        f"{peak / bound(command, limit):.2f} of the bound",
+        flush=True,
     )
     results = measure(limit, report=progress)
     lines = [

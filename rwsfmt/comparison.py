@@ -239,7 +239,7 @@ def _compare(sources: list[_Source], layer: str | None, progress: Progress | Non
     for name in track(names, len(names), "comparing"):
         rows = np.empty((n, sources[0].infos[name].numel), dtype=np.float32)
         for i, src in enumerate(sources):
-            rows[i] = _decode(src, name)
+            _decode(src, name, rows[i])
         rel = [_rel_norm(src.infos[name]) for src in sources]
         sums[layer_of(name)].add(_gram(rows), rel)
     results = [sums[lname].result(lname, members, sources[0]) for lname, members in layers.items()]
@@ -273,12 +273,13 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 _COLUMNS = 1 << 16  # elements per slice: 512 KiB of float64 per signature
 
 
-def _decode(src: _Source, name: str) -> np.ndarray:
-    """One tensor of one signature, flat float32 (checksum verified, payload checked)."""
+def _decode(src: _Source, name: str, out: np.ndarray) -> None:
+    """One tensor of one signature into `out`, flat float32 (checksum verified, payload
+    checked)."""
     from .dequant import stored_values
 
     info = src.infos[name]
-    return stored_values(src.stored(info), info, src.path or "<memory>")
+    stored_values(src.stored(info), info, src.path or "<memory>", out)
 
 
 def _shared(sources: list[_Source]) -> list[str]:

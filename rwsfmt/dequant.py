@@ -24,9 +24,10 @@ def dequantize(payload: bytes | bytearray, info: TensorInfo) -> np.ndarray:
     return values.reshape(info.shape)
 
 
-def stored_values(stored: bytes | bytearray, info: TensorInfo, path: str) -> np.ndarray:
-    """The float32 values of one verified stored blob (`RwsReader.read_stored`), flat: a
-    large tensor decoded a chunk at a time into its output (see `format.chunked`)."""
-    if not chunked.chunked(info):
-        return dequantize(decode_blob(bytearray(stored), info, path), info).reshape(-1)
-    return chunked.decode(PayloadReader(stored, info, path), info, chunked.Numpy())
+def stored_values(stored: bytes | bytearray, info: TensorInfo, path: str, out: np.ndarray) -> None:
+    """Write the float32 values of one verified stored blob (`RwsReader.read_stored`) into
+    `out` (flat): a large tensor a chunk at a time, with nothing else of its size."""
+    if chunked.chunked(info):
+        chunked.decode(PayloadReader(stored, info, path), info, chunked.Numpy(), out)
+    else:
+        out[:] = dequantize(decode_blob(bytearray(stored), info, path), info).reshape(-1)

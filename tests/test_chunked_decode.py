@@ -27,16 +27,17 @@ GRANULARITIES = [
     {"granularity": "group", "group_size": 7},
     {"granularity": "group", "group_size": 40},
 ]
-DENSE = [
-    ({"scheme": "linear", "bits": b, **sym, **g}, f)
-    for b, f in ((4, "none"), (8, "none"), (16, "none"), (16, "byteplane"))
-    for sym in (AFFINE, SYMMETRIC)
-    for g in GRANULARITIES
-] + [
-    ({"scheme": "int2", "bits": 2, **AFFINE, **g}, "none") for g in GRANULARITIES
-] + [
-    ({"scheme": "sign", "bits": 1, **g}, "none") for g in GRANULARITIES
-] + [({"scheme": "float", "bits": 32}, f) for f in ("none", "byteplane")]
+DENSE = (
+    [
+        ({"scheme": "linear", "bits": b, **sym, **g}, f)
+        for b, f in ((4, "none"), (8, "none"), (16, "none"), (16, "byteplane"))
+        for sym in (AFFINE, SYMMETRIC)
+        for g in GRANULARITIES
+    ]
+    + [({"scheme": "int2", "bits": 2, **AFFINE, **g}, "none") for g in GRANULARITIES]
+    + [({"scheme": "sign", "bits": 1, **g}, "none") for g in GRANULARITIES]
+    + [({"scheme": "float", "bits": 32}, f) for f in ("none", "byteplane")]
+)
 SPARSE_VALUES = [
     {"scheme": "float", "bits": 32},
     {"scheme": "linear", "bits": 8, **AFFINE, "granularity": "channel", "axis": 0},
@@ -80,12 +81,18 @@ def _info(
 ) -> tuple[TensorInfo, bytes]:
     blob = bytes(payload)
     if codec == "zstd":
-        blob = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(
-            blob
-        )
+        blob = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(blob)
     info = TensorInfo(
-        name="t", kind="delta", shape=shape, dtype="float32", quant=quant, filter=filt,
-        codec=codec, offset=0, length=len(blob), decoded_length=len(payload),
+        name="t",
+        kind="delta",
+        shape=shape,
+        dtype="float32",
+        quant=quant,
+        filter=filt,
+        codec=codec,
+        offset=0,
+        length=len(blob),
+        decoded_length=len(payload),
         sha256=hashlib.sha256(blob).hexdigest(),
     )
     return info, blob
@@ -101,8 +108,10 @@ def _cases():
     for quant, filt in DENSE:
         yield dict(quant), filt
     for values in SPARSE_VALUES:
-        yield {"scheme": "sparse", "bits": values["bits"], "index": "bitmap",
-               "values": dict(values)}, "none"
+        yield (
+            {"scheme": "sparse", "bits": values["bits"], "index": "bitmap", "values": dict(values)},
+            "none",
+        )
 
 
 @pytest.mark.parametrize("preload", [0, 1 << 20], ids=["ranges", "preloaded"])
@@ -135,11 +144,15 @@ def test_chunks_refuse_what_the_whole_refuses(small_chunks, damage):
     if damage == "nan value":
         quant, filt = {"scheme": "float", "bits": 32}, "byteplane"
     elif damage == "bitmap":
-        quant, filt = {"scheme": "sparse", "bits": 8, "index": "bitmap",
-                       "values": dict(SPARSE_VALUES[1])}, "none"
+        quant, filt = (
+            {"scheme": "sparse", "bits": 8, "index": "bitmap", "values": dict(SPARSE_VALUES[1])},
+            "none",
+        )
     else:
-        quant, filt = {"scheme": "linear", "bits": 8, **AFFINE,
-                       "granularity": "group", "group_size": 1}, "none"
+        quant, filt = (
+            {"scheme": "linear", "bits": 8, **AFFINE, "granularity": "group", "group_size": 1},
+            "none",
+        )
     payload = _payload(quant, SHAPE, filt, rng)
     numel = math.prod(SHAPE)
     if damage == "nan value":

@@ -81,8 +81,9 @@ class Torch:
     def array(self, data: bytearray, dtype: str = "u1") -> torch.Tensor:
         import torch
 
-        empty = not data
-        raw = torch.empty(0, dtype=torch.uint8) if empty else torch.frombuffer(data, dtype=torch.uint8)
+        raw = (
+            torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        )
         raw = raw.to(self.device) if self.device is not None else raw
         return raw if dtype == "u1" else raw.view(torch.float32)
 
@@ -116,9 +117,10 @@ class Torch:
         dest.zero_().masked_scatter_(mask, values)
 
 
-def decode(payload: PayloadReader, info: TensorInfo, xp: Numpy | Torch) -> Any:
-    """The float32 values of `info` (flat), its payload checked and decoded by chunks."""
-    out = xp.empty(info.numel)
+def decode(payload: PayloadReader, info: TensorInfo, xp: Numpy | Torch, out: Any = None) -> Any:
+    """The float32 values of `info` (flat), its payload checked and decoded by chunks into
+    `out` (flat, float32; default a new array)."""
+    out = xp.empty(info.numel) if out is None else out
     _run(payload, info, xp, out)
     return out
 
