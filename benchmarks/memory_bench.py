@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -147,32 +148,33 @@ def _planes(numel: int) -> bytes:
 
 
 CHILD = r"""
-import sys, contextlib, io
+import contextlib, io, json, sys
 import numpy, torch, safetensors.torch, zstandard
 import rwsfmt, rwsfmt.patching, rwsfmt.conversion, rwsfmt.interchange, rwsfmt.comparison
-import rwsfmt.merging, rwsfmt.dequant
+import rwsfmt.merging, rwsfmt.dequant, rwsfmt.format.chunked
 from rwsfmt_cli.main import main
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
-command, args = sys.argv[1], sys.argv[2:]
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current RSS: imports do not count
-before = status("VmRSS:")
-code = 0
-if command == "tensor":
-    with rwsfmt.load(args[0]) as sig:
-        for name in sig.names:
-            sig.tensor(name)
-else:
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            main([command, "--quiet", *args] if command != "verify" else [command, *args])
-    except SystemExit as exc:
-        code = exc.code
-print(code, status("VmHWM:") - before)
+for command, args in json.loads(sys.argv[1]):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS: imports do not count
+    before = status("VmRSS:")
+    code = 0
+    if command == "tensor":
+        with rwsfmt.load(args[0]) as sig:
+            for name in sig.names:
+                sig.tensor(name)
+    else:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                main([command, *args] if command in ("verify", "compare") else
+                     [command, "--quiet", *args])
+        except SystemExit as exc:
+            code = exc.code
+    print(code, status("VmHWM:") - before, flush=True)
 """
 
 
@@ -197,21 +199,22 @@ def arguments(command: str, path: Path, folder: Path) -> list[str]:
     }[command]
 
 
-def added_peak(command: str, args: list[str], limit: int) -> tuple[int, int]:
-    """(exit code, bytes the peak resident memory grew by) of `command` in a fresh process
-    (Linux: `/proc/self/clear_refs`), with the decode limit set to `limit` bytes."""
+def added_peaks(jobs: list[tuple[str, list[str]]], limit: int) -> list[tuple[int, int]]:
+    """(exit code, bytes the peak resident memory grew by) of each `(command, args)` of
+    `jobs`, run one after the other in one fresh process (Linux: `/proc/self/clear_refs`
+    resets the peak before each), with the decode limit set to `limit` bytes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RWSFMT_MAX_DECODED": str(limit)}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, command, *args],
+        [sys.executable, "-c", CHILD, json.dumps(jobs)],
         capture_output=True,
         text=True,
         env=env,
         check=False,
     )
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"{command} {args} failed:\n{done.stderr[-2000:]}")
-    code, peak = done.stdout.split()[-2:]
-    return int(code), int(peak)
+    lines = done.stdout.split("\n")[: len(jobs)]
+    if done.returncode != 0 or len(lines) < len(jobs):
+        raise RuntimeError(f"{jobs} failed:\n{done.stderr[-2000:]}")
+    return [(int(code), int(peak)) for code, peak in (line.split() for line in lines)]
 
 
 def bound(command: str, limit: int) -> float:
@@ -241,9 +244,8 @@ def measure(
             path = folder / "worst.rws"
             worst_case(path, quant, filt, numel)
             for command in commands:
-                results[label, command] = added_peak(
-                    command, arguments(command, path, folder), limit
-                )
+                job = (command, arguments(command, path, folder))
+                results[label, command] = added_peaks([job], limit)[0]
                 if report:
                     report(label, command, *results[label, command])
     return results

@@ -182,3 +182,44 @@ def test_chunks_refuse_what_the_whole_refuses(small_chunks, damage):
             assert "zstd" in str(refused.value)
         else:
             assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(bits=32),
+        dict(bits=16, symmetric=False),
+        dict(bits=8),
+        dict(bits=8, symmetric=False, granularity="group", group_size=7),
+        dict(bits=4, granularity="tensor"),
+        dict(bits=4, symmetric=False, granularity="group", group_size=1),
+        dict(bits=8, granularity="group", group_size=1000),  # one partial group
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(6, 5, 13), (390,), (3, 1000)])
+def test_chunked_encoding_writes_the_payload_of_the_whole(monkeypatch, config, shape):
+    """A large tensor is encoded by blocks of rows or columns (`quant._encode_chunked`):
+    the same payload bytes as at once, and the same error up to float32 rounding."""
+    from rwsfmt.quant import QuantConfig, encode
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    x.view(-1)[5] = 0.5  # an outlier, so scales differ per group
+    whole = encode(x, QuantConfig(**config))
+    monkeypatch.setattr(chunked, "WHOLE", 0)
+    monkeypatch.setattr(chunked, "CHUNK", 16)
+    parts = encode(x, QuantConfig(**config))
+    assert (parts.quant, parts.filter) == (whole.quant, whole.filter)
+    assert bytes(parts.payload) == bytes(whole.payload)
+    assert parts.rel_error == pytest.approx(whole.rel_error, rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunks_decode_on_the_gpu_to_the_bits_of_the_cpu(small_chunks):
+    rng = np.random.default_rng(7)
+    for quant, filt in _cases():
+        payload = _payload(quant, SHAPE, filt, rng)
+        info, blob = _info(quant, SHAPE, filt, payload, "zstd")
+        cpu = chunked.decode(PayloadReader(blob, info, "case.rws"), info, chunked.Torch("cpu"))
+        gpu = chunked.decode(PayloadReader(blob, info, "case.rws"), info, chunked.Torch("cuda"))
+        assert torch.equal(gpu.cpu().view(torch.int32), cpu.view(torch.int32)), (quant, filt)
