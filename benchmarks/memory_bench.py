@@ -219,9 +219,11 @@ def added_peaks(jobs: list[tuple[str, list[str]]], limit: int) -> list[tuple[int
 
 def bound(command: str, limit: int) -> float:
     """What the README promises `command` adds, in bytes: `BOUND` x the limit per input file;
-    apply also holds the model's tensor (float32, the same size) as read and as written."""
+    merge also holds the merged tensor (float32, up to the limit); apply holds the model's
+    tensor as read and as written (twice the limit here)."""
     inputs = 2 if command in ("merge", "compare") else 1
-    return BOUND * limit * inputs + (2 * limit if command == "apply" else 0)
+    extra = {"merge": limit, "apply": 2 * limit}.get(command, 0)
+    return BOUND * limit * inputs + extra
 
 
 def measure(
@@ -269,7 +271,8 @@ def main() -> None:
         f"# Memory added per command, worst-case files of {limit / MiB:,.0f} MiB of float32",
         "",
         f"Peak resident memory added (MiB) and its ratio to the bound ({BOUND} x the limit per "
-        "input file; apply: plus twice the model tensor).",
+        "input file; merge: plus the merged tensor; apply: plus the model tensor, read and "
+        "written).",
         "",
         "| file | " + " | ".join(COMMANDS) + " |",
         "|---|" + "---:|" * len(COMMANDS),

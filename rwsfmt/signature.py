@@ -166,19 +166,28 @@ class Signature:
         """Check one tensor as decoding it would (limit, checksum, codec, numbers)."""
         check_blob(self.decodable(name), self.info(name), self.path or "<memory>")
 
-    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    def tensor(
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One tensor as float32, dequantized on `device` (CPU by default); a large one a
-        chunk at a time into its output (see `format.chunked`).
+        chunk at a time into its output (see `format.chunked`), which is `out` when given
+        (a contiguous float32 tensor of its shape, on `device`).
 
         An unknown or unavailable device is an `RwsError`, raised before anything is read.
         """
-        dev = resolve_device(device)
+        dev = resolve_device(device) if out is None else out.device
         info = self.info(name)
         stored, path = self.decodable(name), self.path or "<memory>"
         if not chunked.chunked(info):
-            return decode(decode_blob(bytearray(stored), info, path), info, dev)
+            values = decode(decode_blob(bytearray(stored), info, path), info, dev)
+            return values if out is None else out.copy_(values)
         payload = PayloadReader(stored, info, path)
-        return chunked.decode(payload, info, chunked.Torch(dev)).view(info.shape)
+        flat = None if out is None else out.view(-1)
+        return chunked.decode(payload, info, chunked.Torch(dev), flat).view(info.shape)
 
     def state_dict(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Every tensor as float32 under its stored name, in file order: the signature as a
