@@ -270,7 +270,7 @@ def _encode_chunked(
         return "byteplane", payload, 0.0  # exact
     bits, groups = q["bits"], scheme.scale_groups(q, shape, count)
     codes_at = scheme.values_offset(q, shape, count)
-    packed = torch.empty(count if bits < 8 else 0, dtype=torch.uint8)  # packed at the end
+    pending, packed_at = torch.empty(0, dtype=torch.uint8), codes_at  # codes not yet packed
     squares = 0.0
     for rows, r0, e0 in _row_blocks(flat, q, shape, groups):
         scale, zp, fit = scheme.fit(rows, q)
@@ -295,13 +295,14 @@ def _encode_chunked(
                 payload[codes_at + start : codes_at + start + n] = _bytes(low)
                 at = codes_at + count + start
                 payload[at : at + n] = _bytes(high)
-            else:
-                packed[start : start + n] = u.reshape(-1).to(torch.uint8).cpu()
-    per_byte = 8 // bits
-    for v0 in range(0, len(packed), 8 * step):  # whole bytes of codes at a time
-        at = codes_at + v0 // per_byte
-        piece = _pack_codes(packed[v0 : v0 + 8 * step], bits)
-        payload[at : at + len(piece)] = piece
+            else:  # packed whole bytes at a time; the codes of a partial byte wait
+                pending = torch.cat([pending, u.reshape(-1).to(torch.uint8).cpu()])
+                ready = len(pending) - len(pending) % (8 // bits)
+                piece = _pack_codes(pending[:ready], bits)
+                payload[packed_at : packed_at + len(piece)] = piece
+                pending, packed_at = pending[ready:], packed_at + len(piece)
+    if len(pending):
+        payload[packed_at:] = _pack_codes(pending, bits)  # zero-padded, as `_pack_codes` is
     norm = vector_norm(flat)
     return (
         "none" if bits != 16 else "byteplane",
