@@ -201,7 +201,7 @@ class _Source:
     label: str
     path: str | None
     infos: dict[str, TensorInfo]
-    payload: Callable[[TensorInfo], bytes | bytearray]
+    stored: Callable[[TensorInfo], bytes | bytearray]  # checked, within the decode limit
     close: Callable[[], None]
 
     @classmethod
@@ -212,12 +212,12 @@ class _Source:
             reader = RwsReader(sig)
             h = reader.header
             infos = {i.name: i for i in h.tensors}
-            return cls(h.label, reader.path, infos, reader.read_payload, reader.close)
+            return cls(h.label, reader.path, infos, reader.read_decodable, reader.close)
         from .signature import as_signature  # imports torch: only for objects in memory
 
         sig = as_signature(sig)
         infos = {i.name: i for i in sig.infos}
-        return cls(sig.label, sig.path, infos, lambda i: sig.payload(i.name), lambda: None)
+        return cls(sig.label, sig.path, infos, lambda i: sig.decodable(i.name), lambda: None)
 
     @property
     def where(self) -> str:
@@ -243,7 +243,7 @@ def _compare(sources: list[_Source], layer: str | None, progress: Progress | Non
     for name in track(names, len(names), "comparing"):
         rows = np.empty((n, sources[0].infos[name].numel), dtype=np.float32)
         for i, src in enumerate(sources):
-            rows[i] = _decode(src, name)
+            _decode(src, name, rows[i])
         rel = [_rel_norm(src.infos[name]) for src in sources]
         sums[layer_of(name)].add(_gram(rows), rel)
     results = [sums[lname].result(lname, members, sources[0]) for lname, members in layers.items()]
@@ -277,12 +277,13 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 _COLUMNS = 1 << 16  # elements per slice: 512 KiB of float64 per signature
 
 
-def _decode(src: _Source, name: str) -> np.ndarray:
-    """One tensor of one signature, flat float32 (checksum verified, payload checked)."""
-    from .dequant import dequantize
+def _decode(src: _Source, name: str, out: np.ndarray) -> None:
+    """One tensor of one signature into `out`, flat float32 (checksum verified, payload
+    checked)."""
+    from .dequant import stored_values
 
     info = src.infos[name]
-    return dequantize(src.payload(info), info).reshape(-1)
+    stored_values(src.stored(info), info, src.path or "<memory>", out)
 
 
 def _shared(sources: list[_Source]) -> list[str]:

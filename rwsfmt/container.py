@@ -11,7 +11,9 @@ against a key is `signing.verify`'s job.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,6 +45,9 @@ MAX_RANK = 8
 MAX_NAME_BYTES = 1_024
 MAX_ELEMENTS = 1 << 48
 MAX_ZSTD_RATIO = 32_768  # a zstd block of <= 128 KiB costs >= 4 bytes: no frame expands more
+MAX_ZSTD_WINDOW = 8 << 20  # zstd levels 1-19 stay within it; a decoder buffers a window
+ZSTD_WINDOW_LOG = 21  # what rwsfmt writes: 2 MiB, level 3's own for large payloads
+MAX_DEPTH = 64  # arrays and objects nested in the header, the header object counting 1
 
 KINDS = ("delta", "target")
 CODECS = ("zstd", "raw")
@@ -241,13 +246,19 @@ ZSTD_LEVEL = 3
 
 
 def encode_blob(payload: bytes) -> tuple[str, bytes]:
-    """Compress a payload into one independent zstd frame (content size and checksum on),
-    or keep it raw when compression would not make it smaller. Returns (codec, blob)."""
+    """Compress a payload into one independent zstd frame (content size and checksum on, a
+    window of at most 2 MiB), or keep it raw when compression would not make it smaller.
+    Returns (codec, blob)."""
     import zstandard
 
-    frame = zstandard.ZstdCompressor(
-        level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
-    ).compress(payload)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL,
+        source_size=len(payload),
+        window_log=ZSTD_WINDOW_LOG,
+        write_checksum=1,
+        write_content_size=1,
+    )
+    frame = zstandard.ZstdCompressor(compression_params=params).compress(payload)
     if len(frame) < len(payload):
         return "zstd", frame
     return "raw", bytes(payload)
@@ -306,7 +317,8 @@ class RwsReader:
         checked, problems = 0, []
         for info in self.header.tensors:
             try:
-                self.read_payload(info)
+                self.check_decoded_size()
+                check_blob(self.read_stored(info), info, self.path)
                 checked += info.length
             except IntegrityError as exc:
                 problems.append(exc)
@@ -332,6 +344,11 @@ class RwsReader:
             )
         return buf
 
+    def read_decodable(self, info: TensorInfo) -> bytearray:
+        """`read_stored`, once the file is known to stay within the decode limit."""
+        self.check_decoded_size()
+        return self.read_stored(info)
+
     def read_payload(self, info: TensorInfo) -> bytearray:
         """The verified, decompressed payload of one tensor (a fresh, writable buffer)."""
         self.check_decoded_size()
@@ -356,6 +373,17 @@ def decode_blob(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     return payload
 
 
+def check_blob(stored: bytes | bytearray, info: TensorInfo, path: str) -> None:
+    """`decode_blob`'s checks, a chunk at a time for a large tensor (see `format.chunked`),
+    so that checking allocates no more than decoding."""
+    from .format import chunked
+
+    if chunked.chunked(info):
+        chunked.check(PayloadReader(stored, info, path), info)
+    else:
+        decode_blob(bytearray(stored), info, path)
+
+
 def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> None:
     """Refuse payloads whose numbers no writer produces (spec section 3.6): exact float32
     values that are not finite; scales that are negative or not finite; zero points that are
@@ -376,42 +404,114 @@ def check_payload(payload: bytes | bytearray, info: TensorInfo, path: str) -> No
 def _unzstd(stored: bytearray, info: TensorInfo, path: str) -> bytearray:
     """Decompress a blob that must be exactly one zstd frame declaring its content size
     (equal to `decoded_length`) and a content checksum, with no dictionary."""
-    import zstandard
-
-    damaged = f"tensor {info.name!r} does not decode as one zstd frame"
-    try:
-        params = zstandard.get_frame_parameters(bytes(stored[:18]))
-        frame_length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
-    except zstandard.ZstdError:
-        raise IntegrityError(damaged, path=path, fix=_MALFORMED) from None
-    if params.content_size != info.decoded_length:
-        raise IntegrityError(
-            f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
-            f"says {info.decoded_length}",
-            path=path,
-            fix=_MALFORMED,
-        )
-    if not params.has_checksum or params.dict_id or frame_length != len(stored):
-        raise IntegrityError(
-            f"{damaged} with a checksum, no dictionary and nothing after it",
-            path=path,
-            fix=_MALFORMED,
-        )
-    out = bytearray(info.decoded_length)
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
-            got = reader.readinto(out)
-            while got < len(out):
-                n = reader.readinto(memoryview(out)[got:])
-                if not n:
-                    break
-                got += n
-            extra = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{damaged} ({exc})", path=path, fix=_MALFORMED) from None
-    if got != info.decoded_length or extra:
-        raise IntegrityError(f"{damaged} of the declared length", path=path, fix=_MALFORMED)
+    payload = PayloadReader(stored, info, path)
+    out = payload.read("all", 0, info.decoded_length)
+    payload.finish()
     return out
+
+
+class PayloadReader:
+    """A tensor's decoded payload read by byte ranges, without holding it whole: a raw blob
+    is sliced; a zstd frame (checked as `_unzstd` requires) is decompressed by one
+    sequential reader per `key`, each buffering at most the frame's window (<= 8 MiB).
+
+    Reading a range before a key's position starts that key's reader over. `finish` reads
+    the frame to its end, which checks every block and the content checksum: call it before
+    trusting what was read.
+    """
+
+    def __init__(self, stored: bytes | bytearray, info: TensorInfo, path: str) -> None:
+        self.stored, self.info, self.path = stored, info, path
+        self._readers: dict[str, Any] = {}
+        self._at: dict[str, int] = {}
+        if info.codec == "zstd":
+            self._check_frame()
+
+    def _damaged(self, problem: str = "") -> IntegrityError:
+        what = f"tensor {self.info.name!r} does not decode as one zstd frame"
+        return IntegrityError(f"{what}{problem}", path=self.path, fix=_MALFORMED)
+
+    def _check_frame(self) -> None:
+        import zstandard
+
+        stored, info = self.stored, self.info
+        try:
+            params = zstandard.get_frame_parameters(bytes(stored[:18]))
+            length = _zstd_frame_length(stored, zstandard.frame_header_size(bytes(stored[:18])))
+        except zstandard.ZstdError:
+            raise self._damaged() from None
+        if params.content_size != info.decoded_length:
+            raise IntegrityError(
+                f"tensor {info.name!r}: zstd frame declares {params.content_size} bytes, header "
+                f"says {info.decoded_length}",
+                path=self.path,
+                fix=_MALFORMED,
+            )
+        if not params.has_checksum or params.dict_id or length != len(stored):
+            raise self._damaged(" with a checksum, no dictionary and nothing after it")
+        if params.window_size > MAX_ZSTD_WINDOW:
+            raise IntegrityError(
+                f"tensor {info.name!r} is a zstd frame with a {params.window_size:,}-byte "
+                f"window, over the format's {MAX_ZSTD_WINDOW >> 20} MiB",
+                path=self.path,
+                fix="re-compress it within the limit (zstd levels 1 to 19, without --long or "
+                "--ultra); rwsfmt's own files always are",
+            )
+
+    def read(self, key: str, start: int, n: int) -> bytearray:
+        """Payload bytes `[start, start + n)`, read by the reader named `key`."""
+        if self.info.codec == "raw":
+            return bytearray(memoryview(self.stored)[start : start + n])
+        import zstandard
+
+        out = bytearray(n)
+        try:
+            reader = self._reader(key, start)
+            got = 0
+            while got < n:
+                m = reader.readinto(memoryview(out)[got:])
+                if not m:
+                    raise self._damaged(" of the declared length")
+                got += m
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f" ({exc})") from None
+        self._at[key] = start + n
+        return out
+
+    def _reader(self, key: str, start: int) -> Any:
+        """The reader `key`, positioned at payload byte `start`."""
+        import zstandard
+
+        if self._at.get(key, math.inf) > start:
+            self._readers[key] = zstandard.ZstdDecompressor().stream_reader(self.stored)
+            self._at[key] = 0
+        reader, skip = self._readers[key], start - self._at[key]
+        scratch = memoryview(bytearray(min(skip, 1 << 20)))
+        while skip:
+            m = reader.readinto(scratch[: min(skip, len(scratch))])
+            if not m:
+                raise self._damaged(" of the declared length")
+            skip -= m
+        return reader
+
+    def finish(self) -> None:
+        """Read the frame to its end (blocks and content checksum verified) and refuse it
+        when it holds more or fewer bytes than declared."""
+        if self.info.codec == "raw":
+            return
+        import zstandard
+
+        key = max(self._at, key=self._at.__getitem__, default="end")
+        end = self.info.decoded_length
+        try:
+            reader = self._reader(key, end)
+            extra = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f" ({exc})") from None
+        if extra:
+            raise self._damaged(" of the declared length")
+        self._readers.clear()
+        self._at.clear()
 
 
 def _zstd_frame_length(blob: bytearray, pos: int) -> int:
@@ -565,18 +665,37 @@ def _sniff(head: bytes) -> str:
 
 def _parse_json(body: bytes, path: str) -> dict[str, Any]:
     """The header as JSON, refusing what spec section 9, rule 9 forbids: duplicate keys,
-    NaN/Infinity, numbers that overflow binary64 and unpaired surrogate escapes."""
+    NaN/Infinity, numbers that overflow binary64, unpaired surrogate escapes and nesting
+    deeper than `MAX_DEPTH`."""
     try:
         text = body.decode("utf-8")
-        doc = strict_json(text)
-        if _SURROGATE_ESCAPE.search(text):  # rare: then check the pairs by encoding
+        deep = nested_deeper(text, MAX_DEPTH)  # before parsing, which could recurse that deep
+        doc = None if deep else strict_json(text)
+        if _SURROGATE_ESCAPE.search(text) and not deep:  # rare: check the pairs by encoding
             canonical_json(doc)
     except ValueError as exc:  # (UnicodeError is one)
         problem = f"header is not valid JSON ({exc})"
         raise IntegrityError(problem, path=path, fix=_MALFORMED) from None
+    if deep:
+        raise IntegrityError(
+            f"header nests arrays and objects more than {MAX_DEPTH} deep", path=path, fix=_MALFORMED
+        )
     if not isinstance(doc, dict):
         raise IntegrityError("header is not a JSON object", path=path, fix=_MALFORMED)
     return doc
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+
+
+def nested_deeper(text: str, limit: int) -> bool:
+    """Whether valid JSON `text` nests arrays and objects more than `limit` deep: the
+    running count of its brackets outside strings (linear, in C)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    steps = array.array("b", brackets.translate(_DEPTH_STEP))
+    return max(itertools.accumulate(steps), default=0) > limit
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .container import TensorInfo
+from .container import PayloadReader, TensorInfo, decode_blob
+from .format import chunked
 from .format.schemes import scheme_of
 
 
@@ -21,3 +22,12 @@ def dequantize(payload: bytes | bytearray, info: TensorInfo) -> np.ndarray:
     q = info.quant
     values = scheme_of(q).decode_numpy(raw, q, info.shape, info.numel, info.filter)
     return values.reshape(info.shape)
+
+
+def stored_values(stored: bytes | bytearray, info: TensorInfo, path: str, out: np.ndarray) -> None:
+    """Write the float32 values of one verified stored blob (`RwsReader.read_stored`) into
+    `out` (flat): a large tensor a chunk at a time, with nothing else of its size."""
+    if chunked.chunked(info):
+        chunked.decode(PayloadReader(stored, info, path), info, chunked.Numpy(), out)
+    else:
+        out[:] = dequantize(decode_blob(bytearray(stored), info, path), info).reshape(-1)

@@ -17,8 +17,9 @@ import torch
 
 from .container import TensorInfo
 from .errors import RwsError, spell
+from .format import chunked
 from .format.schemes import GRANULARITIES, MAX_GROUP_SIZE, decodes_finite, scheme_of
-from .format.schemes.linear import FLOAT32_MAX, scale_toward_zero
+from .format.schemes.linear import FLOAT32_MAX, Linear, scale_toward_zero
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
     raise ImportError("rwsfmt needs a little-endian machine")
@@ -243,6 +244,9 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
         parts.append(_pack_codes(kept.to(torch.uint8), 1))
     else:
         quant = values_quant
+        if lost is None and _by_chunks(flat, quant):
+            filt, payload, rel_error = _encode_chunked(flat, quant, shape, name)
+            return Encoded(quant, filt, payload, rel_error)
     filt, coded = _encode_values(flat, values_quant, shape, channel_counts, name, lost)
     payload = b"".join([*parts, *coded])
     info = TensorInfo(name, "delta", shape, "float32", quant, filt, "raw", 0, 0, 0, "")
@@ -253,6 +257,113 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
         error = _as_rows(error, values_quant, shape, None)[0]
     norm = vector_norm(x32)
     return Encoded(quant, filt, payload, vector_norm(error) / norm if norm else 0.0)
+
+
+def _by_chunks(flat: torch.Tensor, q: dict[str, Any]) -> bool:
+    """Whether a dense tensor is large enough to be encoded by chunks, in a scheme that can
+    (exact floats, and linear codes whose scales need only each row's extremes)."""
+    scheme = scheme_of(q)
+    return 4 * flat.numel() > chunked.WHOLE and (q["scheme"] == "float" or type(scheme) is Linear)
+
+
+def _encode_chunked(
+    flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], name: str
+) -> tuple[str, bytearray, float]:
+    """(filter, payload, relative error) of a large dense tensor, written a block of rows or
+    columns at a time into the payload, so that encoding adds the payload and a few chunks
+    to the tensor, not copies of it. The codes are `_encode_values`' exactly; the error is
+    summed in float64 by chunks (for `_encode_values` it is a float32 norm)."""
+    count, scheme, step = flat.numel(), scheme_of(q), chunked.CHUNK
+    payload = bytearray(scheme.payload_length(q, shape, count))
+    if q["scheme"] == "float":
+        for v0 in range(0, count, step):
+            part = flat[v0 : v0 + step].cpu().view(torch.uint8).view(-1, 4).t()
+            for p in range(4):
+                at = p * count + v0
+                payload[at : at + part.shape[1]] = part[p].contiguous().numpy().tobytes()
+        return "byteplane", payload, 0.0  # exact
+    bits, groups = q["bits"], scheme.scale_groups(q, shape, count)
+    codes_at = scheme.values_offset(q, shape, count)
+    pending, packed_at = torch.empty(0, dtype=torch.uint8), codes_at  # codes not yet packed
+    squares = 0.0
+    for rows, r0, e0 in _row_blocks(flat, q, shape, groups):
+        scale, zp, fit = scheme.fit(rows, q)
+        _refuse_overflow(scale, zp if scheme.affine(q) else None, q, name)
+        scale_np = scale.cpu().numpy()
+        payload[4 * r0 : 4 * (r0 + len(scale_np))] = scale_np.tobytes()
+        if scheme.affine(q):
+            at = 4 * (groups + r0)
+            payload[at : at + 4 * len(scale_np)] = zp.cpu().numpy().tobytes()
+        for c0 in range(0, rows.shape[1], step):  # one pass, unless one row is longer
+            part = rows[:, c0 : c0 + step]
+            u = scheme.codes(part, fit)
+            decoded = (u - zp[:, None]) * scale[:, None]  # the decoder's float32 steps
+            squares += float(decoded.sub_(part).double().square().sum())
+            del decoded
+            start, n = e0 + c0, u.numel()
+            if bits == 8:
+                payload[codes_at + start : codes_at + start + n] = _bytes(u.to(torch.uint8))
+            elif bits == 16:
+                whole = u.to(torch.int32)
+                low, high = (whole & 0xFF).to(torch.uint8), (whole >> 8).to(torch.uint8)
+                payload[codes_at + start : codes_at + start + n] = _bytes(low)
+                at = codes_at + count + start
+                payload[at : at + n] = _bytes(high)
+            else:  # packed whole bytes at a time; the codes of a partial byte wait
+                pending = torch.cat([pending, u.reshape(-1).to(torch.uint8).cpu()])
+                ready = len(pending) - len(pending) % (8 // bits)
+                piece = _pack_codes(pending[:ready], bits)
+                payload[packed_at : packed_at + len(piece)] = piece
+                pending, packed_at = pending[ready:], packed_at + len(piece)
+    if len(pending):
+        payload[packed_at:] = _pack_codes(pending, bits)  # zero-padded, as `_pack_codes` is
+    norm = vector_norm(flat)
+    return (
+        "none" if bits != 16 else "byteplane",
+        payload,
+        math.sqrt(squares) / norm if norm else 0.0,
+    )
+
+
+def _row_blocks(flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], groups: int) -> Any:
+    """`(rows, first row, first element)` for blocks of whole rows (groups that share a
+    scale) of at most `chunked.CHUNK` elements, or single rows when they are longer; the
+    last partial group is its own block, unpadded (padding changes no scale)."""
+    count, granularity = flat.numel(), q["granularity"]
+    if granularity == "channel":
+        members = math.prod(shape[1:])
+    elif granularity == "group":
+        members = min(q["group_size"], count)
+    else:
+        members = count
+    full = count // members if members else 0
+    per_block = max(1, chunked.CHUNK // max(members, 1))
+    for r0 in range(0, full, per_block):
+        r1 = min(r0 + per_block, full)
+        yield flat[r0 * members : r1 * members].view(r1 - r0, members), r0, r0 * members
+    if full * members < count:
+        yield flat[full * members :].view(1, -1), full, full * members
+
+
+def _refuse_overflow(
+    scale: torch.Tensor, zp: torch.Tensor | None, q: dict[str, Any], name: str
+) -> None:
+    """Raise `RwsError` when affine codes of these groups would decode beyond float32."""
+    if zp is None:
+        return
+    scheme = scheme_of(q)
+    if not decodes_finite(
+        scale.cpu().numpy(), zp.cpu().numpy(), *scheme.level_range(q["bits"])
+    ).all():
+        raise RwsError(
+            f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
+            f"{q['bits']}-bit affine quantization: they would decode to infinity",
+            fix=f"store it exactly ({spell('--bits 32', 'bits=32')}) or symmetrically quantized",
+        )
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).cpu().numpy().tobytes()
 
 
 def top_share(x: torch.Tensor, density: float, sparsity: str) -> torch.Tensor:
@@ -307,15 +418,8 @@ def _encode_values(
     scale_np = scale.cpu().numpy()
     parts = [scale_np.tobytes()]
     if scheme.affine(q):
-        zp_np = zp.cpu().numpy()
-        if not decodes_finite(scale_np, zp_np, *scheme.level_range(bits)).all():
-            raise RwsError(
-                f"tensor {name!r} holds values too close to the float32 limit (3.4e38) for "
-                f"{bits}-bit affine quantization: they would decode to infinity",
-                fix=f"store it exactly ({spell('--bits 32', 'bits=32')}) or symmetrically "
-                "quantized",
-            )
-        parts.append(zp_np.tobytes())
+        _refuse_overflow(scale, zp, q, name)
+        parts.append(zp.cpu().numpy().tobytes())
     codes = order(u)[:count]
     if bits == 16:
         codes = codes.to(torch.int32).cpu()

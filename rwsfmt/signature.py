@@ -24,10 +24,12 @@ from .container import (
     MAX_RANK,
     MAX_TENSORS,
     PREAMBLE_SIZE,
+    PayloadReader,
     RwsReader,
     TensorInfo,
     build_header,
     canonical_json,
+    check_blob,
     decode_blob,
     encode_blob,
     write_file,
@@ -35,6 +37,7 @@ from .container import (
 from .device import resolve_device
 from .errors import RwsError, described, spell, warn
 from .fingerprint import architecture_fingerprint
+from .format import chunked
 from .io.base import all_finite
 from .provenance import base_provenance
 from .quant import QuantConfig, decode, encode, vector_norm
@@ -246,13 +249,39 @@ class Signature(SignatureBase):
             return self._blobs.read_payload(info)
         return decode_blob(bytearray(self._blobs[name]), info, "<memory>")
 
-    def tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """One tensor as float32, dequantized on `device` (CPU by default).
+    def decodable(self, name: str) -> bytes | bytearray:
+        """The stored blob of one tensor, once the file is known to stay within the decode
+        limit (`limits`) and the blob's checksum verifies."""
+        if isinstance(self._blobs, RwsReader):
+            self._blobs.check_decoded_size()
+        return self.stored(name)
+
+    def check(self, name: str) -> None:
+        """Check one tensor as decoding it would (limit, checksum, codec, numbers)."""
+        check_blob(self.decodable(name), self.info(name), self.path or "<memory>")
+
+    def tensor(
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One tensor as float32, dequantized on `device` (CPU by default); a large one a
+        chunk at a time into its output (see `format.chunked`), which is `out` when given
+        (a contiguous float32 tensor of its shape, on `device`).
 
         An unknown or unavailable device is an `RwsError`, raised before anything is read.
         """
-        dev = resolve_device(device)
-        return decode(self.payload(name), self.info(name), dev)
+        dev = resolve_device(device) if out is None else out.device
+        info = self.info(name)
+        stored, path = self.decodable(name), self.path or "<memory>"
+        if not chunked.chunked(info):
+            values = decode(decode_blob(bytearray(stored), info, path), info, dev)
+            return values if out is None else out.copy_(values)
+        payload = PayloadReader(stored, info, path)
+        flat = None if out is None else out.view(-1)
+        return chunked.decode(payload, info, chunked.Torch(dev), flat).view(info.shape)
 
     def close(self) -> None:
         if isinstance(self._blobs, RwsReader):
@@ -356,7 +385,7 @@ class SignatureBuilder:
         """
         info = sig.info(name)
         self._check_entry(name, info.shape)
-        sig.payload(name)
+        sig.check(name)
         self._choices.append([_Encoding(replace(info, offset=0), bytes(sig.stored(name)), 0.0)])
         self._names.add(name)
 

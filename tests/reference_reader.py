@@ -23,6 +23,8 @@ class Invalid(Exception):
 
 MAGIC = bytes([0x89, 0x52, 0x57, 0x53, 0x0D, 0x0A, 0x1A, 0x0A])
 SOURCE_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+MAX_DEPTH = 64  # section 9, rule 9
+MAX_ZSTD_WINDOW = 8 << 20  # section 4
 
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -108,8 +110,21 @@ def _json(header: bytes) -> dict:
         raise Invalid(f"header JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise Invalid("header is not an object")
+    if _depth(doc) > MAX_DEPTH:
+        raise Invalid(f"header nests arrays and objects more than {MAX_DEPTH} deep")
     _no_lone_surrogates(doc)
     return doc
+
+
+def _depth(doc) -> int:
+    """Section 9, rule 9: the header object has depth 1, an array or object inside it 2..."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
+    return deepest
 
 
 def _no_lone_surrogates(value, depth: int = 0) -> None:
@@ -367,6 +382,13 @@ def _unzstd(blob: bytes, decoded_length: int) -> bytes:
     pos += fcs_size
     if content_size != decoded_length or not has_checksum or dict_id:
         raise Invalid("frame parameters")
+    if single_segment:
+        window = content_size
+    else:  # Window_Descriptor (RFC 8878 3.1.1.1.2)
+        base = 1 << (10 + (blob[5] >> 3))
+        window = base + (base // 8) * (blob[5] & 7)
+    if window > MAX_ZSTD_WINDOW:
+        raise Invalid("frame window over 8 MiB")
     while True:  # walk the blocks: 3-byte header, then 1 byte (RLE) or block_size bytes
         if pos + 3 > len(blob):
             raise Invalid("frame cut short")

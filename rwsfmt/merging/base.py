@@ -147,5 +147,6 @@ def broadcast(weights: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * deltas[i]."""
-    return (deltas * broadcast(weights, deltas)).sum(0)
+    """sum_i w_i * deltas[i], the products taken in place: `deltas` is overwritten (no
+    temporary of its size)."""
+    return deltas.mul_(broadcast(weights, deltas)).sum(0)

@@ -266,7 +266,7 @@ def _merge_delta(
     """The method applied to the inputs' deltas (zeros where absent), times `lambda_`."""
     deltas = torch.zeros((len(signatures), *entry.shape), dtype=torch.float32, device=device)
     for i in entry.members:
-        deltas[i] = signatures[i].tensor(name, device)
+        signatures[i].tensor(name, out=deltas[i])
     value = spec.fn(deltas, weights, options, name)
     return value if options.lambda_ == 1 else value * options.lambda_
 

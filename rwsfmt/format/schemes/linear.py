@@ -43,12 +43,21 @@ class Linear(Grouped):
         within the row's largest magnitude and can never overflow. The codes are whole
         numbers held in a new float32 tensor the caller may reuse.
         """
+        bits, symmetric = q["bits"], q["symmetric"]
+        if rows.shape[1] == 0:
+            zeros = rows.new_zeros(rows.shape[0])
+            return zeros, zeros + (1 << (bits - 1) if symmetric else 0), rows.clone()
+        scale, zp, fit = self.fit(rows, q)
+        return scale, zp, self.codes(rows, fit)
+
+    def fit(
+        self, rows: torch.Tensor, q: Quant
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Per-row (scale, zero point, what `codes` needs) of `quantize`, for rows of at
+        least one member."""
         import torch
 
         bits, symmetric = q["bits"], q["symmetric"]
-        if rows.shape[1] == 0:
-            zeros = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
-            return zeros, zeros + (1 << (bits - 1) if symmetric else 0), rows.clone()
         levels, half = (1 << bits) - 1, 1 << (bits - 1)
         high, low = rows.amax(dim=1), rows.amin(dim=1)
         if symmetric:
@@ -66,8 +75,15 @@ class Linear(Grouped):
         else:
             zp = _no_negative_zero(torch.round(-low / safe).clamp_(0, levels))
             lo, hi = torch.zeros_like(zp), torch.full_like(zp, float(levels))
+        return scale, zp, (safe, zp, lo, hi)
+
+    def codes(self, rows: torch.Tensor, fit: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The float32 codes of `rows` (any columns of them) for the per-row `fit`."""
+        import torch
+
+        safe, zp, lo, hi = fit
         u = torch.div(rows, safe[:, None]).round_().add_(zp[:, None])
-        return scale, zp, u.clamp_(min=lo[:, None], max=hi[:, None])
+        return u.clamp_(min=lo[:, None], max=hi[:, None])
 
     def fit_scale(self, rows: torch.Tensor, peak: torch.Tensor, half: int) -> torch.Tensor:
         """The symmetric scale of each row: its largest magnitude over `half - 1` levels."""
