@@ -271,7 +271,8 @@ def test_vit_class_token_and_position_embedding_ride_with_the_first_layer(tmp_pa
         "patch_embed.proj.weight",
         "patch_embed.proj.bias",
     ]
-    assert sig.names[-2:] == ["blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias"]
+    # a transformer's layers are counted as blocks: 2 layers end with block 1
+    assert sig.names[-2:] == ["blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias"]
 
 
 transformers = pytest.importorskip("transformers")
