@@ -119,7 +119,7 @@ def print_table(
     key = max(len(header[0]), longest)
     # each other column takes its text, a space either side and the space dividing columns;
     # the table's two edges are a space each
-    widths = [max(len(h), *(len(row[j]) for row in rows)) + 3 for j, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[j]) for row in rows)]) + 3 for j, h in enumerate(header)]
     widths = widths[1:]
     if key + _EDGES + sum(widths) <= out.width:
         chunks, least = [range(len(widths))], key
