@@ -131,6 +131,7 @@ class MergePlan:
         warn_repeated(signatures, "it counts twice in the merge")
         quant = quant or signatures[0].quant or QuantConfig()
         builder = SignatureBuilder(label or self.default_label(), quant)
+        builder.check_room((n, e.kind, e.shape, e.dtype, {}) for n, e in self.entries.items())
         track = progress or (lambda items, total, description: items)
         for name in track(self.entries, len(self.entries), f"merging ({self.spec.name})"):
             entry = self.entries[name]
