@@ -184,10 +184,10 @@ def test_five_layers_of_minilm_are_its_embeddings_and_first_five_blocks(runs, tm
     took the three embeddings and layer 0's query and key, not its value); the command line
     says so."""
     args = ["extract", *map(str, (runs / "std", runs / "robust.pt", MINILM))]
-    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "s.rws")])
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "s.rws"), "--name", "fog"])
     assert result.exit_code == 0, result.output
     assert (
-        "robust: 85 tensors, 20,790,912 parameters, in 5 of 6 blocks (encoder.layer.0-4 and "
+        "fog: 85 tensors, 20,790,912 parameters, in 5 of 6 blocks (encoder.layer.0-4 and "
         "everything before the next block)" in " ".join(result.stdout.split())
     )
     sig = rwsfmt.load(tmp_path / "s.rws")
