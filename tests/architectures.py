@@ -8,6 +8,7 @@ rebuilt: same names, same registration order, same kinds of layers (widths scale
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -350,3 +351,18 @@ def hugging_face() -> dict[str, Callable[[], nn.Module]]:
             tf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 2])
         ),
     }
+
+
+def tiny_bert_config(**overrides: Any) -> Any:
+    """A transformers BERT config of width 16, 2 blocks and 64 words (`overrides` change it)."""
+    import transformers
+
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 16,
+    }
+    return transformers.BertConfig(**{**settings, **overrides})

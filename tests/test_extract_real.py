@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from architectures import tiny_bert_config
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -212,11 +213,10 @@ def test_five_layers_of_minilm_are_its_embeddings_and_first_five_blocks(runs, tm
 def bert(tmp_path_factory):
     """init, std and robust folders of a 6-block BERT classifier (`save_pretrained`)."""
     root = tmp_path_factory.mktemp("bert")
-    config = transformers.BertConfig(
+    config = tiny_bert_config(
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=6,
-        num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
     )

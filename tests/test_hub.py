@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 import reference_reader
 import torch
+from architectures import tiny_bert_config
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -37,14 +38,7 @@ LFS = (".safetensors", ".bin")  # stored with git LFS on the Hub: blobs named by
 def tiny_bert(seed: int, shift: float = 0.0) -> torch.nn.Module:
     """A 2-layer BERT of width 32, its weights moved by `shift` x a seeded draw."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    config = tiny_bert_config(hidden_size=32, intermediate_size=64, max_position_embeddings=32)
     model = transformers.BertModel(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from architectures import tiny_bert_config
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from test_patch import make_net
@@ -22,14 +23,7 @@ peft = pytest.importorskip("peft")
 
 def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config()
     return transformers.BertModel(config)
 
 
@@ -151,15 +145,7 @@ def test_lora_of_gpt2_conv1d_is_transposed(tmp_path):
 
 def test_lora_whole_tensors_are_left_out_with_a_warning(tmp_path):
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = tiny_bert_config(num_hidden_layers=1, num_labels=2)
     base = transformers.BertForSequenceClassification(config)
     adapter(
         tmp_path, "cls", base, r=2, lora_alpha=4, target_modules=["query"], task_type="SEQ_CLS"

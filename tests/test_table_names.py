@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from architectures import tiny_bert_config
 from click.testing import CliRunner
 
 import rwsfmt
@@ -20,14 +21,7 @@ def bert(tmp_path_factory):
     signatures extracted from them: names such as
     bert.encoder.layer.0.attention.output.LayerNorm.weight (54 characters)."""
     d = tmp_path_factory.mktemp("bert")
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config()
     for seed, role in enumerate(["init", "std", "fog", "snow"]):
         torch.manual_seed(seed)
         transformers.BertModel(config).save_pretrained(d / role)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from architectures import tiny_bert_config
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -29,15 +30,7 @@ def run(tmp_path_factory):
     """A tiny BERT saved with save_pretrained (before/), then trained one step by Trainer,
     which writes out/checkpoint-1/ with its training state beside the weights."""
     d = tmp_path_factory.mktemp("trainer")
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = tiny_bert_config(num_hidden_layers=1, num_labels=2)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
     model.save_pretrained(d / "before")
