@@ -97,6 +97,19 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "none",
     ),
 ]
+# what `convert` writes (`--encodings`): the schemes encoded by chunks and the others
+ENCODINGS: dict[str, list[str]] = {
+    "bits 4": ["--bits", "4"],
+    "bits 1": ["--bits", "1"],
+    "bits 2": ["--bits", "2"],
+    "bits 1 tensor": ["--bits", "1", "--granularity", "tensor"],
+    "bits 2 tensor": ["--bits", "2", "--granularity", "tensor"],
+    "bits 2 fit direction": ["--bits", "2", "--fit", "direction"],
+    "bits 1 density 0.1": ["--bits", "1", "--density", "0.1"],
+}
+# the input file of `--encodings`, as a matrix (vectors are never stored below 8 bits)
+ENCODED = "linear 8 affine group 1"
+ENCODED_COLUMNS = 1024
 COMMANDS = ("verify", "tensor", "export", "convert", "merge", "compare", "apply")
 READING = ("verify", "tensor")  # run on every case; the other commands on DENSEST (or --all)
 DENSEST = {
@@ -108,9 +121,12 @@ DENSEST = {
 }
 
 
-def worst_case(path: Path, quant: dict[str, Any], filt: str, numel: int) -> None:
-    """One valid tensor `t` of shape (numel,) stored per `quant`, every scale 1e-3, every
-    zero point 0, every code 1 (or float32 1e-3), every sparse position kept."""
+def worst_case(
+    path: Path, quant: dict[str, Any], filt: str, numel: int, columns: int | None = None
+) -> None:
+    """One valid tensor `t` of shape (numel,) (or (numel / columns, columns)) stored per
+    `quant`, every scale 1e-3, every zero point 0, every code 1 (or float32 1e-3), every
+    sparse position kept."""
     import zstandard
 
     from rwsfmt.container import TensorInfo, write_file
@@ -118,7 +134,7 @@ def worst_case(path: Path, quant: dict[str, Any], filt: str, numel: int) -> None
 
     if quant["scheme"] == "sparse":
         quant = {**quant, "nnz": numel}
-    shape = (numel,)
+    shape = (numel,) if columns is None else (numel // columns, columns)
     scheme = scheme_of(quant)
     payload = bytearray(scheme.payload_length(quant, shape, numel))
     values = quant.get("values", quant)
@@ -261,6 +277,24 @@ def measure(
     return results
 
 
+def measure_encodings(
+    limit: int, report: Callable[[str, str, int, int], None] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Encoding label -> (exit code, added peak bytes) of `convert` writing each of
+    `ENCODINGS` from the `ENCODED` worst-case file, each in a fresh process."""
+    quant, filt = next((q, f) for label, q, f in CASES if label == ENCODED)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "worst.rws"
+        worst_case(path, quant, filt, limit // 4, ENCODED_COLUMNS)
+        for label, args in ENCODINGS.items():
+            job = ("convert", [str(path), "-o", str(Path(tmp) / "out.rws"), *args])
+            results[label] = added_peaks([job], limit)[0]
+            if report:
+                report(ENCODED, f"convert {label}", *results[label])
+    return results
+
+
 def main() -> None:
     from rwsfmt.limits import parse_size
 
@@ -268,13 +302,19 @@ def main() -> None:
     parser.add_argument("--limit", default="256MiB", help="decode limit (the float32 size)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     parser.add_argument("--all", action="store_true", help="every command on every case")
+    parser.add_argument(
+        "--encodings", action="store_true", help=f"only `convert` to each scheme from {ENCODED}"
+    )
     args = parser.parse_args()
     limit = int(parse_size(args.limit))
     progress = lambda label, command, code, peak: print(  # noqa: E731
         f"{label:34} {command:8} exit {code} {peak / MiB:8.0f} MiB "
-        f"{peak / bound(command, limit):.2f} of the bound",
+        f"{peak / bound(command.split()[0], limit):.2f} of the bound",
         flush=True,
     )
+    if args.encodings:
+        measure_encodings(limit, report=progress)
+        return
     results = measure(limit, args.all, report=progress)
     lines = [
         f"# Memory added per command, worst-case files of {limit / MiB:,.0f} MiB of float32",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from .container import TensorInfo
 from .errors import RwsError, spell
 from .format import chunked
 from .format.schemes import GRANULARITIES, MAX_GROUP_SIZE, decodes_finite, scheme_of
-from .format.schemes.linear import FLOAT32_MAX, Linear, scale_toward_zero
+from .format.schemes.grouped import row_sums
+from .format.schemes.linear import FLOAT32_MAX, scale_toward_zero
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by reinterpretation
     raise ImportError("rwsfmt needs a little-endian machine")
@@ -244,8 +247,8 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
         parts.append(_pack_codes(kept.to(torch.uint8), 1))
     else:
         quant = values_quant
-        if lost is None and _by_chunks(flat, quant):
-            filt, payload, rel_error = _encode_chunked(flat, quant, shape, name)
+        if _by_chunks(flat, quant):
+            filt, payload, rel_error = _encode_chunked(flat, quant, shape, name, lost)
             return Encoded(quant, filt, payload, rel_error)
     filt, coded = _encode_values(flat, values_quant, shape, channel_counts, name, lost)
     payload = b"".join([*parts, *coded])
@@ -260,19 +263,23 @@ def encode(x: torch.Tensor, config: QuantConfig, name: str = "tensor") -> Encode
 
 
 def _by_chunks(flat: torch.Tensor, q: dict[str, Any]) -> bool:
-    """Whether a dense tensor is large enough to be encoded by chunks, in a scheme that can
-    (exact floats, and linear codes whose scales need only each row's extremes)."""
-    scheme = scheme_of(q)
-    return 4 * flat.numel() > chunked.WHOLE and (q["scheme"] == "float" or type(scheme) is Linear)
+    """Whether a dense tensor is large enough to be encoded by chunks (every dense scheme:
+    scales need only their own group's values)."""
+    return 4 * flat.numel() > chunked.WHOLE
 
 
 def _encode_chunked(
-    flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], name: str
+    flat: torch.Tensor,
+    q: dict[str, Any],
+    shape: tuple[int, ...],
+    name: str,
+    lost: float | None,
 ) -> tuple[str, bytearray, float]:
     """(filter, payload, relative error) of a large dense tensor, written a block of rows or
     columns at a time into the payload, so that encoding adds the payload and a few chunks
-    to the tensor, not copies of it. The codes are `_encode_values`' exactly; the error is
-    summed in float64 by chunks (for `_encode_values` it is a float32 norm)."""
+    to the tensor, not copies of it (with `lost`, `fit='direction'` scales). The bytes are
+    `_encode_values`' exactly (its row sums are `row_sums`' too); the error is summed in
+    float64 by chunks (for `_encode_values` it is a float32 norm)."""
     count, scheme, step = flat.numel(), scheme_of(q), chunked.CHUNK
     payload = bytearray(scheme.payload_length(q, shape, count))
     if q["scheme"] == "float":
@@ -286,8 +293,11 @@ def _encode_chunked(
     codes_at = scheme.values_offset(q, shape, count)
     pending, packed_at = torch.empty(0, dtype=torch.uint8), codes_at  # codes not yet packed
     squares = 0.0
-    for rows, r0, e0 in _row_blocks(flat, q, shape, groups):
-        scale, zp, fit = scheme.fit(rows, q)
+    for rows, r0, e0, members in _row_blocks(flat, q, shape, groups):
+        scale, zp, fit = scheme.fit(rows, q, members)  # a last partial group as if padded
+        if lost is not None:
+            codes = partial(_codes, scheme, fit)
+            scale = _direction_scales(rows, codes, zp, q, lost, scale, members)
         _refuse_overflow(scale, zp if scheme.affine(q) else None, q, name)
         scale_np = scale.cpu().numpy()
         payload[4 * r0 : 4 * (r0 + len(scale_np))] = scale_np.tobytes()
@@ -297,7 +307,7 @@ def _encode_chunked(
         for c0 in range(0, rows.shape[1], step):  # one pass, unless one row is longer
             part = rows[:, c0 : c0 + step]
             u = scheme.codes(part, fit)
-            decoded = (u - zp[:, None]) * scale[:, None]  # the decoder's float32 steps
+            decoded = _levels(scheme, u, zp).mul_(scale[:, None])  # the decoder's steps
             squares += float(decoded.sub_(part).double().square().sum())
             del decoded
             start, n = e0 + c0, u.numel()
@@ -325,10 +335,16 @@ def _encode_chunked(
     )
 
 
+def _codes(scheme: Any, fit: tuple, piece: torch.Tensor, s: slice, _: slice) -> torch.Tensor:
+    """The codes of `piece`, rows `s` of those `fit` was fitted to."""
+    return scheme.codes(piece, tuple(t[s] for t in fit))
+
+
 def _row_blocks(flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], groups: int) -> Any:
-    """`(rows, first row, first element)` for blocks of whole rows (groups that share a
-    scale) of at most `chunked.CHUNK` elements, or single rows when they are longer; the
-    last partial group is its own block, unpadded (padding changes no scale)."""
+    """`(rows, first row, first element, members)` for blocks of whole rows (groups that
+    share a scale, of `members` values) of at most `chunked.CHUNK` elements, or single rows
+    when they are longer; the last partial group is its own block, unpadded (its scale is
+    fitted as if padded with zeros to `members`, as `_as_rows` pads it)."""
     count, granularity = flat.numel(), q["granularity"]
     if granularity == "channel":
         members = math.prod(shape[1:])
@@ -340,9 +356,10 @@ def _row_blocks(flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], g
     per_block = max(1, chunked.CHUNK // max(members, 1))
     for r0 in range(0, full, per_block):
         r1 = min(r0 + per_block, full)
-        yield flat[r0 * members : r1 * members].view(r1 - r0, members), r0, r0 * members
+        rows = flat[r0 * members : r1 * members].view(r1 - r0, members)
+        yield rows, r0, r0 * members, members
     if full * members < count:
-        yield flat[full * members :].view(1, -1), full, full * members
+        yield flat[full * members :].view(1, -1), full, full * members, members
 
 
 def _refuse_overflow(
@@ -414,7 +431,7 @@ def _encode_values(
     rows, counts, order = _as_rows(flat, q, shape, channel_counts)
     scale, zp, u = scheme.quantize(rows, counts, q)
     if lost is not None:
-        scale = _direction_scales(rows, u, zp, q, lost, scale)
+        scale = _direction_scales(rows, lambda _, s, c: u[s, c], zp, q, lost, scale)
     scale_np = scale.cpu().numpy()
     parts = [scale_np.tobytes()]
     if scheme.affine(q):
@@ -430,23 +447,34 @@ def _encode_values(
 
 def _direction_scales(
     rows: torch.Tensor,
-    u: torch.Tensor,
+    codes: Callable[[torch.Tensor, slice, slice], torch.Tensor],
     zp: torch.Tensor | None,
     q: dict[str, Any],
     lost: torch.Tensor | float,
     scale: torch.Tensor,
+    width: int = 0,
 ) -> torch.Tensor:
     """Scales that make each row's decoded values project onto the row with `lost` times
     its squared norm: `scale = lost * sum(x^2) / sum(level * x)` over its members, with the
-    codes kept (rows whose codes do not point along them keep their scale). Rounded toward
-    zero to float32, capped so that every code decodes to a finite value."""
-    levels = scheme_of(q).to_levels(u.clone())
-    if zp is not None:
-        levels -= zp[:, None]
-    along = (levels * rows).sum(dim=1, dtype=torch.float64)
-    target = rows.square().sum(dim=1, dtype=torch.float64) * lost
+    codes kept (rows whose codes do not point along them keep their scale); `codes(piece,
+    rows, columns)` gives the codes of `rows[rows, columns]`, and the sums are `row_sums`'
+    (`width`: see there). Rounded toward zero to float32, capped so that every code decodes
+    to a finite value."""
+    scheme = scheme_of(q)
+
+    def projection(piece: torch.Tensor, s: slice, c: slice) -> torch.Tensor:
+        return _levels(scheme, codes(piece, s, c), None if zp is None else zp[s]).mul_(piece)
+
+    along = row_sums(rows, projection, width)
+    target = row_sums(rows, lambda piece, _, __: piece.square(), width) * lost
     fitted = torch.where(along > 0, target / along.clamp(min=1e-300), scale.double())
     return scale_toward_zero(fitted, 1, cap=FLOAT32_MAX / (1 << (q["bits"] - 1)))
+
+
+def _levels(scheme: Any, u: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
+    """`level(u) - zp` per row of float32 codes `u` (a new tensor), the decoder's steps."""
+    levels = scheme.to_levels(u.clone())
+    return levels if zp is None else levels.sub_(zp[:, None])
 
 
 def _as_rows(

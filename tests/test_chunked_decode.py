@@ -15,7 +15,7 @@ import zstandard
 from rwsfmt.container import PayloadReader, TensorInfo, check_payload
 from rwsfmt.errors import IntegrityError
 from rwsfmt.format import chunked
-from rwsfmt.format.schemes import scheme_of
+from rwsfmt.format.schemes import grouped, scheme_of
 
 AFFINE, SYMMETRIC = {"symmetric": False}, {"symmetric": True}
 GRANULARITIES = [
@@ -194,17 +194,30 @@ def test_chunks_refuse_what_the_whole_refuses(small_chunks, damage):
         dict(bits=4, granularity="tensor"),
         dict(bits=4, symmetric=False, granularity="group", group_size=1),
         dict(bits=8, granularity="group", group_size=1000),  # one partial group
+        dict(bits=1),
+        dict(bits=1, granularity="group", group_size=7),
+        dict(bits=1, granularity="tensor", fit="direction"),
+        dict(bits=2),
+        dict(bits=2, symmetric=False, granularity="group", group_size=7),
+        dict(bits=2, granularity="tensor"),
+        dict(bits=2, fit="direction"),
+        dict(bits=2, symmetric=False, granularity="group", group_size=7, fit="direction"),
+        dict(bits=1, granularity="group", group_size=7, fit="direction"),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("shape", [(6, 5, 13), (390,), (3, 1000)])
-def test_chunked_encoding_writes_the_payload_of_the_whole(monkeypatch, config, shape):
+@pytest.mark.parametrize("serial", [4, grouped.SERIAL], ids=["serial4", "serial"])
+def test_chunked_encoding_writes_the_payload_of_the_whole(monkeypatch, config, shape, serial):
     """A large tensor is encoded by blocks of rows or columns (`quant._encode_chunked`):
-    the same payload bytes as at once, and the same error up to float32 rounding."""
+    the same payload bytes as at once, and the same error up to float32 rounding; the
+    scales' float64 sums (`row_sums`) taken in pieces of `serial` elements or not."""
     from rwsfmt.quant import QuantConfig, encode
 
+    monkeypatch.setattr(grouped, "SERIAL", serial)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.01
     x.view(-1)[5] = 0.5  # an outlier, so scales differ per group
+    x.view(-1)[7] = -0.3
     whole = encode(x, QuantConfig(**config))
     monkeypatch.setattr(chunked, "WHOLE", 0)
     monkeypatch.setattr(chunked, "CHUNK", 16)

@@ -8,6 +8,7 @@ fewer than 8 bits are packed little-end first: element `k * (8 / B) + j` sits in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .base import Bad, Quant, Scheme, Shape, whole
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+# elements per torch sum in `row_sums`: under torch's parallel grain (32,768), so a sum is
+# never split between threads and each row's float64 sum has one order
+SERIAL = 1 << 14
 GRANULARITIES = ("tensor", "channel", "group")
 MAX_GROUP_SIZE = 1 << 31
 NEGATIVE_ZERO = 0x8000_0000  # the bits of float32 -0.0, read as +0.0 in a scale
@@ -215,3 +219,37 @@ def _affine(u: Any, scale: Any, zp: Any) -> Any:
         u -= zp
     u *= scale
     return u
+
+
+def row_sums(
+    rows: torch.Tensor, f: Callable[[torch.Tensor, slice, slice], torch.Tensor], width: int = 0
+) -> torch.Tensor:
+    """Per row of [R, m] `rows`, the float64 sum of `f(piece, row slice, column slice)`, an
+    elementwise float32 function of `piece = rows[row slice, column slice]` that is 0 at 0;
+    `width` > m sums the rows as if zero-padded to `width` columns. Rows of up to `SERIAL`
+    columns are summed whole, longer ones by `SERIAL` columns added left to right, each
+    torch sum serial: the same bits for any block of whole rows and any thread count, with
+    temporaries of `SERIAL` elements, not of the rows."""
+    import torch
+
+    count, m = rows.shape
+    width = max(width, m)
+    step, columns = max(1, SERIAL // max(width, 1)), min(max(width, 1), SERIAL)
+    sums = []
+    for r0 in range(0, count, step):
+        s, total = slice(r0, r0 + step), None
+        for c0 in range(0, width, columns):
+            c = slice(c0, max(c0, min(c0 + columns, m)))
+            piece = _padded(f(rows[s, c], s, c), min(columns, width - c0))
+            part = piece.sum(1, dtype=torch.float64)
+            total = part if total is None else total + part
+        empty = rows.new_zeros(len(rows[s]), dtype=torch.float64)  # rows of no columns
+        sums.append(empty if total is None else total)
+    return torch.cat(sums) if sums else rows.new_zeros(0, dtype=torch.float64)
+
+
+def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[R, k] `t` with zero columns appended up to `width`."""
+    import torch
+
+    return t if t.shape[1] >= width else torch.nn.functional.pad(t, (0, width - t.shape[1]))

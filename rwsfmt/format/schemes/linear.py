@@ -9,10 +9,11 @@ to the values instead of taking their maximum (see `Int2.fit_scale`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .base import Bad, Quant, Shape
-from .grouped import Grouped
+from .grouped import Grouped, row_sums
 
 if TYPE_CHECKING:
     import torch
@@ -51,10 +52,10 @@ class Linear(Grouped):
         return scale, zp, self.codes(rows, fit)
 
     def fit(
-        self, rows: torch.Tensor, q: Quant
+        self, rows: torch.Tensor, q: Quant, width: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """Per-row (scale, zero point, what `codes` needs) of `quantize`, for rows of at
-        least one member."""
+        least one member (zero-padded to `width` columns, see `row_sums`)."""
         import torch
 
         bits, symmetric = q["bits"], q["symmetric"]
@@ -64,7 +65,7 @@ class Linear(Grouped):
             # max |x| without a full-size abs() copy; the cap keeps the code 0 (u - zp =
             # -half, never written) finite too, as readers require of every code
             peak = torch.maximum(high, -low)
-            scale = self.fit_scale(rows, peak, half)
+            scale = self.fit_scale(rows, peak, half, width)
         else:
             low, high = low.clamp(max=0), high.clamp(min=0)
             scale = scale_toward_zero(high.double() - low.double(), levels)
@@ -85,7 +86,9 @@ class Linear(Grouped):
         u = torch.div(rows, safe[:, None]).round_().add_(zp[:, None])
         return u.clamp_(min=lo[:, None], max=hi[:, None])
 
-    def fit_scale(self, rows: torch.Tensor, peak: torch.Tensor, half: int) -> torch.Tensor:
+    def fit_scale(
+        self, rows: torch.Tensor, peak: torch.Tensor, half: int, width: int = 0
+    ) -> torch.Tensor:
         """The symmetric scale of each row: its largest magnitude over `half - 1` levels."""
         return scale_toward_zero(peak, half - 1, cap=FLOAT32_MAX / half)
 
@@ -95,20 +98,33 @@ class Int2(Linear):
     minor = 2
     bits_allowed = (2,)
 
-    def fit_scale(self, rows: torch.Tensor, peak: torch.Tensor, half: int) -> torch.Tensor:
+    def fit_scale(
+        self, rows: torch.Tensor, peak: torch.Tensor, half: int, width: int = 0
+    ) -> torch.Tensor:
         """The ternary scale `s` that locally minimises the squared error of rounding each
         value to -s, 0 or +s: Lloyd's iteration `s = mean |x| over |x| > s / 2`, from
         `s = peak / 2`. Padding zeros never pass the threshold, so they do not count."""
         import torch
 
-        magnitude = rows.abs()
         scale = peak / 2
         for _ in range(8):
-            kept = magnitude > (scale / 2)[:, None]
-            total = torch.where(kept, magnitude, 0).sum(dim=1, dtype=torch.float64)
-            n = kept.sum(dim=1)
+            threshold = (scale / 2)[:, None]
+            total = row_sums(rows, partial(_above, threshold, True), width)
+            n = row_sums(rows, partial(_above, threshold, False), width)
             scale = torch.where(n > 0, total / n.clamp(min=1), scale.double())
         return scale_toward_zero(scale, 1, cap=FLOAT32_MAX / half)
+
+
+def _above(
+    threshold: torch.Tensor, magnitudes: bool, piece: torch.Tensor, s: slice, _: slice
+) -> torch.Tensor:
+    """Of `piece` (rows `s`), the magnitudes above their row's threshold (else 0), or 1 for
+    each of them (float32)."""
+    import torch
+
+    magnitude = piece.abs()
+    kept = magnitude > threshold[s]
+    return torch.where(kept, magnitude, 0) if magnitudes else kept.float()
 
 
 def scale_toward_zero(span: torch.Tensor, divisor: int, cap: float = FLOAT32_MAX) -> torch.Tensor:

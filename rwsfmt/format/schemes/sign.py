@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import Quant
-from .grouped import Grouped
+from .grouped import Grouped, row_sums
 
 if TYPE_CHECKING:
     import torch
@@ -35,9 +35,24 @@ class Sign(Grouped):
     ) -> tuple[torch.Tensor, None, torch.Tensor]:
         """Per-row (scale, None, codes): scale = mean |x| over the row's `counts` real
         members (float32, +0.0 for a zero row), code 1 for x >= 0."""
+        scale, _, fit = self.fit(rows, q, counts=counts)
+        return scale, None, self.codes(rows, fit)
+
+    def fit(
+        self, rows: torch.Tensor, q: Quant, width: int = 0, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None, tuple[()]]:
+        """Per-row (scale, None, what `codes` needs) of `quantize`; the rows zero-padded to
+        `width` columns (see `row_sums`), `counts` real members each (default: all)."""
         import torch
 
-        total = rows.abs().sum(dim=1, dtype=torch.float64)
+        total = row_sums(rows, lambda piece, _, __: piece.abs(), width)
+        if counts is None:
+            counts = torch.full_like(total, rows.shape[1])
         scale = (total / counts.clamp(min=1)).float()
-        scale = torch.where(scale > 0, scale, torch.zeros_like(scale))
-        return scale, None, (rows >= 0).to(torch.float32)
+        return torch.where(scale > 0, scale, torch.zeros_like(scale)), None, ()
+
+    def codes(self, rows: torch.Tensor, fit: tuple[()]) -> torch.Tensor:
+        """The float32 codes of `rows` (any columns of them): 1 for x >= 0, else 0."""
+        import torch
+
+        return (rows >= 0).to(torch.float32)
