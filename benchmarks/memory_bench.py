@@ -107,6 +107,7 @@ ENCODINGS: dict[str, list[str]] = {
     "bits 2 fit direction": ["--bits", "2", "--fit", "direction"],
     "bits 1 density 0.1": ["--bits", "1", "--density", "0.1"],
 }
+UNBOUNDED = {"bits 1 density 0.1"}  # sparse storage is still encoded whole
 # the input file of `--encodings`, as a matrix (vectors are never stored below 8 bits)
 ENCODED = "linear 8 affine group 1"
 ENCODED_COLUMNS = 1024
@@ -279,20 +280,44 @@ def measure(
 
 def measure_encodings(
     limit: int, report: Callable[[str, str, int, int], None] | None = None
-) -> dict[str, tuple[int, int]]:
-    """Encoding label -> (exit code, added peak bytes) of `convert` writing each of
-    `ENCODINGS` from the `ENCODED` worst-case file, each in a fresh process."""
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(encoding label, command) -> (exit code, added peak bytes) of `convert` and `merge`
+    (of the file with itself) writing each of `ENCODINGS` from the `ENCODED` worst-case
+    file, as a matrix, each in a fresh process."""
     quant, filt = next((q, f) for label, q, f in CASES if label == ENCODED)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "worst.rws"
+        path, out = Path(tmp) / "worst.rws", str(Path(tmp) / "out.rws")
         worst_case(path, quant, filt, limit // 4, ENCODED_COLUMNS)
-        for label, args in ENCODINGS.items():
-            job = ("convert", [str(path), "-o", str(Path(tmp) / "out.rws"), *args])
-            results[label] = added_peaks([job], limit)[0]
-            if report:
-                report(ENCODED, f"convert {label}", *results[label])
+        for label in ENCODINGS:
+            for command in ("convert", "merge"):
+                job = encoding_job(command, label, path, out)
+                results[label, command] = added_peaks([job], limit)[0]
+                if report:
+                    report(f"{ENCODED}, {label}", command, *results[label, command])
     return results
+
+
+def encoding_job(command: str, label: str, path: Path, out: str) -> tuple[str, list[str]]:
+    """The `(command, args)` of `convert` or `merge` (of `path` with itself) writing `out`
+    as `ENCODINGS[label]` says."""
+    args = ENCODINGS[label]
+    if command == "merge":  # merge's --density is its method's
+        args = [{"--density": "--store-density"}.get(a, a) for a in args]
+    inputs = [str(path)] * (2 if command == "merge" else 1)
+    return command, [*inputs, "-o", out, *args]
+
+
+def encodings_table(results: dict[tuple[str, str], tuple[int, int]], limit: int) -> str:
+    """`measure_encodings`' results as a markdown table: MiB (ratio to the bound)."""
+    lines = ["| written as | convert | merge |", "|---|---:|---:|"]
+    for label in ENCODINGS:
+        cells = [
+            f"{results[label, c][1] / MiB:,.0f} ({results[label, c][1] / bound(c, limit):.2f})"
+            for c in ("convert", "merge")
+        ]
+        lines.append(f"| {' '.join(ENCODINGS[label])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -303,7 +328,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     parser.add_argument("--all", action="store_true", help="every command on every case")
     parser.add_argument(
-        "--encodings", action="store_true", help=f"only `convert` to each scheme from {ENCODED}"
+        "--encodings", action="store_true", help="only convert and merge writing each of ENCODINGS"
     )
     args = parser.parse_args()
     limit = int(parse_size(args.limit))
@@ -313,7 +338,7 @@ def main() -> None:
         flush=True,
     )
     if args.encodings:
-        measure_encodings(limit, report=progress)
+        print(encodings_table(measure_encodings(limit, report=progress), limit))
         return
     results = measure(limit, args.all, report=progress)
     lines = [
