@@ -295,9 +295,11 @@ def _encode_chunked(
     squares = 0.0
     for rows, r0, e0, members in _row_blocks(flat, q, shape, groups):
         scale, zp, fit = scheme.fit(rows, q, members)  # a last partial group as if padded
+        short = rows.shape[1] <= step  # one pass of columns: its codes made once
+        codes = scheme.codes(rows, fit) if short else None
         if lost is not None:
-            codes = partial(_codes, scheme, fit)
-            scale = _direction_scales(rows, codes, zp, q, lost, scale, members)
+            pieces = partial(_known, codes) if short else partial(_codes, scheme, fit)
+            scale = _direction_scales(rows, pieces, zp, q, lost, scale, members)
         _refuse_overflow(scale, zp if scheme.affine(q) else None, q, name)
         scale_np = scale.cpu().numpy()
         payload[4 * r0 : 4 * (r0 + len(scale_np))] = scale_np.tobytes()
@@ -306,7 +308,7 @@ def _encode_chunked(
             payload[at : at + 4 * len(scale_np)] = zp.cpu().numpy().tobytes()
         for c0 in range(0, rows.shape[1], step):  # one pass, unless one row is longer
             part = rows[:, c0 : c0 + step]
-            u = scheme.codes(part, fit)
+            u = codes if short else scheme.codes(part, fit)
             decoded = _levels(scheme, u, zp).mul_(scale[:, None])  # the decoder's steps
             squares += float(decoded.sub_(part).double().square().sum())
             del decoded
@@ -338,6 +340,11 @@ def _encode_chunked(
 def _codes(scheme: Any, fit: tuple, piece: torch.Tensor, s: slice, _: slice) -> torch.Tensor:
     """The codes of `piece`, rows `s` of those `fit` was fitted to."""
     return scheme.codes(piece, tuple(t[s] for t in fit))
+
+
+def _known(codes: torch.Tensor, _: torch.Tensor, s: slice, c: slice) -> torch.Tensor:
+    """The codes of rows `s`, columns `c`, from the block's `codes`."""
+    return codes[s, c]
 
 
 def _row_blocks(flat: torch.Tensor, q: dict[str, Any], shape: tuple[int, ...], groups: int) -> Any:
