@@ -23,7 +23,7 @@ import torch
 
 from .atomic import same_file
 from .device import resolve_device
-from .errors import RwsError, spell, warn
+from .errors import RwsError, note, spell, warn
 from .hub import HubModel, resolve
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
@@ -312,7 +312,7 @@ def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -
                 ignored.setdefault(name, []).append(f"only in {role}")
     if ignored:
         shown = [f"{n} ({', '.join(how)})" for n, how in ignored.items()]
-        warn(
+        note(
             f"{len(ignored)} tensor(s) outside the selection differ between the inputs and "
             f"are ignored: {few(shown)}"
         )
@@ -331,7 +331,7 @@ def _note_mixed_dtypes(ckpts: Mapping[str, Checkpoint], selected: Sequence[str])
         for role, c in ckpts.items()
     )
     wide = any(c.dtype(n) == torch.float64 for c in ckpts.values() for n in mixed)
-    warn(
+    note(
         f"{len(mixed)} of {len(selected)} selected tensor(s) differ in dtype ({held}): "
         f"computed in {'float64' if wide else 'float32'}, recorded as std's dtype"
     )

@@ -30,7 +30,7 @@ import torch
 from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError, as_path, spell, warn
+from .errors import RwsError, as_path, note, spell, warn
 from .hub import HubModel, refuse_cache_output, resolve
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
@@ -676,7 +676,7 @@ def _record(
                     fix=f"pass {spell('--force', 'force=True')} to apply it again, or apply "
                     "the undo file of that patch first",
                 )
-            warn(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
+            note(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
         added.append(new)
     return [*before, *added], added
 
@@ -690,6 +690,8 @@ def _record_undone(ckpt: Checkpoint, removed: Record) -> tuple[Record, Record]:
             "the model's record of applied signatures does not list the patch this undo file "
             "takes off; its tensors are restored all the same",
             path=ckpt.path,
+            fix="none if the model was re-saved by a tool that drops the record; otherwise "
+            "check that the undo file was written by the apply that made this model",
         )
     return record, []
 
