@@ -425,3 +425,13 @@ def default_label(robust: Source, corruption: str | None = None) -> str:
     above = [p.name for p in path.parents][:_LABEL_FOLDERS]
     specific = [n for n in (own, *above) if n and not _GENERIC_NAME.fullmatch(n)]
     return as_text(specific[0] if specific else own)
+
+
+def output_label(robust: str, output: str) -> str | None:
+    """The output file's stem as the label (`-o fog.rws` -> `fog`) when `robust`'s own name
+    (a path or a hub id as typed) is generic and the stem is not; else None."""
+    path, stem = pathlib.Path(os.path.normpath(robust)), pathlib.Path(output).stem
+    own = path.name if path.is_dir() else path.stem
+    if not stem or _GENERIC_NAME.fullmatch(stem) or (own and not _GENERIC_NAME.fullmatch(own)):
+        return None
+    return as_text(stem)
