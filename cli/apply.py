@@ -175,7 +175,14 @@ def apply(
     if not quiet:
         _print_summary(report, pairs, stats)
         if chosen:
-            say("  (no -o given: a new name beside the model; -o OUT chooses another)")
+            from rwsfmt.hub import is_hub_id
+
+            where = (
+                "in the current folder (the Hugging Face cache is never written)"
+                if is_hub_id(model)
+                else "beside the model"
+            )
+            say(f"  (no -o given: a new name {where}; -o OUT chooses another)")
     _print_record(report, quiet)
 
 

@@ -279,6 +279,7 @@ def test_apply_to_an_id_writes_a_new_folder_here_never_into_the_cache(hub, tmp_p
     assert result.returncode == 0, result.stderr
     out = tmp_path / "std-fog"
     assert f"wrote {out.name}" in result.stdout
+    assert "new name in the current folder (the Hugging Face cache is never" in result.stdout
     assert cache_digest(cache) == before
     patched = transformers.BertModel.from_pretrained(out).state_dict()
     want = rwsfmt.apply(tiny_bert(1, 0.01).state_dict(), [(rwsfmt.load("fog.rws"), 0.8)])
