@@ -144,7 +144,7 @@ def test_extract_reads_hub_ids_from_the_cache_as_typed(hub):
     assert by_id.names == by_path.names
     for name in by_id.names:
         assert torch.equal(by_id.tensor(name), by_path.tensor(name)), name
-    assert by_id.label == "robust"
+    assert by_id.label == "x"  # the repo name "robust" is generic: -o's stem
     inputs = {r["role"]: r for r in by_id.provenance["inputs"]}
     assert inputs["std"]["name"] == "org/std"
     assert inputs["std"]["hub"] == {
