@@ -133,8 +133,10 @@ def apply(
     summed in float32 and cast once; normalization statistics follow
     --stats.
     """
+    from rwsfmt.io.open import refuse_signature
     from rwsfmt.patching import apply_checkpoint
 
+    refuse_signature(model)  # before the signatures: `apply SIG.rws MODEL` says so
     alphas = alphas or _undo_alpha(signatures)
     if len(alphas) not in (1, len(signatures)):
         raise click.UsageError(

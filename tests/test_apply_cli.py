@@ -449,3 +449,18 @@ def test_concurrent_in_place_applies_both_land(files):
         "the result is not both patches, one after the other"
     )
     assert [p.name for p in tmp.iterdir() if ".rwsfmt-" in p.name] == []
+
+
+def test_a_signature_where_the_model_goes_says_the_order(files):
+    tmp, _ = files
+    for args in (
+        ["apply", tmp / "fog.rws", tmp / "std.safetensors", "-a", "1"],
+        ["extract", tmp / "std.safetensors", tmp / "fog.rws", tmp / "std.safetensors", "-o", "x"],
+    ):
+        code, out = run(*args)
+        assert code == 2 and "fog.rws: is a .rws signature, where a model checkpoint goes" in out
+        assert "fix: give the model first, then the signatures" in out
+    assert sorted(p.name for p in tmp.iterdir()) == ["fog.rws", "snow.rws", "std.safetensors"]
+    with pytest.raises(rwsfmt.RwsError, match="where a model checkpoint goes") as err:
+        rwsfmt.apply_checkpoint(tmp / "snow.rws", [(tmp / "fog.rws", 1.0)], tmp / "o.pt")
+    assert err.value.fix == "pass a model checkpoint here, and .rws files only as signatures"
