@@ -327,3 +327,18 @@ def test_public_names_resolve_to_functions_in_any_import_order():
         "assert inspect.isfunction(rwsfmt.patched)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_apply_given_a_path_or_a_module_names_the_function_that_takes_it(tmp_path):
+    model = make_net()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    for given, says, fix in (
+        (tmp_path / "model.pt", "got PosixPath", "rwsfmt.apply_checkpoint(path, sigs, output)"),
+        (str(tmp_path / "model.pt"), "got str", "rwsfmt.apply_checkpoint(path, sigs, output)"),
+        (model, "got Net", "rwsfmt.patch(model, sig)"),
+        (3, "got int 3", "pass model.state_dict()"),
+    ):
+        with pytest.raises(rwsfmt.RwsError, match=f"apply takes a state dict, {says}") as err:
+            rwsfmt.apply(given, tmp_path / "fog.rws", 1.0)
+        assert fix in err.value.fix
