@@ -217,7 +217,7 @@ def _summary(sig, output: str) -> None:
     parameters = sum(info.numel for info in sig.infos)
     title = (
         f"{sig.label}: {len(sig)} tensors, {parameters:,} parameters, "
-        f"{_describe_kept(selection)}; depth order from {describe_order(selection)}"
+        f"{describe_kept(selection)}; depth order from {describe_order(selection)}"
     )
     float32 = 4 * parameters
     rows = [
@@ -252,7 +252,7 @@ def _summary(sig, output: str) -> None:
             )
 
 
-def _describe_kept(selection: dict) -> str:
+def describe_kept(selection: dict) -> str:
     """`in 5 of 6 blocks (encoder.layer.0-4, ...)` or `in 5 of 16 layers (features.0, ...)`."""
     unit, total = selection.get("unit", "layer"), selection.get("layer_total")
     count = selection.get("layer_count", "?")

@@ -210,6 +210,12 @@ def test_five_layers_of_minilm_are_its_embeddings_and_first_five_blocks(runs, tm
     assert selection["unit"] == "block" and selection["stacks"] == ["encoder.layer.N"]
     assert (selection["layer_count"], selection["layer_total"]) == (5, 6)
     assert selection["kept"] == [f"encoder.layer.{i}" for i in range(5)]
+    # inspect says it too, long after the extract's summary is gone
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "s.rws")], env={"COLUMNS": "200"})
+    assert (
+        "project, layers 5: in 5 of 6 blocks (encoder.layer.0-4 and everything before the next "
+        "block)" in shown.stdout
+    )
 
 
 @pytest.fixture(scope="module")
