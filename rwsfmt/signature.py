@@ -287,6 +287,12 @@ class Signature(SignatureBase):
         if isinstance(self._blobs, RwsReader):
             self._blobs.close()
 
+    def __del__(self) -> None:
+        # a signature that rwsfmt.apply, patch, merge, ... loaded from a path is never seen by
+        # the caller: its file closes with it (no ResourceWarning, no descriptor left open)
+        if isinstance(getattr(self, "_blobs", None), RwsReader):
+            self._blobs.close()
+
     def __enter__(self) -> Signature:
         return self
 
