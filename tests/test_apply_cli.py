@@ -122,6 +122,9 @@ def test_alpha_count_must_match(files):
         tmp / "o.safetensors",
     )
     assert code == 2 and "3 --alpha values for 2 signatures" in out
+    assert "fix: give one --alpha for all the signatures, or one per signature" in out
+    code, out = run("apply", tmp / "std.safetensors", tmp / "fog.rws", "-a", "0.8,0.3")
+    assert code == 2 and "error: 2 --alpha values for 1 signature\n" in out
     assert not (tmp / "o.safetensors").exists()
 
 
