@@ -24,7 +24,7 @@ import torch
 from .atomic import same_file
 from .device import resolve_device
 from .errors import RwsError, note, spell, warn
-from .hub import HubModel, resolve
+from .hub import HubModel, is_hub_id, resolve
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
@@ -430,6 +430,8 @@ def default_label(robust: Source, corruption: str | None = None) -> str:
 def output_label(robust: str, output: str) -> str | None:
     """The output file's stem as the label (`-o fog.rws` -> `fog`) when `robust`'s own name
     (a path or a hub id as typed) is generic and the stem is not; else None."""
+    if is_hub_id(robust):
+        robust = robust.partition("@")[0]  # org/robust@v2: the repo's name, robust
     path, stem = pathlib.Path(os.path.normpath(robust)), pathlib.Path(output).stem
     own = path.name if path.is_dir() else path.stem
     if not stem or _GENERIC_NAME.fullmatch(stem) or (own and not _GENERIC_NAME.fullmatch(own)):

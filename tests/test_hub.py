@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import rwsfmt
+from rwsfmt.extraction import output_label
 from rwsfmt.hub import hub_cache
 from rwsfmt.io import open_checkpoint
 from rwsfmt_cli.main import main
@@ -145,6 +146,7 @@ def test_extract_reads_hub_ids_from_the_cache_as_typed(hub):
     for name in by_id.names:
         assert torch.equal(by_id.tensor(name), by_path.tensor(name)), name
     assert by_id.label == "x"  # the repo name "robust" is generic: -o's stem
+    assert output_label("org/robust@main", "fog.rws") == "fog"
     inputs = {r["role"]: r for r in by_id.provenance["inputs"]}
     assert inputs["std"]["name"] == "org/std"
     assert inputs["std"]["hub"] == {
