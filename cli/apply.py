@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import click
 
+from rwsfmt.errors import RwsError
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
 from .console import UsageError, progress_bar, say
@@ -133,13 +134,17 @@ def apply(
     summed in float32 and cast once; normalization statistics follow
     --stats.
     """
+    from rwsfmt.io.open import refuse_signature
     from rwsfmt.patching import apply_checkpoint
 
+    refuse_signature(model)  # before the signatures: `apply SIG.rws MODEL` says so
     alphas = alphas or _undo_alpha(signatures)
     if len(alphas) not in (1, len(signatures)):
-        raise click.UsageError(
-            f"{len(alphas)} --alpha values for {len(signatures)} signatures: "
-            "give one for all, or one per signature"
+        raise RwsError(
+            f"{len(alphas)} --alpha values for {len(signatures)} "
+            f"signature{'' if len(signatures) == 1 else 's'}",
+            fix="give one --alpha for all the signatures, or one per signature, in order: "
+            "--alpha 0.8,0.3",
         )
     check_hub_options([model], revision, download)
     chosen = output is None and not (in_place or dry_run)
@@ -175,7 +180,14 @@ def apply(
     if not quiet:
         _print_summary(report, pairs, stats)
         if chosen:
-            say("  (no -o given: a new name beside the model; -o OUT chooses another)")
+            from rwsfmt.hub import is_hub_id
+
+            where = (
+                "in the current folder (the Hugging Face cache is never written)"
+                if is_hub_id(model)
+                else "beside the model"
+            )
+            say(f"  (no -o given: a new name {where}; -o OUT chooses another)")
     _print_record(report, quiet)
 
 
@@ -183,7 +195,6 @@ def default_output(model: str, signatures: Sequence[str]) -> str:
     """Where apply writes without -o: beside MODEL (in the current folder for a Hugging Face
     id), MODEL's name and the signatures' file stems: model.pt + fog.rws -> model-fog.pt,
     folder/ -> folder-fog/, org/name -> name-fog/; -2, -3, ... when the name is taken."""
-    from rwsfmt.errors import RwsError
     from rwsfmt.hub import is_hub_id
     from rwsfmt.inputs import sniff
     from rwsfmt.io.convert import SUFFIXES

@@ -99,8 +99,9 @@ _GROUPS = {
 @click.option(
     "--name",
     metavar="LABEL",
-    help="The signature's label (default: --corruption, else ROBUST's file stem or folder name, "
-    "or the folder above when that name is generic: runs/fog/robust.pt -> fog).",
+    help="The signature's label (default: --corruption, else ROBUST's file stem or folder name; "
+    "when that name is generic, OUT's stem (-o fog.rws -> fog), else the folder above "
+    "(runs/fog/robust.pt -o out.rws -> fog)).",
 )
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free metadata; repeatable.")
 @click.option("--corruption", help="The corruption the robust model was trained on, e.g. fog.")
@@ -140,6 +141,7 @@ def extract(
     """
     import rwsfmt
     from rwsfmt.atomic import check_destination, refuse_overwriting_inputs
+    from rwsfmt.extraction import output_label
 
     check_destination(output)
     check_hub_options([std, robust, init], revision, download)
@@ -158,7 +160,7 @@ def extract(
         order=order,
         method=method,
         quant=storage.config(),
-        label=name,
+        label=name or (None if corruption else output_label(robust, output)),
         meta=_parse_meta(meta),
         corruption=corruption,
         severity=severity,
@@ -215,7 +217,7 @@ def _summary(sig, output: str) -> None:
     parameters = sum(info.numel for info in sig.infos)
     title = (
         f"{sig.label}: {len(sig)} tensors, {parameters:,} parameters, "
-        f"{_describe_kept(selection)}; depth order from {describe_order(selection)}"
+        f"{describe_kept(selection)}; depth order from {describe_order(selection)}"
     )
     float32 = 4 * parameters
     rows = [
@@ -250,7 +252,7 @@ def _summary(sig, output: str) -> None:
             )
 
 
-def _describe_kept(selection: dict) -> str:
+def describe_kept(selection: dict) -> str:
     """`in 5 of 6 blocks (encoder.layer.0-4, ...)` or `in 5 of 16 layers (features.0, ...)`."""
     unit, total = selection.get("unit", "layer"), selection.get("layer_total")
     count = selection.get("layer_count", "?")

@@ -348,11 +348,28 @@ def _method(prov: dict) -> str:
         for k, v in (merge.items() if isinstance(merge, dict) else ())
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
+    kept = _kept(prov.get("selection"))
     return (
         f"{method}"
         + (f", layers {layers}" if layers is not None else "")
+        + (f": {kept}" if kept else "")
         + (f" ({', '.join(params)})" if params else "")
     )
+
+
+def _kept(selection: object) -> str:
+    """What the layer rule kept, as extract's summary says it (`in 5 of 6 blocks
+    (encoder.layer.0-4 and ...)`); '' when the provenance does not say it in those types."""
+    from .extract import describe_kept
+
+    if not isinstance(selection, dict):
+        return ""
+    kept, count, total = (selection.get(k) for k in ("kept", "layer_count", "layer_total"))
+    numbers = all(isinstance(n, int) and not isinstance(n, bool) for n in (count, total))
+    names = isinstance(kept, list) and all(isinstance(k, str) for k in kept)
+    if not (numbers and names and selection.get("unit") in ("block", "layer")):
+        return ""
+    return describe_kept(selection)
 
 
 def _depth_order(selection: object) -> str:

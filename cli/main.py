@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import click
 
 from rwsfmt import __version__
-from rwsfmt.errors import RwsError, RwsWarning, cli_spelling
+from rwsfmt.errors import RwsError, RwsNote, RwsWarning, cli_spelling
 
 from .console import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, printable
 
@@ -63,12 +63,14 @@ class RwsGroup(click.Group):
 
 @contextlib.contextmanager
 def _printed_warnings() -> Iterator[None]:
-    """Print every `RwsWarning` (each time it occurs) as `warning: ...` on stderr; the exit
+    """Print every `RwsWarning` (each time it occurs) as `warning: ...` (an `RwsNote` as
+    `note: ...`) on stderr; the exit
     code stays what it would be without."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, RwsWarning):
-            click.echo(f"warning: {printable(message, newlines=True)}", err=True)
+            kind = "note" if issubclass(category, RwsNote) else "warning"
+            click.echo(f"{kind}: {printable(message, newlines=True)}", err=True)
         else:
             original(message, category, filename, lineno, file, line)
 

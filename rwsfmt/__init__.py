@@ -11,7 +11,7 @@ Names are imported lazily so that `import rwsfmt` does not import torch.
 
 from __future__ import annotations
 
-from .errors import IntegrityError, RwsError, RwsWarning, SignatureError
+from .errors import IntegrityError, RwsError, RwsNote, RwsWarning, SignatureError
 from .lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -46,7 +46,9 @@ _LAZY = {
     "write_checkpoint": "io",
 }
 
-__all__ = ["IntegrityError", "RwsError", "RwsWarning", "SignatureError", "__version__", *_LAZY]
+__all__ = [
+    "IntegrityError", "RwsError", "RwsNote", "RwsWarning", "SignatureError", "__version__", *_LAZY
+]  # fmt: skip
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -179,6 +179,8 @@ def compare(
     is no such one); `progress(items, total, description)` may wrap the loop over tensors.
     Files given as paths are opened here and closed again.
     """
+    if isinstance(signatures, (str, bytes, os.PathLike)) or hasattr(signatures, "names"):
+        signatures = [signatures]  # one signature (a path's characters are not paths)
     if len(signatures) < 2:
         raise RwsError(
             f"compare needs at least two signatures, got {len(signatures)}",

@@ -52,6 +52,12 @@ class RwsWarning(UserWarning):
     """
 
 
+class RwsNote(RwsWarning):
+    """What rwsfmt did on its own in a normal case that needs no fix (inputs of mixed float
+    dtypes computed in float32, tensors outside the selection that differ between library
+    versions); the command line prints each as one `note: ...` line on stderr."""
+
+
 def as_path(value: object, what: str = "a path") -> str:
     """`value` (str, bytes or os.PathLike) as a path string; `RwsError` naming what was
     given instead (`what` says what was wanted, e.g. 'the path of a .rws file')."""
@@ -72,11 +78,18 @@ def described(value: object, limit: int = 60) -> str:
     return f"{type(value).__name__} {shown}"
 
 
-def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str | None = None) -> None:
+def warn(problem: str, *, path: str | os.PathLike | None = None, fix: str) -> None:
     """Issue an `RwsWarning` worded as an `RwsError` is (file, problem, fix)."""
     import warnings
 
     warnings.warn(_message(problem, path, fix), RwsWarning, stacklevel=3)
+
+
+def note(what: str, *, path: str | os.PathLike | None = None) -> None:
+    """Issue an `RwsNote`: one line saying what was done in a normal case (no fix needed)."""
+    import warnings
+
+    warnings.warn(_message(what, path, None), RwsNote, stacklevel=3)
 
 
 def _message(problem: str, path: str | os.PathLike | None, fix: str | None) -> str:

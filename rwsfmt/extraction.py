@@ -23,8 +23,8 @@ import torch
 
 from .atomic import same_file
 from .device import resolve_device
-from .errors import RwsError, spell, warn
-from .hub import HubModel, resolve
+from .errors import RwsError, note, spell, warn
+from .hub import HubModel, is_hub_id, resolve
 from .io import Checkpoint, open_checkpoint
 from .io.base import refuse_nonfinite
 from .io.open import Source
@@ -312,7 +312,7 @@ def _check_agreement(ckpts: Mapping[str, Checkpoint], selected: Sequence[str]) -
                 ignored.setdefault(name, []).append(f"only in {role}")
     if ignored:
         shown = [f"{n} ({', '.join(how)})" for n, how in ignored.items()]
-        warn(
+        note(
             f"{len(ignored)} tensor(s) outside the selection differ between the inputs and "
             f"are ignored: {few(shown)}"
         )
@@ -331,7 +331,7 @@ def _note_mixed_dtypes(ckpts: Mapping[str, Checkpoint], selected: Sequence[str])
         for role, c in ckpts.items()
     )
     wide = any(c.dtype(n) == torch.float64 for c in ckpts.values() for n in mixed)
-    warn(
+    note(
         f"{len(mixed)} of {len(selected)} selected tensor(s) differ in dtype ({held}): "
         f"computed in {'float64' if wide else 'float32'}, recorded as std's dtype"
     )
@@ -425,3 +425,15 @@ def default_label(robust: Source, corruption: str | None = None) -> str:
     above = [p.name for p in path.parents][:_LABEL_FOLDERS]
     specific = [n for n in (own, *above) if n and not _GENERIC_NAME.fullmatch(n)]
     return as_text(specific[0] if specific else own)
+
+
+def output_label(robust: str, output: str) -> str | None:
+    """The output file's stem as the label (`-o fog.rws` -> `fog`) when `robust`'s own name
+    (a path or a hub id as typed) is generic and the stem is not; else None."""
+    if is_hub_id(robust):
+        robust = robust.partition("@")[0]  # org/robust@v2: the repo's name, robust
+    path, stem = pathlib.Path(os.path.normpath(robust)), pathlib.Path(output).stem
+    own = path.name if path.is_dir() else path.stem
+    if not stem or _GENERIC_NAME.fullmatch(stem) or (own and not _GENERIC_NAME.fullmatch(own)):
+        return None
+    return as_text(stem)

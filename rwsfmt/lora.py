@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import RwsError
+from .errors import RwsError, spell
 from .inputs import open_input, strict_json
 from .io.safetensors import SafetensorsCheckpoint
 
@@ -62,6 +62,18 @@ def adapter_files(path: str) -> tuple[str, str]:
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     weights = os.path.join(folder, WEIGHTS_FILE) if os.path.isdir(path) else path
     config = os.path.join(folder, CONFIG_FILE)
+    if os.path.isdir(path) and not any(map(os.path.lexists, (weights, config))):
+        raise RwsError(
+            f"is a folder without a PEFT LoRA adapter ({WEIGHTS_FILE}, {CONFIG_FILE}); import "
+            "reads one safetensors file of differences or a LoRA adapter's folder",
+            path=path,
+            fix="for a fine-tuned model, extract its difference from the base: "
+            + spell(
+                "rwsfmt extract BASE FINETUNED --method subtract",
+                "rwsfmt.extract(base, finetuned, method='subtract')",
+            )
+            + "; for a safetensors file of differences, give the file",
+        )
     for needed, what in ((weights, "weights"), (config, "configuration")):
         if not os.path.isfile(needed):
             raise RwsError(

@@ -30,7 +30,7 @@ import torch
 from .applied import Record, entry, without
 from .atomic import check_destination, refuse_overwriting_inputs, same_file, target_lock
 from .device import resolve_device
-from .errors import RwsError, as_path, spell, warn
+from .errors import RwsError, as_path, described, note, spell, warn
 from .hub import HubModel, refuse_cache_output, resolve
 from .io import Checkpoint, Format, open_checkpoint, output_format, write_checkpoint
 from .io.base import all_finite, refuse_nonfinite
@@ -248,6 +248,19 @@ def _state_dict_view(state_dict: Mapping[str, Any], what: str) -> PyTorchCheckpo
     return ckpt
 
 
+def _check_state_dict(state_dict: object) -> None:
+    """`RwsError` saying which function fits when `apply` is given no state dict."""
+    if isinstance(state_dict, Mapping):
+        return
+    if isinstance(state_dict, (str, bytes, os.PathLike)):
+        fix = "for a checkpoint file, rwsfmt.apply_checkpoint(path, sigs, output)"
+    elif isinstance(state_dict, torch.nn.Module):
+        fix = "pass model.state_dict(), or patch the model itself: rwsfmt.patch(model, sig)"
+    else:
+        fix = "pass model.state_dict() (a mapping of names to tensors)"
+    raise RwsError(f"apply takes a state dict, got {described(state_dict)}", fix=fix)
+
+
 def apply(
     state_dict: Mapping[str, torch.Tensor],
     sigs: Entries,
@@ -268,6 +281,7 @@ def apply(
     rule = StatsRule.parse(stats)
     entries = as_entries(sigs, alpha)
     undoing = _undoing(entries)
+    _check_state_dict(state_dict)
     ckpt = _state_dict_view(state_dict, "state dict")
     plan, _ = _plan(entries, ckpt, parse_map(map), strict, "state dict", Naming())
     out = dict(state_dict)
@@ -676,7 +690,7 @@ def _record(
                     fix=f"pass {spell('--force', 'force=True')} to apply it again, or apply "
                     "the undo file of that patch first",
                 )
-            warn(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
+            note(f"{what}; applied again ({spell('--force', 'force=True')})", path=ckpt.path)
         added.append(new)
     return [*before, *added], added
 
@@ -690,6 +704,8 @@ def _record_undone(ckpt: Checkpoint, removed: Record) -> tuple[Record, Record]:
             "the model's record of applied signatures does not list the patch this undo file "
             "takes off; its tensors are restored all the same",
             path=ckpt.path,
+            fix="none if the model was re-saved by a tool that drops the record; otherwise "
+            "check that the undo file was written by the apply that made this model",
         )
     return record, []
 

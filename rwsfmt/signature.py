@@ -287,6 +287,12 @@ class Signature(SignatureBase):
         if isinstance(self._blobs, RwsReader):
             self._blobs.close()
 
+    def __del__(self) -> None:
+        # a signature that rwsfmt.apply, patch, merge, ... loaded from a path is never seen by
+        # the caller: its file closes with it (no ResourceWarning, no descriptor left open)
+        if isinstance(getattr(self, "_blobs", None), RwsReader):
+            self._blobs.close()
+
     def __enter__(self) -> Signature:
         return self
 
@@ -621,6 +627,21 @@ def warn_repeated(signatures: Sequence[Signature], consequence: str) -> None:
                 fix="give each signature once",
             )
             break
+
+
+def warn_unrelated(signatures: Sequence[Signature]) -> None:
+    """Warn when no two signatures share a tensor and their models' architectures differ (a
+    merge of them is a union of unrelated tensors, which no model takes)."""
+    models = {s.model_fingerprint for s in signatures} - {None}
+    names = [set(s.names) for s in signatures]
+    if len(models) < 2 or any(a & b for j, a in enumerate(names) for b in names[:j]):
+        return
+    warn(
+        "the signatures share no tensor and come from models of different architectures ("
+        + "; ".join(f"{_shown(s)}: {s.names[0]}, ..." for s in signatures if s.names)
+        + "): merged, they are a union of unrelated tensors that no model takes",
+        fix="merge signatures extracted from one architecture",
+    )
 
 
 def _shown(sig: Signature) -> str:

@@ -176,7 +176,7 @@ def test_the_same_signature_twice_is_refused_unless_forced(files):
         "--quiet",
     )
     assert code == 0, err
-    assert out == "" and err.startswith("warning: ") and "signature 'fog'" in err
+    assert out == "" and err.startswith("note: ") and "signature 'fog'" in err
     assert "(--force)" in err
     assert safetensors_record(tmp / "pp.safetensors") == [
         entry(tmp, "fog", 0.8),

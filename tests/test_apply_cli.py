@@ -122,6 +122,9 @@ def test_alpha_count_must_match(files):
         tmp / "o.safetensors",
     )
     assert code == 2 and "3 --alpha values for 2 signatures" in out
+    assert "fix: give one --alpha for all the signatures, or one per signature" in out
+    code, out = run("apply", tmp / "std.safetensors", tmp / "fog.rws", "-a", "0.8,0.3")
+    assert code == 2 and "error: 2 --alpha values for 1 signature\n" in out
     assert not (tmp / "o.safetensors").exists()
 
 
@@ -449,3 +452,18 @@ def test_concurrent_in_place_applies_both_land(files):
         "the result is not both patches, one after the other"
     )
     assert [p.name for p in tmp.iterdir() if ".rwsfmt-" in p.name] == []
+
+
+def test_a_signature_where_the_model_goes_says_the_order(files):
+    tmp, _ = files
+    for args in (
+        ["apply", tmp / "fog.rws", tmp / "std.safetensors", "-a", "1"],
+        ["extract", tmp / "std.safetensors", tmp / "fog.rws", tmp / "std.safetensors", "-o", "x"],
+    ):
+        code, out = run(*args)
+        assert code == 2 and "fog.rws: is a .rws signature, where a model checkpoint goes" in out
+        assert "fix: give the model first, then the signatures" in out
+    assert sorted(p.name for p in tmp.iterdir()) == ["fog.rws", "snow.rws", "std.safetensors"]
+    with pytest.raises(rwsfmt.RwsError, match="where a model checkpoint goes") as err:
+        rwsfmt.apply_checkpoint(tmp / "snow.rws", [(tmp / "fog.rws", 1.0)], tmp / "o.pt")
+    assert err.value.fix == "pass a model checkpoint here, and .rws files only as signatures"

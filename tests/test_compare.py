@@ -226,6 +226,13 @@ def test_fewer_than_two_signatures_is_an_error():
         rwsfmt.compare([_sig("a", _tensors(0))])
 
 
+def test_one_path_alone_is_one_signature_not_a_list_of_characters(tmp_path):
+    path = _save(tmp_path, "fog", _tensors(0))
+    for one in (path, str(path), _sig("a", _tensors(0))):
+        with pytest.raises(rwsfmt.RwsError, match="at least two signatures, got 1"):
+            rwsfmt.compare(one)
+
+
 def test_each_tensor_is_decoded_once_per_signature_one_name_at_a_time(monkeypatch):
     import rwsfmt.comparison as comparison
 

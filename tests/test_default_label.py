@@ -59,3 +59,24 @@ def test_cli_signatures_from_one_name_in_several_folders_differ(runs):
     )
     assert result.exit_code == 0, result.output
     assert rwsfmt.load(runs / "out.rws").label == "fog"
+
+
+@pytest.mark.parametrize(
+    ("robust", "output", "label"),
+    [
+        ("robust.pt", "fog.rws", "fog"),  # the mission's line: not the current folder's name
+        ("runs/fog/robust.pt", "haze.rws", "haze"),  # the name the user chose
+        ("runs/fog/robust.pt", "out.rws", "fog"),  # a generic output name: the folder
+        ("runs/frost.pt", "haze.rws", "frost"),  # a specific input name first
+    ],
+)
+def test_cli_label_is_outs_stem_when_robusts_name_is_generic(
+    runs, robust, output, label, monkeypatch
+):
+    monkeypatch.chdir(runs)
+    (runs / "robust.pt").write_bytes((runs / "runs/fog/robust.pt").read_bytes())
+    result = CliRunner().invoke(
+        main, ["extract", "std.pt", robust, "init.pt", "-o", output, "--layers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert rwsfmt.load(runs / output).label == label

@@ -101,6 +101,9 @@ def test_the_command_line_extracts_the_trio_and_prints_the_note(runs, tmp_path):
         )
         assert result.exit_code == 0, result.output
         assert "embeddings.position_ids (only in init)" in result.stderr
+        # a note (nothing to fix), not a warning without the fix line warnings promise
+        assert result.stderr.startswith("note: 1 tensor(s) outside the selection")
+        assert "warning:" not in result.stderr
 
 
 def test_a_selected_tensor_missing_from_one_input_is_named_with_the_fix(runs, tmp_path):
@@ -207,6 +210,12 @@ def test_five_layers_of_minilm_are_its_embeddings_and_first_five_blocks(runs, tm
     assert selection["unit"] == "block" and selection["stacks"] == ["encoder.layer.N"]
     assert (selection["layer_count"], selection["layer_total"]) == (5, 6)
     assert selection["kept"] == [f"encoder.layer.{i}" for i in range(5)]
+    # inspect says it too, long after the extract's summary is gone
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "s.rws")], env={"COLUMNS": "200"})
+    assert (
+        "project, layers 5: in 5 of 6 blocks (encoder.layer.0-4 and everything before the next "
+        "block)" in shown.stdout
+    )
 
 
 @pytest.fixture(scope="module")

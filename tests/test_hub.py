@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import rwsfmt
+from rwsfmt.extraction import output_label
 from rwsfmt.hub import hub_cache
 from rwsfmt.io import open_checkpoint
 from rwsfmt_cli.main import main
@@ -144,7 +145,8 @@ def test_extract_reads_hub_ids_from_the_cache_as_typed(hub):
     assert by_id.names == by_path.names
     for name in by_id.names:
         assert torch.equal(by_id.tensor(name), by_path.tensor(name)), name
-    assert by_id.label == "robust"
+    assert by_id.label == "x"  # the repo name "robust" is generic: -o's stem
+    assert output_label("org/robust@main", "fog.rws") == "fog"
     inputs = {r["role"]: r for r in by_id.provenance["inputs"]}
     assert inputs["std"]["name"] == "org/std"
     assert inputs["std"]["hub"] == {
@@ -279,6 +281,7 @@ def test_apply_to_an_id_writes_a_new_folder_here_never_into_the_cache(hub, tmp_p
     assert result.returncode == 0, result.stderr
     out = tmp_path / "std-fog"
     assert f"wrote {out.name}" in result.stdout
+    assert "new name in the current folder (the Hugging Face cache is never" in result.stdout
     assert cache_digest(cache) == before
     patched = transformers.BertModel.from_pretrained(out).state_dict()
     want = rwsfmt.apply(tiny_bert(1, 0.01).state_dict(), [(rwsfmt.load("fog.rws"), 0.8)])

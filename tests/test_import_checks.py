@@ -72,6 +72,13 @@ def test_cli_import_of_a_model_warns_on_stderr(tmp_path):
     assert result.exit_code == 0
     assert "warning:" in result.output and "doubling its weights" in result.output
     assert "fix: import the difference" in result.output and "--method subtract" in result.output
+    # the model's folder is not read as a PEFT adapter missing its files
+    result = CliRunner().invoke(
+        main, ["import", str(tmp_path / "base"), "-o", str(tmp_path / "y.rws")]
+    )
+    assert result.exit_code == 2 and not (tmp_path / "y.rws").exists()
+    assert "base: is a folder without a PEFT LoRA adapter" in result.output
+    assert "fix: for a fine-tuned model, extract its difference" in result.output
 
 
 # ---------------------------------------------------------------- PEFT LoRA adapters

@@ -319,3 +319,31 @@ def test_cli_storage_usage_errors_name_the_flags(files, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
         assert not bad.exists()
+
+
+def test_signatures_of_unrelated_architectures_warn_when_merged(tmp_path):
+    """Two checkpoint trios of different models (no shared tensor name): the union is merged
+    as documented, with a warning that names both files; shared tensors give no warning."""
+    nets = {
+        "conv": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)),
+        "mlp": lambda: torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Identity(), torch.nn.Identity(), torch.nn.Linear(8, 2)
+        ),
+    }
+    for kind, make in nets.items():
+        torch.manual_seed(0)
+        for role in ("init", "std", "robust"):
+            torch.save(make().state_dict(), tmp_path / f"{kind}-{role}.pt")
+        paths = [str(tmp_path / f"{kind}-{role}.pt") for role in ("std", "robust", "init")]
+        result = CliRunner().invoke(main, ["extract", *paths, "-o", str(tmp_path / f"{kind}.rws")])
+        assert result.exit_code == 0, result.output
+    conv, mlp = str(tmp_path / "conv.rws"), str(tmp_path / "mlp.rws")
+    result = CliRunner().invoke(main, ["merge", conv, mlp, "-o", str(tmp_path / "m.rws")])
+    assert result.exit_code == 0, result.output
+    assert "warning: the signatures share no tensor and come from models of different" in (
+        result.stderr
+    )
+    assert "conv.rws: 0.weight" in result.stderr and "mlp.rws: 3.weight" in result.stderr
+    assert "fix: merge signatures extracted from one architecture" in result.stderr
+    result = CliRunner().invoke(main, ["merge", conv, conv, "-o", str(tmp_path / "n.rws")])
+    assert "share no tensor" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -327,3 +328,48 @@ def test_public_names_resolve_to_functions_in_any_import_order():
         "assert inspect.isfunction(rwsfmt.patched)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_apply_given_a_path_or_a_module_names_the_function_that_takes_it(tmp_path):
+    model = make_net()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    rwsfmt.save(make_sig(model, 1), tmp_path / "fog.rws")
+    for given, says, fix in (
+        (tmp_path / "model.pt", "got PosixPath", "rwsfmt.apply_checkpoint(path, sigs, output)"),
+        (str(tmp_path / "model.pt"), "got str", "rwsfmt.apply_checkpoint(path, sigs, output)"),
+        (model, "got Net", "rwsfmt.patch(model, sig)"),
+        (3, "got int 3", "pass model.state_dict()"),
+    ):
+        with pytest.raises(rwsfmt.RwsError, match=f"apply takes a state dict, {says}") as err:
+            rwsfmt.apply(given, tmp_path / "fog.rws", 1.0)
+        assert fix in err.value.fix
+
+
+def test_functions_given_paths_leave_no_file_open(tmp_path):
+    """A .rws opened by apply, patch, merge, convert, export or apply_checkpoint from its path
+    is closed when they are done with it (no ResourceWarning, no descriptor left)."""
+    import gc
+    import warnings
+
+    model = make_net()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    for seed, name in ((1, "fog"), (2, "snow")):
+        rwsfmt.save(make_sig(model, seed), tmp_path / f"{name}.rws")
+    fog, snow = tmp_path / "fog.rws", tmp_path / "snow.rws"
+    calls = [
+        lambda: rwsfmt.apply(model.state_dict(), fog, 0.5),
+        lambda: rwsfmt.patch(model, [(fog, 0.5), (snow, 0.2)]).remove(),
+        lambda: rwsfmt.merge([fog, snow]),
+        lambda: rwsfmt.convert(fog, rwsfmt.QuantConfig(bits=4)),
+        lambda: rwsfmt.export_safetensors(fog, tmp_path / "fog.safetensors"),
+        lambda: rwsfmt.apply_checkpoint(tmp_path / "model.pt", [(fog, 0.5)], tmp_path / "p.pt"),
+    ]
+    gc.collect()  # what earlier tests left in reference cycles is not this test's
+    before = len(os.listdir("/proc/self/fd"))
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], call
+    assert len(os.listdir("/proc/self/fd")) == before

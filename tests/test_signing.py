@@ -319,6 +319,8 @@ def test_bad_key_files_exit_2_with_a_clear_message(signed, keys, tmp_path):
     path, _ = signed
     garbage = tmp_path / "garbage.pub"
     garbage.write_bytes(b"\x00\x01not a key\n")
+    model = tmp_path / "model.pt"  # a model, not a .rws in its place (refused before the key)
+    torch.save({"w": torch.zeros(2)}, model)
     rsa_key = tmp_path / "rsa.pub"
     rsa_key.write_bytes(
         rsa.generate_private_key(65537, 2048)
@@ -333,7 +335,7 @@ def test_bad_key_files_exit_2_with_a_clear_message(signed, keys, tmp_path):
         (("verify", path, "--key", tmp_path), "is a directory"),
         (("sign", path, "--key", f"{keys[0]}.pub"), "is a public key"),
         (("sign", path, "--key", garbage), "is not a private key"),
-        (("apply", path, path, "-a", "1", "--dry-run", "--key", keys[0]), "is a private key"),
+        (("apply", model, path, "-a", "1", "--dry-run", "--key", keys[0]), "is a private key"),
     ]
     for args, message in cases:
         code, out = run(*args)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..errors import RwsError, as_path
+from ..container import MAGIC
+from ..errors import RwsError, as_path, spell
 from ..hub import resolve
 from ..inputs import sniff as sniff_kind
 from .base import Checkpoint, Format
@@ -70,6 +71,7 @@ def _open_file(path: str, trust_pickle: bool, state_key: str | None) -> Checkpoi
     if kind == Format.PYTORCH:
         obj = torch_load(path, trust_pickle)
         return PyTorchCheckpoint(path, obj, Format.PYTORCH, state_key=state_key)
+    refuse_signature(path)
     raise RwsError(
         "is not a PyTorch or safetensors checkpoint",
         path=path,
@@ -82,3 +84,22 @@ def sniff(path: str) -> Format | None:
     """The format of the file at `path` from its first bytes (extensions lie), or None."""
     kind = sniff_kind(path)
     return Format(kind) if kind else None
+
+
+def refuse_signature(path: str) -> None:
+    """`RwsError` when `path` is a .rws signature given where a model checkpoint goes (the
+    arguments of apply or extract in the wrong order)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            return
+    raise RwsError(
+        "is a .rws signature, where a model checkpoint goes",
+        path=path,
+        fix=spell(
+            "give the model first, then the signatures: rwsfmt apply MODEL SIG.rws --alpha A "
+            "(extract reads checkpoints only: STD ROBUST INIT)",
+            "pass a model checkpoint here, and .rws files only as signatures",
+        ),
+    )

@@ -34,6 +34,7 @@ from ..signature import (
     SignatureLike,
     as_signature,
     warn_repeated,
+    warn_unrelated,
 )
 from .base import MergeMethod, MergeOptions, get_method, is_real
 
@@ -129,6 +130,7 @@ class MergePlan:
             if entry.kind == "target":
                 self._shares(name)
         warn_repeated(signatures, "it counts twice in the merge")
+        warn_unrelated(signatures)
         quant = quant or signatures[0].quant or QuantConfig()
         builder = SignatureBuilder(label or self.default_label(), quant)
         builder.check_room((n, e.kind, e.shape, e.dtype, {}) for n, e in self.entries.items())
