@@ -14,7 +14,13 @@ from rwsfmt.errors import RwsError
 from rwsfmt.statsrule import DEFAULT_STATS, StatsRule
 
 from .console import UsageError, progress_bar, say
-from .options import GroupedCommand, check_hub_options, hub_options, number_list
+from .options import (
+    GroupedCommand,
+    check_hub_options,
+    hub_options,
+    number_list,
+    trust_pickle_option,
+)
 from .signing import public_key_option, signed_pairs
 
 OPTION_GROUPS = {
@@ -87,11 +93,7 @@ OPTION_GROUPS = {
 @click.option(
     "--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda or cuda:N."
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
-)
+@trust_pickle_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 @public_key_option(

@@ -27,6 +27,7 @@ from .options import (
     hub_options,
     quant_options,
     rws_output_option,
+    trust_pickle_option,
 )
 
 _GROUPS = {
@@ -90,12 +91,7 @@ _GROUPS = {
     metavar="cpu|cuda",
     help="Where the arithmetic runs.",
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow PyTorch files that need full unpickling. This runs code stored in the "
-    "file: only for files from a source you trust.",
-)
+@trust_pickle_option("PyTorch checkpoints")
 @click.option(
     "--name",
     metavar="LABEL",

@@ -27,6 +27,7 @@ from .console import (
     print_table,
     short_hash,
 )
+from .options import trust_pickle_option
 
 ROWS = 100  # tensor rows shown without --all
 # metadata values longer than this are cut in the tables (--json shows them whole): rich
@@ -45,11 +46,7 @@ MAX_CELL = 2_000
 @click.option(
     "--all", "show_all", is_flag=True, help=f"List every tensor (default: the first {ROWS})."
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow arbitrary pickled objects in a PyTorch model (only for files you trust).",
-)
+@trust_pickle_option("a PyTorch model")
 @click.option(
     "--quiet",
     "-q",

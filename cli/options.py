@@ -53,6 +53,16 @@ def rws_output_option(help: str, metavar: str = "OUT.rws") -> Callable:
     )
 
 
+def trust_pickle_option(what: str = "a PyTorch MODEL") -> Callable:
+    """--trust-pickle, for commands that read PyTorch checkpoints (`what` names them)."""
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help=f"Allow arbitrary pickled objects in {what}: this runs code stored in the file, "
+        "so only for files you trust.",
+    )
+
+
 def hub_options(f: Callable) -> Callable:
     """Add --revision and --download, for commands whose checkpoints may be Hugging Face ids
     (`org/name`, read from the local Hugging Face cache)."""

@@ -6,6 +6,7 @@ import click
 
 from .apply import apply
 from .console import UsageError
+from .options import trust_pickle_option
 
 
 @click.command()
@@ -19,11 +20,7 @@ from .console import UsageError
 )
 @click.option("--in-place", is_flag=True, help="Restore MODEL itself (atomically).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow arbitrary pickled objects in a PyTorch MODEL (only for files you trust).",
-)
+@trust_pickle_option()
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 @click.pass_context
